@@ -1,0 +1,1 @@
+"""Handlers: what ftjobs does with an event. Built-ins live here; others plug in via entry points."""

@@ -1,0 +1,7 @@
+"""`python -m processor` is the `ftjobs` command."""
+
+import sys
+
+from processor.cli import main
+
+sys.exit(main())

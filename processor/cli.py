@@ -1,0 +1,207 @@
+"""`ftjobs` — the command line. Each subcommand is a thin wrapper around the modules that do the work.
+
+Exit codes: 0 success, 1 the operation failed (e.g. `send` got a non-2xx), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from processor import logs, service, signatures
+from processor.errors import ConfigError
+from processor.models import FineTuningJob, decode_job
+from processor.settings import Settings
+from processor.stream import Keys, Streams, connect
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftjobs",
+        description="Receive fine-tuning job webhooks, queue them durably on Redis streams, dispatch to handlers.",
+    )
+    config_help = "TOML settings file (default: $FTJOBS_CONFIG, else built-in defaults)"
+    parser.add_argument("--config", "-c", metavar="FILE", help=config_help)
+    # --config is accepted after the subcommand too (`ftjobs serve -c ftjobs.toml`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, func: Command) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    for name, help_, func in (
+        ("serve", "receiver and workers in one process (embedded Valkey when no Redis URL is set)", cmd_serve),
+        ("receive", "only the HTTP receiver (run several behind a load balancer)", cmd_receive),
+    ):
+        p = add(name, help_, func)
+        p.add_argument("--host", help="address to listen on (default: receiver.host, 0.0.0.0)")
+        p.add_argument("--port", type=int, help="port to listen on (default: receiver.port, 8080)")
+    add("work", "only the workers: deliver queued events to the configured handlers", cmd_work)
+    add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
+    p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", cmd_status)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
+    p.add_argument("--url", help="where to post (default: http://127.0.0.1:<receiver.port><receiver.path>)")
+    p.add_argument("--status", default="succeeded", help="job status of the sample (default: succeeded)")
+    p.add_argument("--thin", action="store_true", help="send OpenAI's thin envelope (only the job id) instead")
+    p.add_argument("--job-id", help="job id to use (default: the sample's)")
+    p.add_argument("--job", metavar="FILE", help="a FineTuningJob JSON file to send instead of the built-in sample")
+    p.add_argument("--webhook-id", help="webhook-id header (default: a new one; repeat one to test dedupe)")
+    p.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="set a metadata pair (repeatable)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ftjobs` console script and `python -m processor`."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.load(args.config)
+        logs.configure(settings.log.level, settings.log.format)
+        result: int = args.func(args, settings)
+        return result
+    except ConfigError as exc:
+        print(f"ftjobs: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
+    return args.host or settings.receiver.host, args.port or settings.receiver.port
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    settings = service.with_secrets(settings, create_local=True)
+    service.build_handlers(settings)  # fail on a bad handler config before anything starts
+    service.warn_if_insecure(settings)
+    host, port = _listen(args, settings)
+    with service.redis_for(settings, start_embedded=True) as url:
+        if settings.redis.url:
+            asyncio.run(service.check_persistence(url))
+        web.run_app(service.serve_app(settings, url, with_worker=True), host=host, port=port, print=None,
+                    access_log=None)  # fmt: skip
+    return 0
+
+
+def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
+    settings = service.with_secrets(settings, create_local=False)
+    service.warn_if_insecure(settings)
+    url = service.redis_url(settings)
+    if settings.redis.url:
+        asyncio.run(service.check_persistence(url))
+    host, port = _listen(args, settings)
+    web.run_app(service.serve_app(settings, url, with_worker=False), host=host, port=port, print=None,
+                access_log=None)  # fmt: skip
+    return 0
+
+
+def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
+    service.build_handlers(settings)
+    asyncio.run(service.work_until_signal(settings, service.redis_url(settings)))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    handlers = service.build_handlers(settings)
+    print(f"config: {settings.source or '(defaults)'} — OK")
+    print(f"receiver: {settings.receiver.host}:{settings.receiver.port}{settings.receiver.path}, "
+          f"{len(settings.receiver.secrets)} secret(s), signatures "
+          f"{'required' if settings.receiver.verify_signatures else 'NOT VERIFIED (development only)'}")  # fmt: skip
+    for secret in settings.receiver.secrets:
+        signatures.parse_secret(secret)
+    print(f"redis: {logs.redact(settings.redis.url) if settings.redis.url else 'embedded Valkey in ' + settings.redis.data_dir}")
+    for handler, spec in zip(handlers, settings.handlers, strict=True):
+        when = msgspec.json.encode(spec.when).decode()
+        print(f"handler {spec.name}: type={spec.type} when={when} max_attempts={spec.max_attempts} "
+              f"timeout_s={spec.timeout_s}")  # fmt: skip
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    async def collect(url: str) -> dict[str, Any]:
+        client = connect(url)
+        try:
+            return await Streams(client, Keys(settings.redis.prefix)).status(h.name for h in settings.handlers)
+        finally:
+            await client.aclose()
+
+    with service.redis_for(settings, start_embedded=True) as url:
+        status = asyncio.run(collect(url))
+    if args.json:
+        print(msgspec.json.encode(status).decode())
+        return 0
+    print(f"events stream: {status['events']} entries · quarantine: {status['quarantine']}")
+    print(f"{'handler':<24} {'lag':>8} {'pending':>8} {'retrying':>9} {'dead':>6}")
+    for name, row in status["handlers"].items():
+        lag = "-" if row["lag"] is None else row["lag"]
+        print(f"{name:<24} {lag!s:>8} {row['pending']:>8} {row['retrying']:>9} {row['dead_letters']:>6}")
+    return 0
+
+
+def sample_job(status: str) -> FineTuningJob:
+    """A sample job in `status`, built from the packaged samples (closest one, status replaced)."""
+    name = {"succeeded": "succeeded", "failed": "failed"}.get(status, "running")
+    job = decode_job((resources.files("processor") / "samples" / f"fine_tuning_job.{name}.json").read_bytes())
+    return msgspec.structs.replace(job, status=status)
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    secrets = settings.receiver.secrets or [s for s in [service.local_secret(settings, create=False)] if s]
+    if not secrets:
+        raise ConfigError("no webhook secret to sign with: set OPENAI_WEBHOOK_SECRET (or run `ftjobs serve` once)")
+    if args.job:
+        try:
+            with open(args.job, "rb") as fh:
+                job = decode_job(fh.read())
+        except (OSError, msgspec.DecodeError) as exc:
+            raise ConfigError(f"--job {args.job}: {exc}") from None
+    else:
+        job = sample_job(args.status)
+    changes: dict[str, Any] = {}
+    if args.job_id:
+        changes["id"] = args.job_id
+    if args.metadata:
+        pairs = dict(item.split("=", 1) for item in args.metadata if "=" in item)
+        changes["metadata"] = {**(job.metadata or {}), **pairs}
+    job = msgspec.structs.replace(job, **changes)
+    if args.thin:
+        body = msgspec.json.encode({"object": "event", "id": f"evt_{uuid.uuid4().hex}", "type": job.event_type,
+                                    "created_at": int(time.time()), "data": {"id": job.id}})  # fmt: skip
+    else:
+        body = msgspec.json.encode(job)
+    webhook_id = args.webhook_id or f"wh_{uuid.uuid4().hex}"
+    headers = signatures.signed_headers([signatures.parse_secret(secrets[0])], webhook_id, body)
+    headers["content-type"] = "application/json"
+    url = args.url or f"http://127.0.0.1:{settings.receiver.port}{settings.receiver.path}"
+
+    async def post() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+            return resp.status, await resp.text()
+
+    try:
+        status, text = asyncio.run(post())
+    except aiohttp.ClientError as exc:
+        print(f"ftjobs send: could not reach {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'thin' if args.thin else 'full'} {job.event_type} for {job.id} → {url}: {status} {text}")
+    return 0 if 200 <= status < 300 else 1
+
+
+__all__ = ["main"]

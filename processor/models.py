@@ -1,0 +1,278 @@
+"""The data ftjobs moves: OpenAI's fine-tuning job and webhook envelope, and our own queued `Event`.
+
+Two trust boundaries, two Struct bases (msgspec's schema-evolution advice):
+
+* payloads from OpenAI or another sender are *tolerant*: unknown fields are ignored, enum-like fields
+  (`status`, `method.type`, grader `type`) are plain strings so a new value such as `paused` is kept, and
+  `"error": {}` (sent by the live API on jobs that did not fail) decodes;
+* records we write to Redis (`Event`) are `frozen=True, kw_only=True`, and every field added later must get
+  a default, so old and new workers can run side by side during a deploy.
+
+Reference: the `FineTuningJob` schema in OpenAI's API reference and `openai-python`'s
+`types/fine_tuning/fine_tuning_job.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+#: Statuses the API documents. Others (e.g. `paused`) are accepted and carried as they are.
+KNOWN_STATUSES: Final = frozenset(
+    {"validating_files", "queued", "running", "succeeded", "failed", "cancelled"}
+)
+#: Statuses a job never leaves.
+TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
+#: Prefix of every fine-tuning event type: `fine_tuning.job.<status>`.
+JOB_EVENT_PREFIX: Final = "fine_tuning.job."
+
+Auto = Literal["auto"]
+
+
+class Error(Struct, omit_defaults=True):
+    """Why a job failed. `code`/`message` default to empty so the live API's `"error": {}` decodes."""
+
+    code: str = ""
+    message: str = ""
+    param: str | None = None
+
+
+class Hyperparameters(Struct, omit_defaults=True):
+    """The job's top-level hyperparameters: each `"auto"` or the number the API resolved."""
+
+    batch_size: Auto | int | None = None
+    learning_rate_multiplier: Auto | float | None = None
+    n_epochs: Auto | int | None = None
+
+
+class DpoHyperparameters(Hyperparameters, omit_defaults=True):
+    """Supervised hyperparameters plus DPO's `beta`."""
+
+    beta: Auto | float | None = None
+
+
+class ReinforcementHyperparameters(Hyperparameters, omit_defaults=True):
+    """Supervised hyperparameters plus the reinforcement fine-tuning knobs."""
+
+    compute_multiplier: Auto | float | None = None
+    eval_interval: Auto | int | None = None
+    eval_samples: Auto | int | None = None
+    reasoning_effort: str | None = None
+
+
+class Grader(Struct, omit_defaults=True):
+    """A reinforcement grader. One tolerant struct for every `type` (string_check, text_similarity, python,
+    score_model, multi, and any added later), so a new grader kind cannot make a job undecodable."""
+
+    type: str
+    name: str | None = None
+    input: str | list[Any] | None = None
+    reference: str | None = None
+    operation: str | None = None
+    evaluation_metric: str | None = None
+    source: str | None = None
+    image_tag: str | None = None
+    model: str | None = None
+    range: list[float] | None = None
+    sampling_params: dict[str, Any] | None = None
+    graders: Any = None
+    calculate_output: str | None = None
+
+
+class SupervisedMethod(Struct, omit_defaults=True):
+    hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(Struct, omit_defaults=True):
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class ReinforcementMethod(Struct, omit_defaults=True):
+    grader: Grader | None = None
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
+class Method(Struct, omit_defaults=True):
+    """How the job trains: `type` names which of the other keys carries the details."""
+
+    type: str
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
+
+
+class WandbIntegration(Struct, omit_defaults=True):
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(Struct, omit_defaults=True):
+    """An integration enabled for the job; only `wandb` exists today."""
+
+    type: str
+    wandb: WandbIntegration | None = None
+
+
+MetadataKey = Annotated[str, Meta(max_length=64)]
+MetadataValue = Annotated[str, Meta(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
+
+
+class FineTuningJob(Struct, tag_field="object", tag="fine_tuning.job", omit_defaults=True):
+    """A fine-tuning job as the API returns it (`GET /v1/fine_tuning/jobs/{id}`), or as another system posts it.
+
+    Fields the spec requires are required here too, except where the live API is known to omit them;
+    the undocumented fields the live API sends (`user_provided_suffix`, `usage_metrics`, ...) are kept.
+    """
+
+    id: str
+    created_at: int
+    model: str
+    status: str
+    organization_id: str = ""
+    training_file: str = ""
+    validation_file: str | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    error: Error | None = None
+    hyperparameters: Hyperparameters | None = None
+    result_files: list[str] = []
+    seed: int | None = None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    integrations: list[Integration] | None = None
+    metadata: Metadata | None = None
+    method: Method | None = None
+    user_provided_suffix: str | None = None
+    usage_metrics: dict[str, Any] | None = None
+    shared_with_openai: bool | None = None
+    eval_id: str | None = None
+
+    @property
+    def event_type(self) -> str:
+        """The event type a change to this job's current status is announced as."""
+        return JOB_EVENT_PREFIX + self.status
+
+    @property
+    def failed_error(self) -> Error | None:
+        """The error, or None when the API sent an empty `{}` placeholder."""
+        return self.error if self.error is not None and (self.error.code or self.error.message) else None
+
+
+class EventData(Struct):
+    id: str
+
+
+class Envelope(Struct, tag_field="object", tag="event"):
+    """OpenAI's thin webhook body: which event, when, and the job id (never the job itself).
+
+    `object: "event"` is optional on the wire; `decode_body` accepts it present or absent.
+    """
+
+    id: str
+    type: str
+    created_at: int
+    data: EventData
+
+
+Body = Envelope | FineTuningJob
+
+
+class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One queued event: what was received (or polled), decoded once, stored as msgpack in the stream.
+
+    `id` is the dedupe key (the `webhook-id` header for HTTP deliveries). `job` is None for a thin
+    envelope until it is hydrated from the API.
+    """
+
+    id: str
+    type: str
+    job_id: str
+    source: Literal["webhook", "push", "poll"] | str
+    created_at: int
+    received_at: float
+    event_id: str | None = None
+    job: FineTuningJob | None = None
+    previous_status: str | None = None
+    stale: bool = False
+
+    @property
+    def status(self) -> str | None:
+        """The job status this event announces: the job's own, or the one in a `fine_tuning.job.*` type."""
+        if self.job is not None:
+            return self.job.status
+        if self.type.startswith(JOB_EVENT_PREFIX):
+            return self.type.removeprefix(JOB_EVENT_PREFIX)
+        return None
+
+    @classmethod
+    def from_body(cls, body: Body, *, webhook_id: str, received_at: float) -> Event:
+        """Build the queued record for a verified, decoded HTTP body."""
+        match body:
+            case Envelope():
+                return cls(
+                    id=webhook_id,
+                    type=body.type,
+                    job_id=body.data.id,
+                    source="webhook",
+                    created_at=body.created_at,
+                    received_at=received_at,
+                    event_id=body.id,
+                )
+            case FineTuningJob():
+                return cls(
+                    id=webhook_id,
+                    type=body.event_type,
+                    job_id=body.id,
+                    source="push",
+                    created_at=body.finished_at or body.created_at,
+                    received_at=received_at,
+                    job=body,
+                )
+
+    def envelope(self) -> Envelope:
+        """The thin webhook envelope that announces this event (as `ftjobs send --thin` posts it)."""
+        return Envelope(
+            id=self.event_id or self.id, type=self.type, created_at=self.created_at, data=EventData(self.job_id)
+        )
+
+
+_body_decoder: Final = msgspec.json.Decoder(Body)
+_envelope_decoder: Final = msgspec.json.Decoder(Envelope)
+_event_encoder: Final = msgspec.msgpack.Encoder()
+_event_decoder: Final = msgspec.msgpack.Decoder(Event)
+_job_decoder: Final = msgspec.json.Decoder(FineTuningJob)
+
+
+def decode_body(raw: bytes) -> Body:
+    """Decode a webhook body: an `Envelope` or a `FineTuningJob`, told apart by `object`.
+
+    Raises `msgspec.DecodeError` for malformed JSON and its subclass `msgspec.ValidationError` for JSON
+    that does not match the schema (the message carries the JSON path).
+    """
+    try:
+        return _body_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        # `object` is optional on OpenAI's envelope: a body without it can only be an envelope.
+        if str(exc) == "Object missing required field `object`":
+            return _envelope_decoder.decode(raw)
+        raise
+
+
+def decode_job(raw: bytes) -> FineTuningJob:
+    """Decode one `FineTuningJob` JSON document (as the API returns it)."""
+    return _job_decoder.decode(raw)
+
+
+def encode_event(event: Event) -> bytes:
+    """The compact msgpack record stored in the stream."""
+    return _event_encoder.encode(event)
+
+
+def decode_event(raw: bytes) -> Event:
+    """Read a stored record back; raises `msgspec.DecodeError` when it is not one."""
+    return _event_decoder.decode(raw)

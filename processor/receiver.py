@@ -1,0 +1,171 @@
+"""The HTTP edge: `create_app(settings)` → an aiohttp app that verifies, decodes and durably enqueues.
+
+The handler only reads the request and calls the pure core (`signatures.verify`, `models.decode_body`);
+one middleware turns every `RequestError` into a JSON answer with its status. A 2xx is sent only after
+Redis acknowledged the write; when it cannot, the answer is 503 with `Retry-After` and the sender retries.
+
+    200 accepted · 200 duplicate · 200 quarantined · 400 not JSON · 401 signature · 413 too large
+    415 content type · 503 Redis unavailable
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import msgspec
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from processor import signatures
+from processor.errors import (
+    NotJSONError,
+    PayloadTooLargeError,
+    RequestError,
+    UnavailableError,
+    UnsupportedMediaError,
+)
+from processor.models import Event, decode_body, encode_event
+from processor.settings import Settings, explain
+from processor.stream import RECORD_FIELD, Enqueuer, Keys, Streams, connect
+
+log = structlog.get_logger()
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+STREAMS: Final = web.AppKey("streams", Streams)
+ENQUEUER: Final = web.AppKey("enqueuer", Enqueuer)
+KEYS_: Final = web.AppKey("keys", list[bytes])
+
+_json: Final = msgspec.json.Encoder()
+
+
+def reply(http_status: int, /, **body: Any) -> web.Response:
+    """A JSON response (every answer, errors included, is JSON with a `status` or `error` word)."""
+    return web.Response(status=http_status, body=_json.encode(body), content_type="application/json")
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map domain errors (and aiohttp's own 404/405) to JSON answers; never leak a traceback."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        response = reply(int(exc.status), error=exc.code, message=exc.message)
+        if isinstance(exc, UnavailableError):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        log.info("request_rejected", status=int(exc.status), error=exc.code, message=exc.message, path=request.path)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return reply(exc.status, error=exc.reason.lower().replace(" ", "_"), message=exc.reason)
+    except Exception:
+        log.exception("request_failed", path=request.path)
+        return reply(500, error="internal_error", message="internal error; retry (a retried webhook-id is never enqueued twice)")
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    """POST {receiver.path}: verify → decode → dedupe + enqueue → answer."""
+    settings = request.app[SETTINGS].receiver
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise PayloadTooLargeError(f"body is {request.content_length} bytes; the limit is {settings.max_body_bytes}")
+    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        raise UnsupportedMediaError(f"content type must be application/json, not {request.content_type!r}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(f"body is over the limit of {settings.max_body_bytes} bytes") from None
+    if settings.verify_signatures:
+        webhook_id = signatures.verify(
+            request.headers, body, request.app[KEYS_], tolerance_s=settings.tolerance_s
+        )
+    else:
+        webhook_id = request.headers.get(signatures.ID_HEADER) or f"unsigned_{uuid.uuid4().hex}"
+    structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
+    try:
+        decoded = decode_body(body)
+    except msgspec.ValidationError as exc:
+        return await _quarantine(request, webhook_id, body, explain(exc))
+    except msgspec.DecodeError as exc:
+        raise NotJSONError(f"body is not valid JSON: {exc}") from None
+    finally:
+        structlog.contextvars.unbind_contextvars("webhook_id")
+    event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
+    keys = request.app[STREAMS].keys
+    new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)})
+    if not new:
+        return reply(200, status="duplicate", webhook_id=webhook_id, entry_id=entry_id,
+                     message="this webhook-id was already accepted; nothing was enqueued")  # fmt: skip
+    log.debug("event_accepted", webhook_id=webhook_id, job_id=event.job_id, event_type=event.type)
+    return reply(200, status="accepted", webhook_id=webhook_id, entry_id=entry_id,
+                 job_id=event.job_id, event_type=event.type)  # fmt: skip
+
+
+async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error: str) -> web.Response:
+    """A signed body we cannot read: keep it for replay (the sender cannot fix it; we can) and answer 2xx."""
+    fields = {b"body": body, b"error": error.encode(), b"webhook_id": webhook_id.encode(),
+              b"received_at": f"{time.time():.3f}".encode()}  # fmt: skip
+    keys = request.app[STREAMS].keys
+    new, entry_id = await _enqueue(request, webhook_id, keys.quarantine, fields)
+    log.warning("event_quarantined", webhook_id=webhook_id, error=error)
+    return reply(200, status="quarantined" if new else "duplicate", webhook_id=webhook_id, entry_id=entry_id,
+                 message=f"signed but not a fine-tuning job or event ({error}); kept in quarantine for replay")  # fmt: skip
+
+
+async def _enqueue(request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes]) -> tuple[bool, str]:
+    try:
+        await request.app[STREAMS].ensure_groups(h.name for h in request.app[SETTINGS].handlers)
+        return await request.app[ENQUEUER].add(webhook_id, stream, fields)
+    except (RedisError, OSError) as exc:
+        log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)
+        raise UnavailableError("the queue is unavailable; nothing was stored, retry later") from None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive."""
+    return reply(200, status="ok")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Redis answers and every handler's consumer group exists."""
+    streams = request.app[STREAMS]
+    groups = [h.name for h in request.app[SETTINGS].handlers]
+    try:
+        await streams.client.ping()
+        missing = await streams.missing_groups(groups)
+    except (RedisError, OSError) as exc:
+        return reply(503, status="unavailable", message=f"redis is unreachable: {type(exc).__name__}")
+    if missing:
+        return reply(503, status="unavailable", message=f"consumer groups missing: {', '.join(missing)}")
+    return reply(200, status="ready")
+
+
+def create_app(settings: Settings, redis_url: str) -> web.Application:
+    """The receiver app. It opens Redis (and creates the handlers' groups) at start and closes it at cleanup."""
+    receiver = settings.receiver
+    app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=[errors_middleware])
+    app[SETTINGS] = settings
+    app[KEYS_] = [signatures.parse_secret(s) for s in receiver.secrets]
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = connect(redis_url)
+        keys = Keys(settings.redis.prefix)
+        app[STREAMS] = Streams(client, keys)
+        app[ENQUEUER] = Enqueuer(client, keys, ttl_s=receiver.dedupe_window_s, max_batch=receiver.max_batch)
+        try:
+            await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
+        except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back
+            log.warning("redis_unavailable_at_start", error=type(exc).__name__)
+        yield
+        await client.aclose()
+
+    app.cleanup_ctx.append(redis_ctx)
+    app.router.add_post(receiver.path, receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

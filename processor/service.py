@@ -1,0 +1,183 @@
+"""Process wiring for the long-running commands: which Redis, which secret, and what runs in the loop.
+
+`serve` = receiver + workers in one process (and the embedded Valkey when no URL is set);
+`receive` and `work` are the two halves, for running several of each against one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError, ResponseError
+
+from handlers import registry
+from handlers.base import Handler
+from processor import embedded, signatures
+from processor.errors import ConfigError
+from processor.logs import redact
+from processor.receiver import create_app
+from processor.settings import Settings
+from processor.stream import Keys, Streams, connect
+from processor.worker import Worker
+
+log = structlog.get_logger()
+
+LOCAL_SECRET_FILE: Final = "webhook-secret"
+
+
+def local_secret(settings: Settings, *, create: bool) -> str | None:
+    """The secret kept under the data directory for a zero-config local setup (created on first `serve`)."""
+    path = Path(settings.redis.data_dir) / LOCAL_SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(signatures.generate_secret() + "\n")
+    return path.read_text().strip()
+
+
+def with_secrets(settings: Settings, *, create_local: bool) -> Settings:
+    """Settings whose receiver has a secret: the configured ones, else the local one (with a warning)."""
+    receiver = settings.receiver
+    if receiver.secrets or not receiver.verify_signatures:
+        return settings
+    secret = local_secret(settings, create=create_local)
+    if secret is None:
+        raise ConfigError("no webhook secret: set OPENAI_WEBHOOK_SECRET (or receiver.secrets) to your whsec_ secret")
+    log.warning(
+        "using_local_webhook_secret",
+        file=str(Path(settings.redis.data_dir) / LOCAL_SECRET_FILE),
+        hint="set OPENAI_WEBHOOK_SECRET to the endpoint's signing secret before pointing OpenAI here",
+    )
+    return _replace_secrets(settings, [secret])
+
+
+def _replace_secrets(settings: Settings, secrets: list[str]) -> Settings:
+    return msgspec.structs.replace(settings, receiver=msgspec.structs.replace(settings.receiver, secrets=secrets))
+
+
+def redis_url(settings: Settings) -> str:
+    """The configured URL, or the socket of an embedded server already running on the data directory."""
+    if settings.redis.url:
+        return settings.redis.url
+    if embedded.is_running(settings.redis.data_dir):
+        return embedded.url_for(settings.redis.data_dir)
+    raise ConfigError(
+        "no Redis to connect to: set REDIS_URL (or redis.url), or start `ftjobs serve`, which runs an embedded one"
+    )
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[str]:
+    """Yield a Redis URL, starting (and afterwards stopping) an embedded Valkey when none is configured."""
+    if settings.redis.url or embedded.is_running(settings.redis.data_dir) or not start_embedded:
+        yield redis_url(settings)
+        return
+    server = embedded.EmbeddedValkey(settings.redis.data_dir)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def check_persistence(url: str) -> None:
+    """Warn when an external server would lose acknowledged events on a crash (AOF and RDB both off)."""
+    client = connect(url)
+    try:
+        config = await client.config_get("appendonly")
+        config |= await client.config_get("save")
+    except ResponseError:  # managed services often refuse CONFIG
+        log.warning("redis_persistence_unknown", url=redact(url), hint="make sure AOF is on (appendfsync always)")
+        return
+    except (RedisError, OSError) as exc:
+        log.warning("redis_unavailable_at_start", url=redact(url), error=type(exc).__name__)
+        return
+    finally:
+        await client.aclose()
+    appendonly = config.get(b"appendonly", b"").decode()
+    save = config.get(b"save", b"").decode()
+    if appendonly != "yes":
+        log.warning(
+            "redis_persistence_off" if not save else "redis_aof_off",
+            url=redact(url),
+            appendonly=appendonly,
+            save=save or "(none)",
+            hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
+        )
+
+
+def warn_if_insecure(settings: Settings) -> None:
+    if not settings.receiver.verify_signatures:
+        log.warning(
+            "SIGNATURE_VERIFICATION_DISABLED",
+            hint="anyone who can reach this port can inject events; for local development only",
+        )
+
+
+def build_handlers(settings: Settings) -> list[Handler]:
+    return registry.build(settings.handlers)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, url: str, handlers: list[Handler]) -> AsyncIterator[Worker]:
+    """Set up handlers, run a `Worker` in the background, and stop it gracefully on exit."""
+    block_s = settings.worker.block_ms / 1000
+    client = connect(url, socket_timeout=block_s + 10)
+    for handler in handlers:
+        setup = getattr(handler, "setup", None)
+        if setup is not None:
+            await setup()
+    worker = Worker(
+        handlers, settings.handlers, Streams(client, Keys(settings.redis.prefix)), settings.worker,
+        settings.redis.retention_s,
+    )  # fmt: skip
+    task = asyncio.create_task(worker.run(), name="worker")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await task
+        for handler in handlers:
+            close = getattr(handler, "close", None)
+            if close is not None:
+                await close()
+        await client.aclose()
+
+
+def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Application:
+    """The receiver app, with the workers attached to its lifecycle when `with_worker`."""
+    app = create_app(settings, url)
+    if with_worker:
+        handlers = build_handlers(settings)
+
+        async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with running_worker(settings, url, handlers):
+                yield
+
+        app.cleanup_ctx.append(worker_ctx)
+    return app
+
+
+async def work_until_signal(settings: Settings, url: str) -> None:
+    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully."""
+    handlers = build_handlers(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_worker(settings, url, handlers):
+        await stop.wait()
+        log.info("shutdown_requested", grace_s=settings.worker.grace_s)

@@ -1,0 +1,319 @@
+"""Redis streams: every key ftjobs uses, and every command it sends, in one place.
+
+Keys (all under `settings.redis.prefix`, default `ftjobs`):
+
+    {p}:events              the events stream; one consumer group per handler (each its own progress)
+    {p}:seen:{webhook-id}   dedupe marker → the entry id, expires after the dedupe window
+    {p}:quarantine          signed bodies that did not match the schema, kept for replay
+    {p}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
+    {p}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error
+    {p}:dlq:{handler}       dead letters: the record, the error and the attempt count
+
+An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
+an entry that a crashed consumer held is still pending and is taken over (XAUTOCLAIM) after the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import redis.asyncio as redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+from redis.retry import Retry
+
+Entry = tuple[str, bytes]
+"""A stream entry as the worker sees it: (entry id, the stored msgpack record)."""
+
+RECORD_FIELD: Final = b"e"
+
+# Dedupe and append in one atomic step: a `webhook-id` seen before returns the entry it created, and
+# nothing is appended. KEYS: dedupe key, stream. ARGV: ttl seconds, then field/value pairs.
+_ENQUEUE_LUA: Final = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return {0, seen} end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+return {1, id}
+"""
+
+
+def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
+    """A client for `url` (`redis://`, `rediss://`, `unix://`) that fails fast when the server is away.
+
+    Blocking reads need `socket_timeout` above their BLOCK time; the worker passes a larger one.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=2.0,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+class Keys:
+    """Key names for one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.events = f"{prefix}:events"
+        self.quarantine = f"{prefix}:quarantine"
+
+    def seen(self, webhook_id: str) -> str:
+        return f"{self.prefix}:seen:{webhook_id}"
+
+    def retry(self, handler: str) -> str:
+        return f"{self.prefix}:retry:{handler}"
+
+    def attempts(self, handler: str) -> str:
+        return f"{self.prefix}:attempts:{handler}"
+
+    def dlq(self, handler: str) -> str:
+        return f"{self.prefix}:dlq:{handler}"
+
+
+class Enqueuer:
+    """Dedupe + XADD, with the writes of concurrent requests batched into one pipelined round trip.
+
+    Requests that arrive while a batch is in flight wait for the next one, so under load each round trip
+    carries many writes, and at low load a lone request goes out at once. Each caller learns its own result
+    (or the connection error) only after Redis answered.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, max_batch: int = 256) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl_s
+        self._max_batch = max_batch
+        self._script = client.register_script(_ENQUEUE_LUA)
+        self._pending: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]] = []
+        self._flushing = False
+
+    async def add(self, webhook_id: str, stream: str, fields: dict[bytes, bytes]) -> tuple[bool, str]:
+        """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id)."""
+        args: list[Any] = [self._keys.seen(webhook_id), stream, self._ttl]
+        for name, value in fields.items():
+            args += (name, value)
+        future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                await self._send(batch)
+        finally:
+            self._flushing = False
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]]) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for args, _ in batch:
+                    await self._script(keys=args[:2], args=args[2:], client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # connection refused, timeout, ...: every caller gets a 503
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # the request was cancelled (client went away)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result((reply[0] == 1, _text(reply[1])))
+
+
+class Streams:
+    """The consumer side: groups, reads, acks, retries, claims, dead letters, trimming and counts."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._ensured: set[str] = set()
+
+    async def ensure_groups(self, groups: Iterable[str]) -> None:
+        """Create each handler's group (at the stream's end) if missing, and the stream with it.
+
+        A group starts at `$`, so a handler added later does not replay the retained history; the receiver
+        therefore makes sure the groups exist before it enqueues anything (cheap once done: a set lookup).
+        """
+        for group in groups:
+            if group in self._ensured:
+                continue
+            try:
+                await self.client.xgroup_create(self.keys.events, group, id="$", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._ensured.add(group)
+
+    async def missing_groups(self, groups: Iterable[str]) -> list[str]:
+        """The groups among `groups` that do not exist (readiness)."""
+        try:
+            existing = {_text(g["name"]) for g in await self.client.xinfo_groups(self.keys.events)}
+        except ResponseError:  # no stream yet
+            existing = set()
+        return [g for g in groups if g not in existing]
+
+    async def read_new(self, group: str, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+        """Entries never delivered to `group` yet (XREADGROUP `>`), blocking up to `block_ms`."""
+        reply = await self.client.xreadgroup(
+            group, consumer, {self.keys.events: ">"}, count=count, block=block_ms
+        )
+        return [_entry(raw) for _, entries in reply or () for raw in entries if raw[1]]
+
+    async def ack(self, group: str, ids: Sequence[str]) -> None:
+        """Mark `ids` done for `group` and forget their attempt counters."""
+        if not ids:
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.events, group, *ids)
+            pipe.hdel(self.keys.attempts(group), *ids, *(f"{i}:error" for i in ids))
+            await pipe.execute()
+
+    async def attempts(self, group: str, ids: Sequence[str]) -> list[int]:
+        """Failed attempts so far for each of `ids`."""
+        if not ids:
+            return []
+        values = await self.client.hmget(self.keys.attempts(group), list(ids))
+        return [int(v) if v else 0 for v in values]
+
+    async def schedule_retry(self, group: str, entry_id: str, attempts: int, due: float, error: str) -> None:
+        """Record a failed attempt and when to try again; the entry stays pending in the group."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.attempts(group), mapping={entry_id: attempts, f"{entry_id}:error": error})
+            pipe.zadd(self.keys.retry(group), {entry_id: due})
+            await pipe.execute()
+
+    async def take_due(self, group: str, consumer: str, count: int, now: float | None = None) -> list[Entry]:
+        """Claim up to `count` entries whose retry is due. ZREM decides which consumer gets each one."""
+        key = self.keys.retry(group)
+        due = await self.client.zrangebyscore(key, "-inf", now or time.time(), start=0, num=count)
+        taken = []
+        for raw_id in due:
+            if await self.client.zrem(key, raw_id):
+                taken.append(_text(raw_id))
+        return await self._claim(group, consumer, taken)
+
+    async def _claim(self, group: str, consumer: str, ids: list[str]) -> list[Entry]:
+        if not ids:
+            return []
+        claimed = await self.client.xclaim(self.keys.events, group, consumer, 0, ids)
+        entries = [_entry(raw) for raw in claimed if raw and raw[1]]
+        gone = set(ids) - {entry_id for entry_id, _ in entries}
+        if gone:  # trimmed away while pending (only possible if retention was cut by hand)
+            await self.ack(group, sorted(gone))
+        return entries
+
+    async def reclaim(self, group: str, consumer: str, lease_s: float, count: int) -> list[Entry]:
+        """Take over entries idle longer than the lease (their consumer died), except those waiting for a retry."""
+        cursor, found = "0-0", []
+        while len(found) < count:
+            reply = await self.client.xautoclaim(
+                self.keys.events, group, consumer, int(lease_s * 1000), cursor, count=count
+            )
+            entries = [_entry(raw) for raw in reply[1] if raw and raw[1]]
+            if entries:
+                scores = await self.client.zmscore(self.keys.retry(group), [e[0] for e in entries])
+                found += [entry for entry, score in zip(entries, scores, strict=True) if score is None]
+            cursor = _text(reply[0])
+            if cursor == "0-0":
+                break
+        return found
+
+    async def renew(self, group: str, consumer: str, ids: Sequence[str]) -> None:
+        """Reset the idle time of entries still being handled, so nobody reclaims them mid-run."""
+        if ids:
+            await self.client.xclaim(self.keys.events, group, consumer, 0, list(ids), justid=True)
+
+    async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int) -> None:
+        """Move an entry to the group's dead-letter stream and acknowledge it, atomically."""
+        entry_id, record = entry
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self.keys.dlq(group),
+                {
+                    b"entry_id": entry_id,
+                    RECORD_FIELD: record,
+                    b"error": error,
+                    b"attempts": attempts,
+                    b"failed_at": f"{time.time():.3f}",
+                },
+            )
+            pipe.xack(self.keys.events, group, entry_id)
+            pipe.zrem(self.keys.retry(group), entry_id)
+            pipe.hdel(self.keys.attempts(group), entry_id, f"{entry_id}:error")
+            await pipe.execute()
+
+    async def trim(self, retention_s: float, now: float | None = None) -> int:
+        """Delete entries older than the retention that every group has acknowledged; returns how many.
+
+        The cut is the oldest of: the retention horizon, each group's oldest pending entry, and the entry
+        after each group's last delivered one. XTRIM MINID never removes an id at or above the cut.
+        """
+        horizon_ms = int(((now or time.time()) - retention_s) * 1000)
+        cut = (horizon_ms, 0)
+        try:
+            groups = await self.client.xinfo_groups(self.keys.events)
+        except ResponseError:
+            return 0
+        for info in groups:
+            name = _text(info["name"])
+            cut = min(cut, _next_id(_text(info["last-delivered-id"])))
+            pending = await self.client.xpending(self.keys.events, name)
+            if pending["pending"]:
+                cut = min(cut, _parse_id(_text(pending["min"])))
+        trimmed: int = await self.client.xtrim(self.keys.events, minid=f"{cut[0]}-{cut[1]}", approximate=False)
+        return trimmed
+
+    async def status(self, groups: Iterable[str]) -> dict[str, Any]:
+        """Counts for `ftjobs status`: stream length, and per group lag, pending, retrying, dead letters."""
+        out: dict[str, Any] = {
+            "events": await self.client.xlen(self.keys.events),
+            "quarantine": await self.client.xlen(self.keys.quarantine),
+            "handlers": {},
+        }
+        try:
+            info = {_text(g["name"]): g for g in await self.client.xinfo_groups(self.keys.events)}
+        except ResponseError:
+            info = {}
+        for group in groups:
+            g = info.get(group)
+            out["handlers"][group] = {
+                "exists": g is not None,
+                "lag": g.get("lag") if g else None,
+                "pending": g["pending"] if g else 0,
+                "retrying": await self.client.zcard(self.keys.retry(group)),
+                "dead_letters": await self.client.xlen(self.keys.dlq(group)),
+            }
+        return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(raw: Any) -> Entry:
+    entry_id, fields = raw
+    return _text(entry_id), fields.get(RECORD_FIELD, b"")
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> tuple[int, int]:
+    ms, seq = _parse_id(entry_id)
+    return ms, seq + 1
+

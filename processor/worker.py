@@ -1,0 +1,233 @@
+"""Consumer loops: one per handler, each in its own consumer group.
+
+Per loop iteration a runner takes, in this order: entries whose consumer died (XAUTOCLAIM after the
+lease, checked every half lease), retries that are due, then new entries (XREADGROUP, blocking when there
+was nothing else). Entries of one job run in order; different jobs run concurrently up to the handler's
+`concurrency`. Each call has a timeout; while it runs, its lease is renewed so nobody takes it over.
+Outcomes: success or "not for this handler" → ack; failure → retry with exponential backoff and full
+jitter (state in Redis, so it survives restarts) until `max_attempts`, then the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import time
+from collections import defaultdict
+
+import msgspec
+import structlog
+from redis.exceptions import RedisError
+
+from handlers.base import Delivery, Handler
+from processor.errors import PermanentFailure, RetryLater
+from processor.models import Event, decode_event
+from processor.settings import HandlerSpec, WorkerSettings
+from processor.stream import Entry, Streams
+
+log = structlog.get_logger()
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def backoff(attempt: int, base_s: float, max_s: float) -> float:
+    """Delay before retry number `attempt` (1-based): full jitter over an exponential ceiling."""
+    return random.uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))
+
+
+class Runner:
+    """Delivers the events stream to one handler."""
+
+    def __init__(
+        self, handler: Handler, spec: HandlerSpec, streams: Streams, settings: WorkerSettings, consumer: str
+    ) -> None:
+        self.handler = handler
+        self.spec = spec
+        self.streams = streams
+        self.settings = settings
+        self.consumer = consumer
+        self.group = spec.name
+        self._in_flight: set[str] = set()
+        self._stopping = asyncio.Event()
+        self._last_reclaim = 0.0
+        self._log = log.bind(handler=self.group)
+
+    def stop(self) -> None:
+        """Stop taking new entries; the current batch finishes (see `Worker.run`)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Loop until stopped. Redis errors are logged and retried, so the loop survives an outage."""
+        renewer = asyncio.create_task(self._renew_leases())
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    entries = await self._next_batch()
+                    if entries:
+                        await self._process(entries)
+                    failures = 0
+                except RedisError as exc:
+                    failures += 1
+                    delay = min(2.0, 0.1 * 2**failures)
+                    self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _next_batch(self) -> list[Entry]:
+        size = self.settings.batch_size
+        entries: list[Entry] = []
+        now = time.monotonic()
+        if now - self._last_reclaim >= self.settings.lease_s / 2:
+            self._last_reclaim = now
+            entries += await self.streams.reclaim(self.group, self.consumer, self.settings.lease_s, size)
+            if entries:
+                self._log.info("entries_reclaimed", count=len(entries))
+        entries += await self.streams.take_due(self.group, self.consumer, size)
+        if len(entries) < size:
+            block = None if entries else self.settings.block_ms
+            entries += await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+        return entries
+
+    async def _process(self, entries: list[Entry]) -> None:
+        """Run one batch: per-job order kept, jobs concurrent, successful acks sent together."""
+        ids = [entry_id for entry_id, _ in entries]
+        attempts = dict(zip(ids, await self.streams.attempts(self.group, ids), strict=True))
+        by_job: dict[str, list[tuple[Entry, Event | None]]] = defaultdict(list)
+        for entry in entries:
+            try:
+                event: Event | None = decode_event(entry[1])
+            except msgspec.DecodeError:
+                event = None
+            by_job[event.job_id if event else entry[0]].append((entry, event))
+        gate = asyncio.Semaphore(max(1, self.spec.concurrency))
+        done: list[str] = []
+
+        async def run_job(items: list[tuple[Entry, Event | None]]) -> None:
+            async with gate:
+                for entry, event in items:
+                    if await self._deliver(entry, event, attempts.get(entry[0], 0)):
+                        done.append(entry[0])
+
+        await asyncio.gather(*(run_job(items) for items in by_job.values()))
+        await self.streams.ack(self.group, done)
+
+    async def _deliver(self, entry: Entry, event: Event | None, failed_before: int) -> bool:
+        """Handle one entry; True when it is finished (to be acked), False when a retry or DLQ took it."""
+        entry_id = entry[0]
+        if event is None:
+            await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
+            self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
+            return False
+        if not self.spec.when.matches(event):
+            return True
+        attempt = failed_before + 1
+        delivery = Delivery(
+            event=event, handler=self.group, attempt=attempt, idempotency_key=f"{self.group}:{event.id}"
+        )
+        with structlog.contextvars.bound_contextvars(
+            handler=self.group, webhook_id=event.id, job_id=event.job_id, event_type=event.type, attempt=attempt
+        ):
+            return await self._call(entry, delivery)
+
+    async def _call(self, entry: Entry, delivery: Delivery) -> bool:
+        entry_id, attempt = entry[0], delivery.attempt
+        started = time.perf_counter()
+        self._in_flight.add(entry_id)
+        try:
+            await asyncio.wait_for(self.handler(delivery), self.spec.timeout_s)
+        except PermanentFailure as exc:
+            await self._dead_letter(entry, f"permanent failure: {exc}", attempt)
+            return False
+        except Exception as exc:  # the handler's own bug counts as a transient failure
+            reason = f"timed out after {self.spec.timeout_s} s" if isinstance(exc, TimeoutError) else _describe(exc)
+            if attempt >= self.spec.max_attempts:
+                await self._dead_letter(entry, reason, attempt)
+            else:
+                after = exc.after if isinstance(exc, RetryLater) else None
+                delay = after if after is not None else backoff(attempt, self.spec.backoff_s, self.spec.backoff_max_s)
+                await self.streams.schedule_retry(self.group, entry_id, attempt, time.time() + delay, reason)
+                log.warning("delivery_failed", error=reason, retry_in_s=round(delay, 3))
+            return False
+        finally:
+            self._in_flight.discard(entry_id)
+        log.info("event_delivered", ms=round((time.perf_counter() - started) * 1000, 2))
+        return True
+
+    async def _dead_letter(self, entry: Entry, reason: str, attempts: int) -> None:
+        await self.streams.dead_letter(self.group, entry, reason, attempts)
+        log.error("event_dead_lettered", error=reason, attempts=attempts)
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, reset the idle time of entries still being handled."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            if self._in_flight:
+                try:
+                    await self.streams.renew(self.group, self.consumer, sorted(self._in_flight))
+                except RedisError as exc:
+                    self._log.warning("lease_renewal_failed", error=str(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Worker:
+    """All runners of one process, plus the periodic trimmer; `run()` returns after a graceful stop."""
+
+    def __init__(
+        self,
+        handlers: list[Handler],
+        specs: list[HandlerSpec],
+        streams: Streams,
+        settings: WorkerSettings,
+        retention_s: float,
+    ) -> None:
+        consumer = consumer_name()
+        self.streams = streams
+        self.settings = settings
+        self.retention_s = retention_s
+        self.runners = [Runner(h, s, streams, settings, consumer) for h, s in zip(handlers, specs, strict=True)]
+        self._stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        """Begin a graceful stop (safe to call from a signal handler)."""
+        self._stopped.set()
+        for runner in self.runners:
+            runner.stop()
+
+    async def run(self) -> None:
+        """Run until `stop()`; then give in-flight work `grace_s`, and leave the rest pending for reclaim."""
+        await self.streams.ensure_groups(r.group for r in self.runners)
+        tasks = [asyncio.create_task(r.run(), name=f"runner:{r.group}") for r in self.runners]
+        trimmer = asyncio.create_task(self._trim_forever())
+        log.info("worker_started", handlers=[r.group for r in self.runners], consumer=consumer_name())
+        await self._stopped.wait()
+        trimmer.cancel()
+        _, late = await asyncio.wait(tasks, timeout=self.settings.grace_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks, trimmer, return_exceptions=True)
+        log.info("worker_stopped", cut_off=len(late))
+
+    async def _trim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.trim_interval_s)
+            try:
+                trimmed = await self.streams.trim(self.retention_s)
+                if trimmed:
+                    log.info("stream_trimmed", entries=trimmed)
+            except RedisError as exc:
+                log.warning("trim_failed", error=str(exc))

@@ -1,0 +1,135 @@
+"""Decoding what senders post, and the record we store."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import pytest
+
+from processor.models import (
+    Envelope,
+    Event,
+    FineTuningJob,
+    decode_body,
+    decode_event,
+    decode_job,
+    encode_event,
+)
+from tests.conftest import sample
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "running"])
+def test_sample_jobs_decode_completely(status: str) -> None:
+    raw = sample(f"fine_tuning_job.{status}.json")
+    job = decode_body(raw)
+    assert isinstance(job, FineTuningJob)
+    assert job.status == status
+    # Every value of the sample survives (encoding leaves out defaults: nulls and empty lists).
+    assert _without_nulls(msgspec.json.decode(msgspec.json.encode(job))) == _without_nulls(msgspec.json.decode(raw))
+    assert decode_job(msgspec.json.encode(job)) == job
+
+
+def _without_nulls(doc: object) -> object:
+    if isinstance(doc, dict):
+        return {k: _without_nulls(v) for k, v in doc.items() if v is not None and v != []}
+    if isinstance(doc, list):
+        return [_without_nulls(v) for v in doc]
+    return doc
+
+
+def test_nested_types_are_typed() -> None:
+    dpo = decode_job(sample("fine_tuning_job.succeeded.json"))
+    assert dpo.method is not None and dpo.method.dpo is not None and dpo.method.dpo.hyperparameters is not None
+    assert dpo.method.dpo.hyperparameters.beta == 0.1
+    assert dpo.integrations is not None and dpo.integrations[0].wandb is not None
+    assert dpo.integrations[0].wandb.tags == ["dpo", "support", "dataset-v3.2"]
+    failed = decode_job(sample("fine_tuning_job.failed.json"))
+    assert failed.hyperparameters is not None and failed.hyperparameters.n_epochs == "auto"
+    assert failed.failed_error is not None and failed.failed_error.code == "invalid_training_file"
+    rft = decode_job(sample("fine_tuning_job.running.json"))
+    assert rft.method is not None and rft.method.reinforcement is not None
+    grader = rft.method.reinforcement.grader
+    assert grader is not None and (grader.type, grader.operation) == ("string_check", "eq")
+    hp = rft.method.reinforcement.hyperparameters
+    assert hp is not None and (hp.reasoning_effort, hp.eval_interval) == ("medium", 5)
+
+
+def test_envelope_with_and_without_object() -> None:
+    raw = sample("webhook_event.fine_tuning.job.succeeded.json")
+    with_object = decode_body(raw)
+    doc = msgspec.json.decode(raw)
+    del doc["object"]
+    without_object = decode_body(msgspec.json.encode(doc))
+    assert isinstance(with_object, Envelope)
+    assert with_object == without_object
+    assert with_object.data.id == "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
+
+
+def test_unknown_event_types_are_carried() -> None:
+    body = decode_body(b'{"id":"evt_1","type":"batch.completed","created_at":1,"data":{"id":"batch_1"}}')
+    assert isinstance(body, Envelope) and body.type == "batch.completed"
+
+
+def test_live_api_quirks_are_tolerated() -> None:
+    doc = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
+    doc |= {"error": {}, "status": "paused", "estimated_finish": 0, "user_provided_suffix": "support-dpo-v3",
+            "usage_metrics": {"tokens": 3}, "shared_with_openai": False, "brand_new_field": {"x": 1}}  # fmt: skip
+    doc["method"]["type"] = "something_new"
+    job = decode_job(msgspec.json.encode(doc))
+    assert job.status == "paused"
+    assert job.error is not None and job.failed_error is None
+    assert job.estimated_finish == 0
+    assert job.user_provided_suffix == "support-dpo-v3"
+    assert job.method is not None and job.method.type == "something_new"
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"created_at": "yesterday"}, "$.created_at"),
+        ({"hyperparameters": {"n_epochs": "many"}}, "$.hyperparameters.n_epochs"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "$.metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "`key` in `$.metadata`"),
+        ({"metadata": {"k": "v" * 513}}, "$.metadata"),
+        ({"status": None}, "$.status"),
+    ],
+)
+def test_schema_errors_name_the_path(change: dict[str, object], path: str) -> None:
+    doc = msgspec.json.decode(sample("fine_tuning_job.failed.json")) | change
+    with pytest.raises(msgspec.ValidationError, match=re.escape(path)):
+        decode_body(msgspec.json.encode(doc))
+
+
+def test_not_json_is_a_decode_error_not_a_validation_error() -> None:
+    with pytest.raises(msgspec.DecodeError) as info:
+        decode_body(b"{not json")
+    assert not isinstance(info.value, msgspec.ValidationError)
+
+
+def test_event_record_round_trips_and_is_compact() -> None:
+    raw = compact_sample = msgspec.json.encode(msgspec.json.decode(sample("fine_tuning_job.succeeded.json")))
+    job = decode_job(raw)
+    event = Event.from_body(job, webhook_id="wh_1", received_at=1.5)
+    record = encode_event(event)
+    assert decode_event(record) == event
+    assert decode_event(record).job == job
+    assert len(record) < len(compact_sample)
+    assert event.type == "fine_tuning.job.succeeded" and event.status == "succeeded"
+
+
+def test_thin_event_keeps_the_envelope() -> None:
+    envelope = decode_body(sample("webhook_event.fine_tuning.job.succeeded.json"))
+    assert isinstance(envelope, Envelope)
+    event = Event.from_body(envelope, webhook_id="wh_2", received_at=2.0)
+    assert event.job is None and event.status == "succeeded" and event.source == "webhook"
+    assert decode_event(encode_event(event)).envelope() == envelope
+
+
+def test_old_records_decode_with_new_fields_defaulted() -> None:
+    old = msgspec.msgpack.encode(
+        {"id": "wh_1", "type": "fine_tuning.job.failed", "job_id": "j", "source": "webhook", "created_at": 1,
+         "received_at": 1.0}  # fmt: skip
+    )
+    event = decode_event(old)
+    assert event.previous_status is None and event.stale is False and event.job is None

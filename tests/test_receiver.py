@@ -1,0 +1,188 @@
+"""The HTTP edge against a real Redis/Valkey: every documented answer, and what (if anything) was stored."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as redis
+from aiohttp.test_utils import TestClient
+
+from processor.models import FineTuningJob, decode_event
+from processor.receiver import create_app
+from processor.settings import Settings
+from processor.stream import RECORD_FIELD
+from tests.conftest import compact, free_port, sample, signed
+
+PATH = "/webhooks/openai"
+Client = Callable[..., Any]
+
+
+@pytest.fixture
+async def client(aiohttp_client: Client, make_settings: Callable[..., Settings], redis_url: str) -> TestClient:
+    settings = make_settings()
+    return await aiohttp_client(create_app(settings, redis_url))
+
+
+async def _events(rclient: redis.Redis, prefix: str) -> list[Any]:
+    return await rclient.xrange(f"{prefix}:events")
+
+
+async def test_full_job_is_accepted_and_stored_as_sent(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    body = compact(sample("fine_tuning_job.failed.json"))
+    resp = await client.post(PATH, data=body, headers=signed(body, "wh_full"))
+    assert resp.status == 200
+    answer = await resp.json()
+    assert answer["status"] == "accepted" and answer["webhook_id"] == "wh_full"
+    assert answer["job_id"] == "ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD" and answer["event_type"] == "fine_tuning.job.failed"
+    [(entry_id, fields)] = await _events(rclient, prefix)
+    assert entry_id.decode() == answer["entry_id"]
+    event = decode_event(fields[RECORD_FIELD])
+    assert event.job == msgspec.json.decode(body, type=FineTuningJob)
+    assert (event.id, event.source) == ("wh_full", "push")
+
+
+async def test_thin_envelope_is_accepted(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    body = compact(sample("webhook_event.fine_tuning.job.succeeded.json"))
+    resp = await client.post(PATH, data=body, headers=signed(body))
+    assert resp.status == 200 and (await resp.json())["status"] == "accepted"
+    [(_, fields)] = await _events(rclient, prefix)
+    event = decode_event(fields[RECORD_FIELD])
+    assert (event.type, event.job_id, event.event_id, event.job) == (
+        "fine_tuning.job.succeeded", "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u", "evt_68ff4b09d3f48190a6c2e1b7f05d9a34", None
+    )
+
+
+async def test_duplicate_webhook_id_is_enqueued_once(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    body = compact(sample("fine_tuning_job.succeeded.json"))
+    first = await client.post(PATH, data=body, headers=signed(body, "wh_dup"))
+    # A retry carries the same webhook-id with a new timestamp (and so a new signature).
+    again = await client.post(PATH, data=body, headers=signed(body, "wh_dup"))
+    assert first.status == again.status == 200
+    a, b = await first.json(), await again.json()
+    assert (a["status"], b["status"]) == ("accepted", "duplicate")
+    assert a["entry_id"] == b["entry_id"]
+    assert len(await _events(rclient, prefix)) == 1
+    ttl = await rclient.ttl(f"{prefix}:seen:wh_dup")
+    assert ttl > 72 * 3600
+
+
+async def test_signed_but_off_schema_is_quarantined(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    body = b'{"object":"fine_tuning.job","id":"ftjob-1","created_at":"yesterday","model":"m","status":"failed"}'
+    resp = await client.post(PATH, data=body, headers=signed(body, "wh_q"))
+    assert resp.status == 200
+    answer = await resp.json()
+    assert answer["status"] == "quarantined"
+    assert "created_at" in answer["message"]
+    assert await _events(rclient, prefix) == []
+    [(_, fields)] = await rclient.xrange(f"{prefix}:quarantine")
+    assert fields[b"body"] == body and fields[b"webhook_id"] == b"wh_q"
+    assert b"created_at: Expected `int`, got `str`" in fields[b"error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "error", "message"),
+    [
+        (b"{not json", "signed", 400, "invalid_json", "not valid JSON"),
+        (b"\xff\xfe", "signed", 400, "invalid_json", "not valid JSON"),
+        (b"{}", {}, 401, "invalid_signature", "missing header: webhook-id, webhook-timestamp, webhook-signature"),
+        (b"{}", "bad-signature", 401, "invalid_signature", "does not match"),
+        (b"{}", "old", 401, "invalid_signature", "s old"),
+        (b"{}", "text/plain", 415, "unsupported_media_type", "application/json"),
+    ],
+)
+async def test_rejects(
+    client: TestClient, rclient: redis.Redis, prefix: str, body: bytes, headers: Any, status: int, error: str,
+    message: str,
+) -> None:
+    if headers == "signed":
+        headers = signed(body)
+    elif headers == "bad-signature":
+        headers = signed(body) | {"webhook-signature": "v1,AAAA"}
+    elif headers == "old":
+        from processor import signatures
+        from tests.conftest import SECRET
+
+        headers = signatures.signed_headers([signatures.parse_secret(SECRET)], "wh", body, timestamp=1000)
+        headers["content-type"] = "application/json"
+    elif headers == "text/plain":
+        headers = signed(body) | {"content-type": "text/plain"}
+    else:
+        headers = {"content-type": "application/json"}
+    resp = await client.post(PATH, data=body, headers=headers)
+    assert resp.status == status
+    answer = await resp.json()
+    assert answer["error"] == error and message in answer["message"]
+    assert await _events(rclient, prefix) == []
+    assert await rclient.xlen(f"{prefix}:quarantine") == 0
+
+
+async def test_oversized_body_is_refused_by_its_content_length(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    body = b'{"pad":"' + b"x" * (300 * 1024) + b'"}'
+    resp = await client.post(PATH, data=body, headers=signed(body))
+    assert resp.status == 413
+    assert "limit is 262144" in (await resp.json())["message"]
+    assert await _events(rclient, prefix) == []
+
+
+async def test_oversized_chunked_body_is_refused(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    async def chunks() -> Any:
+        for _ in range(400):
+            yield b"x" * 1024
+
+    headers = signed(b"{}")
+    resp = await client.post(PATH, data=chunks(), headers=headers)
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "payload_too_large"
+    assert await _events(rclient, prefix) == []
+
+
+async def test_redis_down_answers_503_with_retry_after(
+    aiohttp_client: Client, make_settings: Callable[..., Settings]
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    client = await aiohttp_client(create_app(make_settings(redis={"url": dead}), dead))
+    body = compact(sample("fine_tuning_job.succeeded.json"))
+    resp = await client.post(PATH, data=body, headers=signed(body))
+    assert resp.status == 503
+    assert resp.headers["Retry-After"].isdigit()
+    assert (await resp.json())["error"] == "unavailable"
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and "unreachable" in (await ready.json())["message"]
+
+
+async def test_health_and_readiness(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["status"] == "ready"
+
+
+async def test_unknown_route_and_method_answer_json(client: TestClient) -> None:
+    missing = await client.post("/nope", data=b"{}")
+    assert missing.status == 404 and (await missing.json())["error"] == "not_found"
+    wrong = await client.get(PATH)
+    assert wrong.status == 405
+
+
+async def test_unsigned_mode_accepts_without_headers(
+    aiohttp_client: Client, make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    settings = make_settings(receiver={"verify_signatures": False, "secrets": []})
+    client = await aiohttp_client(create_app(settings, redis_url))
+    body = compact(sample("fine_tuning_job.running.json"))
+    resp = await client.post(PATH, data=body, headers={"content-type": "application/json"})
+    assert resp.status == 200 and (await resp.json())["status"] == "accepted"
+    assert len(await _events(rclient, prefix)) == 1
+
+
+async def test_concurrent_requests_share_round_trips(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+    import asyncio
+
+    body = compact(sample("fine_tuning_job.succeeded.json"))
+    ids = [f"wh_{uuid.uuid4().hex}" for _ in range(200)]
+    answers = await asyncio.gather(*(client.post(PATH, data=body, headers=signed(body, i)) for i in ids))
+    assert [a.status for a in answers] == [200] * 200
+    assert await rclient.xlen(f"{prefix}:events") == 200

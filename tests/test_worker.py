@@ -1,0 +1,285 @@
+"""Workers against a real Redis/Valkey: delivery, routing, retries, dead letters, leases, reclaim, trimming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Awaitable
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as redis
+from aiohttp.test_utils import TestClient
+
+from handlers import registry
+from processor.models import Event, FineTuningJob, decode_event, encode_event
+from processor.receiver import create_app
+from processor.service import running_worker
+from processor.settings import Settings
+from processor.stream import RECORD_FIELD, Keys, Streams
+from tests.conftest import compact, sample, signed, sink
+
+PATH = "/webhooks/openai"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+class Rig:
+    """A receiver (aiohttp test server) and a running worker, for one settings object."""
+
+    def __init__(self, client: TestClient, settings: Settings, rclient: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.rclient = rclient
+        self.prefix = prefix
+
+    async def post(self, body: bytes, webhook_id: str | None = None) -> dict[str, Any]:
+        resp = await self.client.post(PATH, data=body, headers=signed(body, webhook_id))
+        assert resp.status == 200, await resp.text()
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+    async def delivered(self, name: str) -> list[Event]:
+        return [decode_event(raw) for raw in await self.rclient.lrange(f"{self.prefix}:sink:{name}", 0, -1)]
+
+    async def dead(self, name: str) -> list[dict[bytes, bytes]]:
+        return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:dlq:{name}")]
+
+    async def starts(self, name: str) -> int:
+        n: int = await self.rclient.llen(f"{self.prefix}:sink:{name}:starts")
+        return n
+
+
+@pytest.fixture
+def rig(
+    aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings], redis_url: str,
+    rclient: redis.Redis, prefix: str,
+) -> Callable[..., Any]:
+    """`async with rig(handlers) as r:` — receiver + worker for those handler tables."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def make(handlers: list[dict[str, Any]], **tables: Any) -> AsyncIterator[Rig]:
+        settings = make_settings(handlers, **tables)
+        client = await aiohttp_client(create_app(settings, redis_url))
+        async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+            yield Rig(client, settings, rclient, prefix)
+
+    return make
+
+
+async def test_handler_receives_structs_equal_to_the_input(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("a", redis_url, prefix)]) as r:
+        full = compact(sample("fine_tuning_job.succeeded.json"))
+        thin = compact(sample("webhook_event.fine_tuning.job.succeeded.json"))
+        await r.post(full, "wh_full")
+        await r.post(thin, "wh_thin")
+
+        async def both() -> bool:
+            return len(await r.delivered("a")) == 2
+
+        await eventually(both)
+        by_id = {e.id: e for e in await r.delivered("a")}
+        assert by_id["wh_full"].job == msgspec.json.decode(full, type=FineTuningJob)
+        assert msgspec.json.encode(by_id["wh_thin"].envelope()) == thin
+
+
+async def test_duplicate_is_delivered_once(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("a", redis_url, prefix, idempotent=False)]) as r:
+        body = compact(sample("fine_tuning_job.failed.json"))
+        answers = [await r.post(body, "wh_same") for _ in range(3)]
+        assert [a["status"] for a in answers] == ["accepted", "duplicate", "duplicate"]
+        await r.post(compact(sample("fine_tuning_job.running.json")), "wh_other")
+
+        async def two() -> bool:
+            return len(await r.delivered("a")) == 2
+
+        await eventually(two)
+        await asyncio.sleep(0.3)
+        assert sorted(e.id for e in await r.delivered("a")) == ["wh_other", "wh_same"]
+
+
+async def test_routing_sends_each_handler_only_what_it_asked_for(rig: Any, redis_url: str, prefix: str) -> None:
+    handlers = [
+        sink("failures", redis_url, prefix, when={"status": ["failed", "cancelled"]}),
+        sink("successes", redis_url, prefix, when={"event_type": "fine_tuning.job.succeeded"}),
+        sink("all", redis_url, prefix),
+    ]
+    async with rig(handlers) as r:
+        for name in ("failed", "succeeded", "running"):
+            await r.post(compact(sample(f"fine_tuning_job.{name}.json")))
+
+        async def all_three() -> bool:
+            return len(await r.delivered("all")) == 3
+
+        await eventually(all_three)
+        await asyncio.sleep(0.3)
+        assert [e.status for e in await r.delivered("failures")] == ["failed"]
+        assert [e.status for e in await r.delivered("successes")] == ["succeeded"]
+        status = await Streams(r.rclient, Keys(prefix)).status(["failures", "successes", "all"])
+        assert all(row["pending"] == 0 for row in status["handlers"].values())
+
+
+async def test_failing_handler_is_retried_then_succeeds(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("flaky", redis_url, prefix, fail_times=2, backoff_s=0.05)]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")), "wh_flaky")
+
+        async def delivered() -> bool:
+            return len(await r.delivered("flaky")) == 1
+
+        await eventually(delivered)
+        assert await r.starts("flaky") == 3
+        assert await r.dead("flaky") == []
+
+
+async def test_handler_that_keeps_failing_is_dead_lettered_and_others_flow_on(
+    rig: Any, redis_url: str, prefix: str
+) -> None:
+    handlers = [
+        sink("broken", redis_url, prefix, fail_times=-1, max_attempts=3, backoff_s=0.05),
+        sink("fine", redis_url, prefix),
+    ]
+    async with rig(handlers) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")), "wh_poison")
+        await r.post(compact(sample("fine_tuning_job.running.json")), "wh_next")
+
+        async def dead_two() -> bool:
+            return len(await r.dead("broken")) == 2
+
+        await eventually(dead_two)
+        assert len(await r.delivered("fine")) == 2
+        assert await r.starts("broken") == 6
+        dead = {decode_event(f[RECORD_FIELD]).id: f for f in await r.dead("broken")}
+        assert dead["wh_poison"][b"attempts"] == b"3"
+        assert b"RetryLater: sink broken fails attempt 3" in dead["wh_poison"][b"error"]
+        status = await Streams(r.rclient, Keys(prefix)).status(["broken"])
+        assert status["handlers"]["broken"] | {"lag": 0} == {
+            "exists": True, "lag": 0, "pending": 0, "retrying": 0, "dead_letters": 2
+        }
+
+
+async def test_permanent_failure_dead_letters_at_once(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("strict", redis_url, prefix, fail_times=-1, permanent=True)]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def dead() -> bool:
+            return len(await r.dead("strict")) == 1
+
+        await eventually(dead)
+        assert await r.starts("strict") == 1
+        assert b"permanent failure" in (await r.dead("strict"))[0][b"error"]
+
+
+async def test_retry_later_after_is_honoured(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("later", redis_url, prefix, fail_times=1, retry_after=0.5)]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def started() -> bool:
+            return await r.starts("later") == 1
+
+        await eventually(started)
+        [(member, due)] = await r.rclient.zrange(f"{prefix}:retry:later", 0, -1, withscores=True)
+        assert 0.3 < due - time.time() <= 0.5
+
+        async def delivered() -> bool:
+            return len(await r.delivered("later")) == 1
+
+        await eventually(delivered)
+
+
+async def test_hung_handler_is_cut_off_by_its_timeout(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("hung", redis_url, prefix, sleep_s=30, timeout_s=0.2, max_attempts=2, backoff_s=0.05)]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def dead() -> bool:
+            return len(await r.dead("hung")) == 1
+
+        await eventually(dead)
+        assert (await r.dead("hung"))[0][b"error"] == b"timed out after 0.2 s"
+
+
+async def test_undecodable_record_is_dead_lettered_not_retried(rig: Any, redis_url: str, prefix: str) -> None:
+    async with rig([sink("a", redis_url, prefix)]) as r:
+        await r.rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"\xc1 not msgpack"})
+
+        async def dead() -> bool:
+            return len(await r.dead("a")) == 1
+
+        await eventually(dead)
+        assert b"undecodable" in (await r.dead("a"))[0][b"error"]
+
+
+async def test_long_handler_renews_its_lease(
+    rig: Any, redis_url: str, prefix: str, make_settings: Callable[..., Settings]
+) -> None:
+    """A handler running 3 s with a 1 s lease is not taken over by another consumer meanwhile."""
+    handlers = [sink("slow", redis_url, prefix, sleep_s=3.0, idempotent=False)]
+    async with rig(handlers, worker={"lease_s": 1.0, "block_ms": 100}) as r:
+        settings = r.settings
+        # A second worker process-alike (another consumer name) competing for the same group.
+        import processor.worker as worker_module
+
+        original = worker_module.consumer_name
+        worker_module.consumer_name = lambda: "other-consumer"  # type: ignore[assignment]
+        try:
+            async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+                await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+                async def delivered() -> bool:
+                    return len(await r.delivered("slow")) == 1
+
+                await eventually(delivered, timeout=15)
+                await asyncio.sleep(1.5)
+        finally:
+            worker_module.consumer_name = original
+        assert await r.starts("slow") == 1
+        assert len(await r.delivered("slow")) == 1
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed(
+    make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 0.5, "block_ms": 100})
+    streams = Streams(rclient, Keys(prefix))
+    await streams.ensure_groups(["a"])
+    job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
+    record = encode_event(Event.from_body(job, webhook_id="wh_orphan", received_at=time.time()))
+    await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
+    # A consumer reads it and dies without acking.
+    assert len(await streams.read_new("a", "dead-consumer", 10, None)) == 1
+    async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+
+        async def delivered() -> bool:
+            return await rclient.llen(f"{prefix}:sink:a") == 1
+
+        await eventually(delivered)
+    pending = await rclient.xpending(f"{prefix}:events", "a")
+    assert pending["pending"] == 0
+
+
+async def test_trim_keeps_everything_a_group_still_needs(
+    make_settings: Callable[..., Settings], rclient: redis.Redis, prefix: str
+) -> None:
+    streams = Streams(rclient, Keys(prefix))
+    await streams.ensure_groups(["fast", "slow"])
+    ids = [await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"x"}) for _ in range(10)]
+    fast = await streams.read_new("fast", "c", 10, None)
+    await streams.ack("fast", [i for i, _ in fast])
+    slow = await streams.read_new("slow", "c", 4, None)
+    await streams.ack("slow", [i for i, _ in slow[:2]])  # 2 acked, 2 pending, 6 unread
+    assert await streams.trim(retention_s=0, now=time.time() + 10) == 2
+    remaining = [i for i, _ in await rclient.xrange(f"{prefix}:events")]
+    assert remaining == ids[2:]
+    await streams.ack("slow", [i for i, _ in slow[2:]])
+    rest = await streams.read_new("slow", "c", 10, None)
+    await streams.ack("slow", [i for i, _ in rest])
+    # Everything acknowledged: retention alone decides (nothing older than the horizon is kept).
+    assert await streams.trim(retention_s=3600) == 0
+    assert await streams.trim(retention_s=0, now=time.time() + 10) == 8
