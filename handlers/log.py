@@ -19,7 +19,11 @@ class LogHandler:
 
     async def __call__(self, delivery: Delivery) -> None:
         event, job = delivery.event, delivery.event.job
-        fields: dict[str, object] = {"event_type": event.type, "source": event.source, "attempt": delivery.attempt}
+        fields: dict[str, object] = {
+            "event_type": event.type,
+            "source": event.source,
+            "attempt": delivery.attempt,
+        }
         if job is not None:
             fields.update(status=job.status, model=job.model)
             if job.fine_tuned_model:

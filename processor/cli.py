@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     for name, help_, func in (
-        ("serve", "receiver and workers in one process (embedded Valkey when no Redis URL is set)", cmd_serve),
+        (
+            "serve",
+            "receiver and workers in one process (embedded Valkey when no Redis URL is set)",
+            cmd_serve,
+        ),
         ("receive", "only the HTTP receiver (run several behind a load balancer)", cmd_receive),
     ):
         p = add(name, help_, func)
@@ -63,7 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--job", metavar="FILE", help="a FineTuningJob JSON file to send instead of the built-in sample")
     p.add_argument("--webhook-id", help="webhook-id header (default: a new one; repeat one to test dedupe)")
     p.add_argument(
-        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="set a metadata pair (repeatable)"
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a metadata pair (repeatable)",
     )
     return parser
 
@@ -95,8 +103,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with service.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
             asyncio.run(service.check_persistence(url))
-        web.run_app(service.serve_app(settings, url, with_worker=True), host=host, port=port, print=None,
-                    access_log=None)  # fmt: skip
+        web.run_app(
+            service.serve_app(settings, url, with_worker=True),
+            host=host,
+            port=port,
+            print=None,
+            access_log=None,
+        )
     return 0
 
 
@@ -107,8 +120,7 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
     if settings.redis.url:
         asyncio.run(service.check_persistence(url))
     host, port = _listen(args, settings)
-    web.run_app(service.serve_app(settings, url, with_worker=False), host=host, port=port, print=None,
-                access_log=None)  # fmt: skip
+    web.run_app(service.serve_app(settings, url, with_worker=False), host=host, port=port, print=None, access_log=None)
     return 0
 
 
@@ -119,18 +131,25 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    handlers = service.build_handlers(settings)
+    service.build_handlers(settings)
     print(f"config: {settings.source or '(defaults)'} — OK")
-    print(f"receiver: {settings.receiver.host}:{settings.receiver.port}{settings.receiver.path}, "
-          f"{len(settings.receiver.secrets)} secret(s), signatures "
-          f"{'required' if settings.receiver.verify_signatures else 'NOT VERIFIED (development only)'}")  # fmt: skip
+    print(
+        f"receiver: {settings.receiver.host}:{settings.receiver.port}{settings.receiver.path}, "
+        f"{len(settings.receiver.secrets)} secret(s), signatures "
+        f"{'required' if settings.receiver.verify_signatures else 'NOT VERIFIED (development only)'}"
+    )
     for secret in settings.receiver.secrets:
         signatures.parse_secret(secret)
-    print(f"redis: {logs.redact(settings.redis.url) if settings.redis.url else 'embedded Valkey in ' + settings.redis.data_dir}")
-    for handler, spec in zip(handlers, settings.handlers, strict=True):
+    redis_at = (
+        logs.redact(settings.redis.url) if settings.redis.url else f"embedded Valkey in {settings.redis.data_dir}"
+    )
+    print(f"redis: {redis_at}")
+    for spec in settings.handlers:
         when = msgspec.json.encode(spec.when).decode()
-        print(f"handler {spec.name}: type={spec.type} when={when} max_attempts={spec.max_attempts} "
-              f"timeout_s={spec.timeout_s}")  # fmt: skip
+        print(
+            f"handler {spec.name}: type={spec.type} when={when} max_attempts={spec.max_attempts} "
+            f"timeout_s={spec.timeout_s}"
+        )
     return 0
 
 
@@ -182,8 +201,15 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         changes["metadata"] = {**(job.metadata or {}), **pairs}
     job = msgspec.structs.replace(job, **changes)
     if args.thin:
-        body = msgspec.json.encode({"object": "event", "id": f"evt_{uuid.uuid4().hex}", "type": job.event_type,
-                                    "created_at": int(time.time()), "data": {"id": job.id}})  # fmt: skip
+        body = msgspec.json.encode(
+            {
+                "object": "event",
+                "id": f"evt_{uuid.uuid4().hex}",
+                "type": job.event_type,
+                "created_at": int(time.time()),
+                "data": {"id": job.id},
+            }
+        )
     else:
         body = msgspec.json.encode(job)
     webhook_id = args.webhook_id or f"wh_{uuid.uuid4().hex}"

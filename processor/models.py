@@ -20,9 +20,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 #: Statuses the API documents. Others (e.g. `paused`) are accepted and carried as they are.
-KNOWN_STATUSES: Final = frozenset(
-    {"validating_files", "queued", "running", "succeeded", "failed", "cancelled"}
-)
+KNOWN_STATUSES: Final = frozenset({"validating_files", "queued", "running", "succeeded", "failed", "cancelled"})
 #: Statuses a job never leaves.
 TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
 #: Prefix of every fine-tuning event type: `fine_tuning.job.<status>`.
@@ -237,11 +235,14 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
     def envelope(self) -> Envelope:
         """The thin webhook envelope that announces this event (as `ftjobs send --thin` posts it)."""
         return Envelope(
-            id=self.event_id or self.id, type=self.type, created_at=self.created_at, data=EventData(self.job_id)
+            id=self.event_id or self.id,
+            type=self.type,
+            created_at=self.created_at,
+            data=EventData(self.job_id),
         )
 
 
-_body_decoder: Final = msgspec.json.Decoder(Body)
+_body_decoder: Final[msgspec.json.Decoder[Body]] = msgspec.json.Decoder(Body)
 _envelope_decoder: Final = msgspec.json.Decoder(Envelope)
 _event_encoder: Final = msgspec.msgpack.Encoder()
 _event_decoder: Final = msgspec.msgpack.Decoder(Event)

@@ -37,7 +37,7 @@ log = structlog.get_logger()
 SETTINGS: Final = web.AppKey("settings", Settings)
 STREAMS: Final = web.AppKey("streams", Streams)
 ENQUEUER: Final = web.AppKey("enqueuer", Enqueuer)
-KEYS_: Final = web.AppKey("keys", list[bytes])
+SIGNING_KEYS: Final = web.AppKey("signing_keys", list[bytes])
 
 _json: Final = msgspec.json.Encoder()
 
@@ -66,7 +66,11 @@ async def errors_middleware(
         return reply(exc.status, error=exc.reason.lower().replace(" ", "_"), message=exc.reason)
     except Exception:
         log.exception("request_failed", path=request.path)
-        return reply(500, error="internal_error", message="internal error; retry (a retried webhook-id is never enqueued twice)")
+        return reply(
+            500,
+            error="internal_error",
+            message="internal error; retry (a retried webhook-id is never enqueued twice)",
+        )
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
@@ -81,9 +85,8 @@ async def receive_webhook(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLargeError(f"body is over the limit of {settings.max_body_bytes} bytes") from None
     if settings.verify_signatures:
-        webhook_id = signatures.verify(
-            request.headers, body, request.app[KEYS_], tolerance_s=settings.tolerance_s
-        )
+        signing_keys: list[bytes] = request.app[SIGNING_KEYS]
+        webhook_id = signatures.verify(request.headers, body, signing_keys, tolerance_s=settings.tolerance_s)
     else:
         webhook_id = request.headers.get(signatures.ID_HEADER) or f"unsigned_{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
@@ -99,22 +102,42 @@ async def receive_webhook(request: web.Request) -> web.Response:
     keys = request.app[STREAMS].keys
     new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)})
     if not new:
-        return reply(200, status="duplicate", webhook_id=webhook_id, entry_id=entry_id,
-                     message="this webhook-id was already accepted; nothing was enqueued")  # fmt: skip
+        return reply(
+            200,
+            status="duplicate",
+            webhook_id=webhook_id,
+            entry_id=entry_id,
+            message="this webhook-id was already accepted; nothing was enqueued",
+        )
     log.debug("event_accepted", webhook_id=webhook_id, job_id=event.job_id, event_type=event.type)
-    return reply(200, status="accepted", webhook_id=webhook_id, entry_id=entry_id,
-                 job_id=event.job_id, event_type=event.type)  # fmt: skip
+    return reply(
+        200,
+        status="accepted",
+        webhook_id=webhook_id,
+        entry_id=entry_id,
+        job_id=event.job_id,
+        event_type=event.type,
+    )
 
 
 async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error: str) -> web.Response:
     """A signed body we cannot read: keep it for replay (the sender cannot fix it; we can) and answer 2xx."""
-    fields = {b"body": body, b"error": error.encode(), b"webhook_id": webhook_id.encode(),
-              b"received_at": f"{time.time():.3f}".encode()}  # fmt: skip
+    fields = {
+        b"body": body,
+        b"error": error.encode(),
+        b"webhook_id": webhook_id.encode(),
+        b"received_at": f"{time.time():.3f}".encode(),
+    }
     keys = request.app[STREAMS].keys
     new, entry_id = await _enqueue(request, webhook_id, keys.quarantine, fields)
     log.warning("event_quarantined", webhook_id=webhook_id, error=error)
-    return reply(200, status="quarantined" if new else "duplicate", webhook_id=webhook_id, entry_id=entry_id,
-                 message=f"signed but not a fine-tuning job or event ({error}); kept in quarantine for replay")  # fmt: skip
+    return reply(
+        200,
+        status="quarantined" if new else "duplicate",
+        webhook_id=webhook_id,
+        entry_id=entry_id,
+        message=f"signed but not a fine-tuning job or event ({error}); kept in quarantine for replay",
+    )
 
 
 async def _enqueue(request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes]) -> tuple[bool, str]:
@@ -150,7 +173,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     receiver = settings.receiver
     app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=[errors_middleware])
     app[SETTINGS] = settings
-    app[KEYS_] = [signatures.parse_secret(s) for s in receiver.secrets]
+    app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         client = connect(redis_url)

@@ -12,7 +12,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import structlog
@@ -97,7 +97,7 @@ async def check_persistence(url: str) -> None:
     """Warn when an external server would lose acknowledged events on a crash (AOF and RDB both off)."""
     client = connect(url)
     try:
-        config = await client.config_get("appendonly")
+        config: dict[Any, Any] = await client.config_get("appendonly")
         config |= await client.config_get("save")
     except ResponseError:  # managed services often refuse CONFIG
         log.warning("redis_persistence_unknown", url=redact(url), hint="make sure AOF is on (appendfsync always)")
@@ -141,9 +141,12 @@ async def running_worker(settings: Settings, url: str, handlers: list[Handler]) 
         if setup is not None:
             await setup()
     worker = Worker(
-        handlers, settings.handlers, Streams(client, Keys(settings.redis.prefix)), settings.worker,
+        handlers,
+        settings.handlers,
+        Streams(client, Keys(settings.redis.prefix)),
+        settings.worker,
         settings.redis.retention_s,
-    )  # fmt: skip
+    )
     task = asyncio.create_task(worker.run(), name="worker")
     try:
         yield worker

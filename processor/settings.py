@@ -97,9 +97,7 @@ class Settings(_Config):
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
-    handlers: list[HandlerSpec] = msgspec.field(
-        default_factory=lambda: [HandlerSpec(name="log", type="log")]
-    )
+    handlers: list[HandlerSpec] = msgspec.field(default_factory=lambda: [HandlerSpec(name="log", type="log")])
     #: The file these settings came from, if any (for messages).
     source: str = ""
 
@@ -131,7 +129,7 @@ class Settings(_Config):
         if "handlers" in raw:
             raw["handlers"] = [_split_handler(table, i) for i, table in enumerate(raw["handlers"])]
         raw["source"] = source
-        settings = convert(raw, cls)
+        settings: Settings = convert(raw, cls)
         settings._check()
         return settings
 

@@ -107,9 +107,7 @@ def verify(
         raise SignatureError(f"webhook-timestamp is more than {tolerance_s} s old")
     if sent_at - clock > tolerance_s:
         raise SignatureError(f"webhook-timestamp is more than {tolerance_s} s in the future")
-    candidates = [
-        part.removeprefix("v1,").encode() for part in signature.split() if part.startswith("v1,")
-    ]
+    candidates = [part.removeprefix("v1,").encode() for part in signature.split() if part.startswith("v1,")]
     if not candidates:
         raise SignatureError("webhook-signature has no v1 signature")
     for key in keys:

@@ -167,9 +167,7 @@ class Streams:
 
     async def read_new(self, group: str, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
         """Entries never delivered to `group` yet (XREADGROUP `>`), blocking up to `block_ms`."""
-        reply = await self.client.xreadgroup(
-            group, consumer, {self.keys.events: ">"}, count=count, block=block_ms
-        )
+        reply: Any = await self.client.xreadgroup(group, consumer, {self.keys.events: ">"}, count=count, block=block_ms)
         return [_entry(raw) for _, entries in reply or () for raw in entries if raw[1]]
 
     async def ack(self, group: str, ids: Sequence[str]) -> None:
@@ -198,7 +196,7 @@ class Streams:
     async def take_due(self, group: str, consumer: str, count: int, now: float | None = None) -> list[Entry]:
         """Claim up to `count` entries whose retry is due. ZREM decides which consumer gets each one."""
         key = self.keys.retry(group)
-        due = await self.client.zrangebyscore(key, "-inf", now or time.time(), start=0, num=count)
+        due: Any = await self.client.zrangebyscore(key, "-inf", now or time.time(), start=0, num=count)
         taken = []
         for raw_id in due:
             if await self.client.zrem(key, raw_id):
@@ -208,7 +206,7 @@ class Streams:
     async def _claim(self, group: str, consumer: str, ids: list[str]) -> list[Entry]:
         if not ids:
             return []
-        claimed = await self.client.xclaim(self.keys.events, group, consumer, 0, ids)
+        claimed: Any = await self.client.xclaim(self.keys.events, group, consumer, 0, list[Any](ids))
         entries = [_entry(raw) for raw in claimed if raw and raw[1]]
         gone = set(ids) - {entry_id for entry_id, _ in entries}
         if gone:  # trimmed away while pending (only possible if retention was cut by hand)
@@ -217,7 +215,7 @@ class Streams:
 
     async def reclaim(self, group: str, consumer: str, lease_s: float, count: int) -> list[Entry]:
         """Take over entries idle longer than the lease (their consumer died), except those waiting for a retry."""
-        cursor, found = "0-0", []
+        cursor, found = "0-0", list[Entry]()
         while len(found) < count:
             reply = await self.client.xautoclaim(
                 self.keys.events, group, consumer, int(lease_s * 1000), cursor, count=count
@@ -234,7 +232,7 @@ class Streams:
     async def renew(self, group: str, consumer: str, ids: Sequence[str]) -> None:
         """Reset the idle time of entries still being handled, so nobody reclaims them mid-run."""
         if ids:
-            await self.client.xclaim(self.keys.events, group, consumer, 0, list(ids), justid=True)
+            await self.client.xclaim(self.keys.events, group, consumer, 0, list[Any](ids), justid=True)
 
     async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int) -> None:
         """Move an entry to the group's dead-letter stream and acknowledge it, atomically."""
@@ -316,4 +314,3 @@ def _parse_id(entry_id: str) -> tuple[int, int]:
 def _next_id(entry_id: str) -> tuple[int, int]:
     ms, seq = _parse_id(entry_id)
     return ms, seq + 1
-

@@ -136,7 +136,11 @@ class Runner:
             event=event, handler=self.group, attempt=attempt, idempotency_key=f"{self.group}:{event.id}"
         )
         with structlog.contextvars.bound_contextvars(
-            handler=self.group, webhook_id=event.id, job_id=event.job_id, event_type=event.type, attempt=attempt
+            handler=self.group,
+            webhook_id=event.id,
+            job_id=event.job_id,
+            event_type=event.type,
+            attempt=attempt,
         ):
             return await self._call(entry, delivery)
 

@@ -77,14 +77,13 @@ async def rclient(redis_url: str, prefix: str) -> AsyncIterator[redis.Redis]:
 
 
 @pytest.fixture
-def make_settings(redis_url: str, prefix: str, tmp_path: Path) -> Callable[..., Settings]:
-    """Settings for a test: its own prefix, the test secret, fast worker timings; tables override."""
+def make_settings(redis_url: str, prefix: str, tmp_path: Path, rclient: redis.Redis) -> Callable[..., Settings]:
+    """Settings for a test: its own prefix (cleaned up by `rclient`), the test secret, fast worker timings."""
 
     def make(handlers: list[dict[str, Any]] | None = None, **tables: dict[str, Any]) -> Settings:
         raw: dict[str, Any] = {
             "receiver": {"secrets": [SECRET]} | tables.pop("receiver", {}),
-            "redis": {"url": redis_url, "prefix": prefix, "data_dir": str(tmp_path / "data")}
-            | tables.pop("redis", {}),
+            "redis": {"url": redis_url, "prefix": prefix, "data_dir": str(tmp_path / "data")} | tables.pop("redis", {}),
             "worker": {"lease_s": 2.0, "block_ms": 100, "grace_s": 5.0} | tables.pop("worker", {}),
             **tables,
         }
@@ -98,12 +97,14 @@ def make_settings(redis_url: str, prefix: str, tmp_path: Path) -> Callable[..., 
 def sink(name: str, redis_url: str, prefix: str, **options: Any) -> dict[str, Any]:
     """A `[[handlers]]` table for a `tests.sinks:Sink` writing under the test's prefix."""
     common = {k: options.pop(k) for k in list(options) if k in COMMON_HANDLER_KEYS}
-    return {"name": name, "type": "tests.sinks:Sink", "redis_url": redis_url, "key": f"{prefix}:sink:{name}"} | common | options
+    return (
+        {"name": name, "type": "tests.sinks:Sink", "redis_url": redis_url, "key": f"{prefix}:sink:{name}"}
+        | common
+        | options
+    )
 
 
 def signed(body: bytes, webhook_id: str | None = None, secret: str = SECRET, **extra: str) -> dict[str, str]:
     """Headers for a correctly signed JSON delivery."""
-    headers = signatures.signed_headers(
-        [signatures.parse_secret(secret)], webhook_id or f"wh_{uuid.uuid4().hex}", body
-    )
+    headers = signatures.signed_headers([signatures.parse_secret(secret)], webhook_id or f"wh_{uuid.uuid4().hex}", body)
     return headers | {"content-type": "application/json"} | extra

@@ -14,7 +14,6 @@ import redis.asyncio as redis
 from handlers.base import Delivery, PermanentFailure, RetryLater
 from processor.models import encode_event
 
-
 _RECORD = """
 if ARGV[4] == '1' and redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[2])
@@ -66,7 +65,13 @@ class Sink:
             raise RetryLater(f"sink {self.name} fails attempt {delivery.attempt}", after=self.options.retry_after)
         # The side effect and its idempotency marker are one atomic step, as a real sink's should be.
         await self.client.eval(
-            _RECORD, 3, key, f"{key}:done", f"{key}:count",
-            delivery.idempotency_key, encode_event(delivery.event), delivery.event.id,
+            _RECORD,
+            3,
+            key,
+            f"{key}:done",
+            f"{key}:count",
+            delivery.idempotency_key,
+            encode_event(delivery.event),
+            delivery.event.id,
             int(self.options.idempotent),
-        )  # fmt: skip
+        )

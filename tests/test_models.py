@@ -73,8 +73,15 @@ def test_unknown_event_types_are_carried() -> None:
 
 def test_live_api_quirks_are_tolerated() -> None:
     doc = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
-    doc |= {"error": {}, "status": "paused", "estimated_finish": 0, "user_provided_suffix": "support-dpo-v3",
-            "usage_metrics": {"tokens": 3}, "shared_with_openai": False, "brand_new_field": {"x": 1}}  # fmt: skip
+    doc |= {
+        "error": {},
+        "status": "paused",
+        "estimated_finish": 0,
+        "user_provided_suffix": "support-dpo-v3",
+        "usage_metrics": {"tokens": 3},
+        "shared_with_openai": False,
+        "brand_new_field": {"x": 1},
+    }
     doc["method"]["type"] = "something_new"
     job = decode_job(msgspec.json.encode(doc))
     assert job.status == "paused"
@@ -128,8 +135,14 @@ def test_thin_event_keeps_the_envelope() -> None:
 
 def test_old_records_decode_with_new_fields_defaulted() -> None:
     old = msgspec.msgpack.encode(
-        {"id": "wh_1", "type": "fine_tuning.job.failed", "job_id": "j", "source": "webhook", "created_at": 1,
-         "received_at": 1.0}  # fmt: skip
+        {
+            "id": "wh_1",
+            "type": "fine_tuning.job.failed",
+            "job_id": "j",
+            "source": "webhook",
+            "created_at": 1,
+            "received_at": 1.0,
+        }
     )
     event = decode_event(old)
     assert event.previous_status is None and event.stale is False and event.job is None

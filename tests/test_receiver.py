@@ -52,7 +52,10 @@ async def test_thin_envelope_is_accepted(client: TestClient, rclient: redis.Redi
     [(_, fields)] = await _events(rclient, prefix)
     event = decode_event(fields[RECORD_FIELD])
     assert (event.type, event.job_id, event.event_id, event.job) == (
-        "fine_tuning.job.succeeded", "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u", "evt_68ff4b09d3f48190a6c2e1b7f05d9a34", None
+        "fine_tuning.job.succeeded",
+        "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u",
+        "evt_68ff4b09d3f48190a6c2e1b7f05d9a34",
+        None,
     )
 
 
@@ -88,14 +91,26 @@ async def test_signed_but_off_schema_is_quarantined(client: TestClient, rclient:
     [
         (b"{not json", "signed", 400, "invalid_json", "not valid JSON"),
         (b"\xff\xfe", "signed", 400, "invalid_json", "not valid JSON"),
-        (b"{}", {}, 401, "invalid_signature", "missing header: webhook-id, webhook-timestamp, webhook-signature"),
+        (
+            b"{}",
+            {},
+            401,
+            "invalid_signature",
+            "missing header: webhook-id, webhook-timestamp, webhook-signature",
+        ),
         (b"{}", "bad-signature", 401, "invalid_signature", "does not match"),
         (b"{}", "old", 401, "invalid_signature", "s old"),
         (b"{}", "text/plain", 415, "unsupported_media_type", "application/json"),
     ],
 )
 async def test_rejects(
-    client: TestClient, rclient: redis.Redis, prefix: str, body: bytes, headers: Any, status: int, error: str,
+    client: TestClient,
+    rclient: redis.Redis,
+    prefix: str,
+    body: bytes,
+    headers: Any,
+    status: int,
+    error: str,
     message: str,
 ) -> None:
     if headers == "signed":
@@ -120,7 +135,9 @@ async def test_rejects(
     assert await rclient.xlen(f"{prefix}:quarantine") == 0
 
 
-async def test_oversized_body_is_refused_by_its_content_length(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
+async def test_oversized_body_is_refused_by_its_content_length(
+    client: TestClient, rclient: redis.Redis, prefix: str
+) -> None:
     body = b'{"pad":"' + b"x" * (300 * 1024) + b'"}'
     resp = await client.post(PATH, data=body, headers=signed(body))
     assert resp.status == 413
@@ -168,7 +185,11 @@ async def test_unknown_route_and_method_answer_json(client: TestClient) -> None:
 
 
 async def test_unsigned_mode_accepts_without_headers(
-    aiohttp_client: Client, make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+    aiohttp_client: Client,
+    make_settings: Callable[..., Settings],
+    redis_url: str,
+    rclient: redis.Redis,
+    prefix: str,
 ) -> None:
     settings = make_settings(receiver={"verify_signatures": False, "secrets": []})
     client = await aiohttp_client(create_app(settings, redis_url))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from datetime import UTC
 
 import pytest
 import standardwebhooks
@@ -56,9 +57,9 @@ def test_agrees_with_the_reference_library(size: int) -> None:
     wh = standardwebhooks.Webhook(SECRET)
     now = int(time.time())
     ours = signatures.signed_headers([KEY], "msg_x", body, timestamp=now)
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    theirs = wh.sign("msg_x", datetime.fromtimestamp(now, tz=timezone.utc), body.decode())
+    theirs = wh.sign("msg_x", datetime.fromtimestamp(now, tz=UTC), body.decode())
     assert ours["webhook-signature"] == theirs
     # and the reference library accepts what we sign (it parses the body as JSON, so give it JSON)
     json_body = b'{"n": %d}' % size

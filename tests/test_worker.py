@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -23,8 +23,8 @@ from tests.conftest import compact, sample, signed, sink
 PATH = "/webhooks/openai"
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
@@ -59,8 +59,11 @@ class Rig:
 
 @pytest.fixture
 def rig(
-    aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings], redis_url: str,
-    rclient: redis.Redis, prefix: str,
+    aiohttp_client: Callable[..., Any],
+    make_settings: Callable[..., Settings],
+    redis_url: str,
+    rclient: redis.Redis,
+    prefix: str,
 ) -> Callable[..., Any]:
     """`async with rig(handlers) as r:` — receiver + worker for those handler tables."""
     import contextlib
@@ -161,7 +164,11 @@ async def test_handler_that_keeps_failing_is_dead_lettered_and_others_flow_on(
         assert b"RetryLater: sink broken fails attempt 3" in dead["wh_poison"][b"error"]
         status = await Streams(r.rclient, Keys(prefix)).status(["broken"])
         assert status["handlers"]["broken"] | {"lag": 0} == {
-            "exists": True, "lag": 0, "pending": 0, "retrying": 0, "dead_letters": 2
+            "exists": True,
+            "lag": 0,
+            "pending": 0,
+            "retrying": 0,
+            "dead_letters": 2,
         }
 
 
@@ -185,7 +192,7 @@ async def test_retry_later_after_is_honoured(rig: Any, redis_url: str, prefix: s
             return await r.starts("later") == 1
 
         await eventually(started)
-        [(member, due)] = await r.rclient.zrange(f"{prefix}:retry:later", 0, -1, withscores=True)
+        [(_, due)] = await r.rclient.zrange(f"{prefix}:retry:later", 0, -1, withscores=True)
         assert 0.3 < due - time.time() <= 0.5
 
         async def delivered() -> bool:
@@ -235,7 +242,7 @@ async def test_long_handler_renews_its_lease(
                 async def delivered() -> bool:
                     return len(await r.delivered("slow")) == 1
 
-                await eventually(delivered, timeout=15)
+                await eventually(delivered, within=15)
                 await asyncio.sleep(1.5)
         finally:
             worker_module.consumer_name = original
