@@ -1,21 +1,27 @@
-"""The handler contract: a small Protocol, and the one value a handler is called with.
+"""The handler contract: a small Protocol, and the values a handler is given.
 
 A handler is a class with an `Options` struct (its own TOML keys, unknown keys rejected), built as
-`Handler(name, options)`, with optional async `setup()`/`close()` and an async `__call__(delivery)`.
+`Handler(name, options)`, with optional async `setup(context)`/`close()` and an async `__call__(delivery)`.
 It returns on success, or raises `RetryLater` / `PermanentFailure` (any other exception counts as
 `RetryLater`). The worker owns retries, timeouts and dead letters; handlers never import it.
+
+A handler whose side effect must not repeat (a chat message, an email, a pipeline run) sets the class
+attribute `effectively_once = True`: the worker then records each success under the delivery's
+idempotency key and skips a redelivery of the same event.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import redis.asyncio as redis
 from msgspec import Struct
 
-from processor.errors import PermanentFailure, RetryLater
+from processor.errors import ConfigError, PermanentFailure, RetryLater
 from processor.models import Event
 
-__all__ = ["Delivery", "Handler", "NoOptions", "PermanentFailure", "RetryLater"]
+__all__ = ["ConfigError", "Delivery", "Handler", "HandlerContext", "NoOptions", "PermanentFailure", "RetryLater"]
 
 
 class Delivery(Struct, frozen=True, kw_only=True):
@@ -30,13 +36,22 @@ class Delivery(Struct, frozen=True, kw_only=True):
     idempotency_key: str
 
 
+@dataclass(frozen=True)
+class HandlerContext:
+    """What `setup` gets: a Redis client and a key prefix of the handler's own (for state such as threads)."""
+
+    redis: redis.Redis
+    #: `{prefix}:h:{handler name}`: keys under it belong to this handler.
+    key_prefix: str
+
+
 class NoOptions(Struct, forbid_unknown_fields=True):
     """For handlers that take no options of their own."""
 
 
 @runtime_checkable
 class Handler(Protocol):
-    """What the worker calls. `setup` and `close` are optional (see `processor.registry`)."""
+    """What the worker calls. `setup`, `close` and `effectively_once` are optional."""
 
     Options: ClassVar[type[Any]]
     name: str

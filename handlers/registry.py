@@ -52,6 +52,9 @@ def build(specs: list[HandlerSpec]) -> list[Handler]:
     for index, spec in enumerate(specs):
         cls = load_type(spec.type)
         options = convert(spec.options, cls.Options, root=f"handlers[{index}]")
-        handler = cls(spec.name, options)
+        try:
+            handler = cls(spec.name, options)
+        except ConfigError as exc:  # a handler checks its options (and templates) when it is built
+            raise ConfigError(f"handlers[{index}] ({spec.name}): {exc}") from None
         handlers.append(handler)
     return handlers

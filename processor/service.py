@@ -20,7 +20,7 @@ from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
 from handlers import registry
-from handlers.base import Handler
+from handlers.base import Handler, HandlerContext
 from processor import embedded, signatures
 from processor.errors import ConfigError
 from processor.logs import redact
@@ -140,10 +140,11 @@ async def running_worker(settings: Settings, url: str, handlers: list[Handler]) 
     """Set up handlers, run a `Worker` in the background, and stop it gracefully on exit."""
     block_s = settings.worker.block_ms / 1000
     client = connect(url, socket_timeout=block_s + 10)
+    keys = Keys(settings.redis.prefix)
     for handler in handlers:
         setup = getattr(handler, "setup", None)
         if setup is not None:
-            await setup()
+            await setup(HandlerContext(redis=client, key_prefix=keys.handler_state(handler.name)))
     worker = Worker(
         handlers,
         settings.handlers,

@@ -85,6 +85,12 @@ class HandlerSpec(_Config):
     backoff_s: float = 1.0
     backoff_max_s: float = 600.0
     concurrency: int = 8
+    #: Calls per minute across all workers (0: no limit); calls over it wait for the next minute.
+    rate_limit_per_min: int = 0
+    #: Open the circuit after this many consecutive failures (0: no breaker) ...
+    breaker_threshold: int = 0
+    #: ... for this long, then let one probe call through.
+    breaker_cooldown_s: float = 60.0
     #: The handler type's own keys, validated by its `Options` struct when the handler is built.
     options: dict[str, Any] = {}
 

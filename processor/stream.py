@@ -8,6 +8,8 @@ Keys (all under `settings.redis.prefix`, default `ftjobs`):
     {p}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
     {p}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error
     {p}:dlq:{handler}       dead letters: the record, the error and the attempt count
+    {p}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
+    {p}:h:{handler}:...     the handler's own state (e.g. Slack thread timestamps)
 
 An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
 an entry that a crashed consumer held is still pending and is taken over (XAUTOCLAIM) after the lease.
@@ -74,6 +76,12 @@ class Keys:
 
     def dlq(self, handler: str) -> str:
         return f"{self.prefix}:dlq:{handler}"
+
+    def done(self, handler: str, event_id: str) -> str:
+        return f"{self.prefix}:done:{handler}:{event_id}"
+
+    def handler_state(self, handler: str) -> str:
+        return f"{self.prefix}:h:{handler}"
 
 
 class Enqueuer:
@@ -187,7 +195,7 @@ class Streams:
         return [int(v) if v else 0 for v in values]
 
     async def schedule_retry(self, group: str, entry_id: str, attempts: int, due: float, error: str) -> None:
-        """Record a failed attempt and when to try again; the entry stays pending in the group."""
+        """Record failed attempts so far and when to try again; the entry stays pending in the group."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.attempts(group), mapping={entry_id: attempts, f"{entry_id}:error": error})
             pipe.zadd(self.keys.retry(group), {entry_id: due})
@@ -228,6 +236,13 @@ class Streams:
             if cursor == "0-0":
                 break
         return found
+
+    async def already_done(self, group: str, event_id: str) -> bool:
+        """True when an effectively-once handler already succeeded for this event."""
+        return bool(await self.client.exists(self.keys.done(group, event_id)))
+
+    async def mark_done(self, group: str, event_id: str, ttl_s: int) -> None:
+        await self.client.set(self.keys.done(group, event_id), 1, ex=ttl_s)
 
     async def renew(self, group: str, consumer: str, ids: Sequence[str]) -> None:
         """Reset the idle time of entries still being handled, so nobody reclaims them mid-run."""

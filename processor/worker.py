@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
 from processor.errors import PermanentFailure, RetryLater
+from processor.limits import Guard
 from processor.models import Event, decode_event
 from processor.settings import HandlerSpec, WorkerSettings
 from processor.stream import Entry, Streams
@@ -45,14 +46,23 @@ class Runner:
     """Delivers the events stream to one handler."""
 
     def __init__(
-        self, handler: Handler, spec: HandlerSpec, streams: Streams, settings: WorkerSettings, consumer: str
+        self,
+        handler: Handler,
+        spec: HandlerSpec,
+        streams: Streams,
+        settings: WorkerSettings,
+        consumer: str,
+        retention_s: int,
     ) -> None:
         self.handler = handler
         self.spec = spec
         self.streams = streams
         self.settings = settings
         self.consumer = consumer
+        self.retention_s = retention_s
         self.group = spec.name
+        self.once = bool(getattr(handler, "effectively_once", False))
+        self.guard = Guard(streams.client, streams.keys.prefix, spec)
         self._in_flight: set[str] = set()
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
@@ -145,15 +155,25 @@ class Runner:
             return await self._call(entry, delivery)
 
     async def _call(self, entry: Entry, delivery: Delivery) -> bool:
-        entry_id, attempt = entry[0], delivery.attempt
+        entry_id, attempt, event_id = entry[0], delivery.attempt, delivery.event.id
+        if self.once and await self.streams.already_done(self.group, event_id):
+            log.info("event_already_delivered")
+            return True
+        if self.guard.active and (wait := await self.guard.admit()) is not None:
+            delay, why = wait
+            await self.streams.schedule_retry(self.group, entry_id, attempt - 1, time.time() + delay, why)
+            log.info("delivery_deferred", reason=why, retry_in_s=round(delay, 3))
+            return False
         started = time.perf_counter()
         self._in_flight.add(entry_id)
         try:
             await asyncio.wait_for(self.handler(delivery), self.spec.timeout_s)
-        except PermanentFailure as exc:
-            await self._dead_letter(entry, f"permanent failure: {exc}", attempt)
-            return False
         except Exception as exc:  # the handler's own bug counts as a transient failure
+            if self.guard.active and await self.guard.record(ok=False):
+                log.warning("circuit_opened", cooldown_s=self.spec.breaker_cooldown_s)
+            if isinstance(exc, PermanentFailure):
+                await self._dead_letter(entry, f"permanent failure: {exc}", attempt)
+                return False
             reason = f"timed out after {self.spec.timeout_s} s" if isinstance(exc, TimeoutError) else _describe(exc)
             if attempt >= self.spec.max_attempts:
                 await self._dead_letter(entry, reason, attempt)
@@ -165,6 +185,10 @@ class Runner:
             return False
         finally:
             self._in_flight.discard(entry_id)
+        if self.once:
+            await self.streams.mark_done(self.group, event_id, self.retention_s)
+        if self.guard.active:
+            await self.guard.record(ok=True)
         log.info("event_delivered", ms=round((time.perf_counter() - started) * 1000, 2))
         return True
 
@@ -197,13 +221,15 @@ class Worker:
         specs: list[HandlerSpec],
         streams: Streams,
         settings: WorkerSettings,
-        retention_s: float,
+        retention_s: int,
     ) -> None:
         consumer = consumer_name()
         self.streams = streams
         self.settings = settings
         self.retention_s = retention_s
-        self.runners = [Runner(h, s, streams, settings, consumer) for h, s in zip(handlers, specs, strict=True)]
+        self.runners = [
+            Runner(h, s, streams, settings, consumer, retention_s) for h, s in zip(handlers, specs, strict=True)
+        ]
         self._stopped = asyncio.Event()
 
     def stop(self) -> None:

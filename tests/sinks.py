@@ -45,7 +45,7 @@ class Sink:
         self.options = options
         self.client: redis.Redis | None = None
 
-    async def setup(self) -> None:
+    async def setup(self, context: object) -> None:
         self.client = redis.Redis.from_url(self.options.redis_url)
 
     async def close(self) -> None:
