@@ -18,7 +18,12 @@ from processor.settings import HandlerSpec, convert
 
 GROUP: Final = "ftjobs.handlers"
 #: Built-ins, so a source checkout works before it is installed (installed, they come via entry points too).
-BUILTINS: Final = {"log": "handlers.log:LogHandler"}
+BUILTINS: Final = {
+    "log": "handlers.log:LogHandler",
+    "slack": "handlers.slack:SlackHandler",
+    "email": "handlers.email:EmailHandler",
+    "http": "handlers.http:HttpHandler",
+}
 
 
 def available() -> dict[str, str]:

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from processor import logs, service, signatures
 from processor.errors import ConfigError
-from processor.models import FineTuningJob, decode_job
+from processor.limits import Guard
+from processor.models import Event, FineTuningJob, decode_body, decode_job
 from processor.settings import Settings
 from processor.stream import Keys, Streams, connect
 
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--host", help="address to listen on (default: receiver.host, 0.0.0.0)")
         p.add_argument("--port", type=int, help="port to listen on (default: receiver.port, 8080)")
     add("work", "only the workers: deliver queued events to the configured handlers", cmd_work)
-    add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
+    p = add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
+    p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
     p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", cmd_status)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
@@ -150,14 +152,33 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
             f"handler {spec.name}: type={spec.type} when={when} max_attempts={spec.max_attempts} "
             f"timeout_s={spec.timeout_s}"
         )
+    if args.event:
+        explain_routing(args.event, settings)
     return 0
+
+
+def explain_routing(path: str, settings: Settings) -> None:
+    """Print, for a sample event file, which handlers it would reach and why the others would skip it."""
+    try:
+        with open(path, "rb") as fh:
+            body = decode_body(fh.read())
+    except (OSError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"--event {path}: {exc}") from None
+    event = Event.from_body(body, webhook_id="wh_check_config", received_at=time.time())
+    print(f"event: {event.type} for {event.job_id}" + (" (thin: no job until hydrated)" if event.job is None else ""))
+    for spec in settings.handlers:
+        why = spec.when.mismatch(event)
+        print(f"  {'→' if not why else '✗'} {spec.name}: {'would receive it' if not why else 'skips it: ' + why}")
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def collect(url: str) -> dict[str, Any]:
         client = connect(url)
         try:
-            return await Streams(client, Keys(settings.redis.prefix)).status(h.name for h in settings.handlers)
+            status = await Streams(client, Keys(settings.redis.prefix)).status(h.name for h in settings.handlers)
+            for spec in settings.handlers:
+                status["handlers"][spec.name] |= await Guard(client, settings.redis.prefix, spec).state()
+            return status
         finally:
             await client.aclose()
 
@@ -167,10 +188,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(msgspec.json.encode(status).decode())
         return 0
     print(f"events stream: {status['events']} entries · quarantine: {status['quarantine']}")
-    print(f"{'handler':<24} {'lag':>8} {'pending':>8} {'retrying':>9} {'dead':>6}")
+    print(f"{'handler':<24} {'lag':>8} {'pending':>8} {'retrying':>9} {'dead':>6}  guards")
     for name, row in status["handlers"].items():
         lag = "-" if row["lag"] is None else row["lag"]
-        print(f"{name:<24} {lag!s:>8} {row['pending']:>8} {row['retrying']:>9} {row['dead_letters']:>6}")
+        guards = ", ".join(f"{k}={row[k]}" for k in ("circuit", "consecutive_failures", "rate") if k in row)
+        print(f"{name:<24} {lag!s:>8} {row['pending']:>8} {row['retrying']:>9} {row['dead_letters']:>6}  {guards}")
     return 0
 
 
