@@ -5,23 +5,32 @@ Every test gets its own key prefix, deleted afterwards, so tests never see each 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import redis.asyncio as redis
+from aiohttp.test_utils import TestClient
 
+from handlers import registry
 from processor import signatures
 from processor.embedded import EmbeddedValkey
+from processor.models import Event, decode_event
+from processor.receiver import create_app
+from processor.service import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings
 
+PATH = "/webhooks/openai"
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "processor" / "samples"
 SECRET = "whsec_ZmluZS10dW5pbmctd2ViaG9va3MtdGVzdC1rZXktMzI="
@@ -108,3 +117,57 @@ def signed(body: bytes, webhook_id: str | None = None, secret: str = SECRET, **e
     """Headers for a correctly signed JSON delivery."""
     headers = signatures.signed_headers([signatures.parse_secret(secret)], webhook_id or f"wh_{uuid.uuid4().hex}", body)
     return headers | {"content-type": "application/json"} | extra
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+class Rig:
+    """A receiver (aiohttp test server) and a running worker, for one settings object."""
+
+    def __init__(self, client: TestClient, settings: Settings, rclient: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.rclient = rclient
+        self.prefix = prefix
+
+    async def post(self, body: bytes, webhook_id: str | None = None) -> dict[str, Any]:
+        resp = await self.client.post(PATH, data=body, headers=signed(body, webhook_id))
+        assert resp.status == 200, await resp.text()
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+    async def delivered(self, name: str) -> list[Event]:
+        return [decode_event(raw) for raw in await self.rclient.lrange(f"{self.prefix}:sink:{name}", 0, -1)]
+
+    async def dead(self, name: str) -> list[dict[bytes, bytes]]:
+        return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:dlq:{name}")]
+
+    async def starts(self, name: str) -> int:
+        n: int = await self.rclient.llen(f"{self.prefix}:sink:{name}:starts")
+        return n
+
+
+@pytest.fixture
+def rig(
+    aiohttp_client: Callable[..., Any],
+    make_settings: Callable[..., Settings],
+    redis_url: str,
+    rclient: redis.Redis,
+    prefix: str,
+) -> Callable[..., Any]:
+    """`async with rig(handlers) as r:` — receiver + worker for those handler tables."""
+
+    @contextlib.asynccontextmanager
+    async def make(handlers: list[dict[str, Any]], **tables: Any) -> AsyncIterator[Rig]:
+        settings = make_settings(handlers, **tables)
+        client = await aiohttp_client(create_app(settings, redis_url))
+        async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+            yield Rig(client, settings, rclient, prefix)
+
+    return make

@@ -4,78 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import pytest
 import redis.asyncio as redis
-from aiohttp.test_utils import TestClient
 
 from handlers import registry
 from processor.models import Event, FineTuningJob, decode_event, encode_event
-from processor.receiver import create_app
 from processor.service import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Keys, Streams
-from tests.conftest import compact, sample, signed, sink
+from tests.conftest import compact, eventually, sample, sink
 
 PATH = "/webhooks/openai"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
-class Rig:
-    """A receiver (aiohttp test server) and a running worker, for one settings object."""
-
-    def __init__(self, client: TestClient, settings: Settings, rclient: redis.Redis, prefix: str) -> None:
-        self.client = client
-        self.settings = settings
-        self.rclient = rclient
-        self.prefix = prefix
-
-    async def post(self, body: bytes, webhook_id: str | None = None) -> dict[str, Any]:
-        resp = await self.client.post(PATH, data=body, headers=signed(body, webhook_id))
-        assert resp.status == 200, await resp.text()
-        answer: dict[str, Any] = await resp.json()
-        return answer
-
-    async def delivered(self, name: str) -> list[Event]:
-        return [decode_event(raw) for raw in await self.rclient.lrange(f"{self.prefix}:sink:{name}", 0, -1)]
-
-    async def dead(self, name: str) -> list[dict[bytes, bytes]]:
-        return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:dlq:{name}")]
-
-    async def starts(self, name: str) -> int:
-        n: int = await self.rclient.llen(f"{self.prefix}:sink:{name}:starts")
-        return n
-
-
-@pytest.fixture
-def rig(
-    aiohttp_client: Callable[..., Any],
-    make_settings: Callable[..., Settings],
-    redis_url: str,
-    rclient: redis.Redis,
-    prefix: str,
-) -> Callable[..., Any]:
-    """`async with rig(handlers) as r:` — receiver + worker for those handler tables."""
-    import contextlib
-
-    @contextlib.asynccontextmanager
-    async def make(handlers: list[dict[str, Any]], **tables: Any) -> AsyncIterator[Rig]:
-        settings = make_settings(handlers, **tables)
-        client = await aiohttp_client(create_app(settings, redis_url))
-        async with running_worker(settings, redis_url, registry.build(settings.handlers)):
-            yield Rig(client, settings, rclient, prefix)
-
-    return make
 
 
 async def test_handler_receives_structs_equal_to_the_input(rig: Any, redis_url: str, prefix: str) -> None:

@@ -1,0 +1,204 @@
+"""The email handler against aiosmtpd, a real SMTP server: plain, STARTTLS with auth, and implicit TLS."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import ssl
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.conftest import compact, eventually, free_port, sample
+
+PASSWORD = "smtp-pass-9f3a"
+
+
+class Inbox:
+    """An aiosmtpd handler keeping every message it accepts."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], EmailMessage]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 -- aiosmtpd's name
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append((list(envelope.rcpt_tos), message))  # type: ignore[arg-type]
+        return "250 OK"
+
+
+def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and data.login == b"ftjobs" and data.password == PASSWORD.encode()
+    return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 535 itself
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path
+
+
+def server_context(authority: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def smtp(request: pytest.FixtureRequest, ca: tuple[trustme.CA, Path]) -> Iterator[tuple[Inbox, int]]:
+    mode = getattr(request, "param", "plain")
+    inbox, port = Inbox(), free_port()
+    kwargs: dict[str, Any] = {}
+    if mode == "starttls":
+        kwargs = {
+            "tls_context": server_context(ca[0]),
+            "require_starttls": True,
+            "authenticator": authenticator,
+            "auth_required": True,
+            "auth_require_tls": True,
+        }
+    elif mode == "tls":
+        kwargs = {"ssl_context": server_context(ca[0])}
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+def handler(port: int, **options: Any) -> dict[str, Any]:
+    return {
+        "name": "mail",
+        "type": "email",
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "none",
+        "from_addr": "ftjobs <ftjobs@example.com>",
+        "to": ["ml-team@example.com"],
+    } | options
+
+
+async def test_failed_job_email_has_headers_and_both_parts(rig: Any, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    async with rig([handler(port, cc=["oncall@example.com"], to=["ml-team@example.com", "{{ metadata.owner }}"])]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")), "wh_mail")
+
+        async def received() -> bool:
+            return len(inbox.messages) == 1
+
+        await eventually(received)
+    recipients, message = inbox.messages[0]
+    assert sorted(recipients) == ["ml-team@example.com", "oncall@example.com"]  # no owner in the metadata
+    assert message["Subject"] == "[ftjobs] ❌ ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD failed"
+    assert message["From"] == "ftjobs <ftjobs@example.com>" and message["Cc"] == "oncall@example.com"
+    assert message["X-Ftjobs-Idempotency-Key"] == "mail:wh_mail"
+    assert message.is_multipart() and message.get_content_type() == "multipart/alternative"
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "Error:             invalid_training_file: The job failed" in text
+    assert "<code>invalid_training_file</code>" in html
+    assert "https://platform.openai.com/finetune/ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD" in text
+
+
+async def test_metadata_cannot_inject_headers_or_html(rig: Any, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    doc = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
+    doc["metadata"] = {
+        "owner": "owner@example.com",
+        "note": "x\r\nBcc: victim@example.com",
+        "html": "<script>x</script>",
+    }
+    subject = "Job {{ job.id }} {{ metadata.note }}"
+    async with rig([handler(port, subject=subject, to=["{{ metadata.owner }}"])]) as r:
+        await r.post(msgspec.json.encode(doc))
+
+        async def received() -> bool:
+            return len(inbox.messages) == 1
+
+        await eventually(received)
+    recipients, message = inbox.messages[0]
+    assert recipients == ["owner@example.com"]
+    assert message["Bcc"] is None
+    assert message["Subject"] == "Job ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD x Bcc: victim@example.com"
+    html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+@pytest.mark.parametrize("smtp", ["starttls"], indirect=True)
+async def test_starttls_with_auth(rig: Any, smtp: tuple[Inbox, int], ca: tuple[trustme.CA, Path]) -> None:
+    inbox, port = smtp
+    options = {"security": "starttls", "username": "ftjobs", "password": PASSWORD, "ca_file": str(ca[1])}
+    async with rig([handler(port, **options)]) as r:
+        await r.post(compact(sample("fine_tuning_job.succeeded.json")))
+
+        async def received() -> bool:
+            return len(inbox.messages) == 1
+
+        await eventually(received)
+    assert "succeeded" in inbox.messages[0][1]["Subject"]
+
+
+@pytest.mark.parametrize("smtp", ["starttls"], indirect=True)
+async def test_wrong_password_is_dead_lettered_without_the_password(
+    rig: Any, smtp: tuple[Inbox, int], ca: tuple[trustme.CA, Path]
+) -> None:
+    _, port = smtp
+    options = {"security": "starttls", "username": "ftjobs", "password": "wrong-pass-77", "ca_file": str(ca[1])}
+    async with rig([handler(port, **options)]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def dead() -> bool:
+            return len(await r.dead("mail")) == 1
+
+        await eventually(dead)
+        error = (await r.dead("mail"))[0][b"error"].decode()
+    assert "authentication refused" in error and "wrong-pass-77" not in error
+
+
+@pytest.mark.parametrize("smtp", ["tls"], indirect=True)
+async def test_implicit_tls(rig: Any, smtp: tuple[Inbox, int], ca: tuple[trustme.CA, Path]) -> None:
+    inbox, port = smtp
+    async with rig([handler(port, security="tls", ca_file=str(ca[1]))]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def received() -> bool:
+            return len(inbox.messages) == 1
+
+        await eventually(received)
+
+
+async def test_unreachable_server_is_retried(rig: Any) -> None:
+    async with rig([handler(free_port(), max_attempts=2, backoff_s=0.05)]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def dead() -> bool:
+            return len(await r.dead("mail")) == 1
+
+        await eventually(dead)
+        assert (await r.dead("mail"))[0][b"attempts"] == b"2"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"from_addr": "a@b.c\r\nBcc: x@y.z"}, "from_addr"),
+        ({"to": ["not an address"]}, r"to\[0\]: .not an address. is not a single email address"),
+        ({"to": []}, "at least one recipient"),
+        ({"subject": "{% if %}"}, "template syntax error"),
+    ],
+)
+def test_bad_options_are_config_errors(options: dict[str, Any], message: str) -> None:
+    from handlers import registry
+    from processor.errors import ConfigError
+    from processor.settings import Settings
+
+    settings = Settings.from_raw({"handlers": [handler(25, **options)]}, env={})
+    with pytest.raises(ConfigError, match=message):
+        registry.build(settings.handlers)

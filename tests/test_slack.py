@@ -1,0 +1,214 @@
+"""The Slack handler end to end: real worker, real Redis, a local server that checks Block Kit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+import structlog
+
+from processor.models import Event, decode_event, encode_event
+from processor.stream import RECORD_FIELD
+from tests.conftest import compact, eventually, sample
+from tests.fake_targets import Recorder, slack_app
+
+HOOK_SECRET_PATH = "T000/B000/s3cr3tHookPart"
+
+
+def failed_with_metadata(**metadata: str) -> bytes:
+    doc = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
+    doc["metadata"] = metadata
+    return msgspec.json.encode(doc)
+
+
+def texts(message: dict[str, Any]) -> str:
+    return msgspec.json.encode(message).decode()
+
+
+async def test_failed_job_posts_a_block_kit_message(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    handler = {
+        "name": "slack",
+        "type": "slack",
+        "webhook_url": str(server.make_url("/hook")),
+        "when": {"status": ["failed", "cancelled"]},
+    }
+    async with rig([handler]) as r:
+        await r.post(compact(sample("fine_tuning_job.succeeded.json")))
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def posted() -> bool:
+            return len(seen) == 1
+
+        await eventually(posted)
+        message = seen[0]["json"]
+        attachment = message["attachments"][0]
+        assert attachment["color"] == "#d40e0d"
+        assert attachment["blocks"][0]["text"]["text"] == "❌ Fine-tuning job failed"
+        body = texts(message)
+        assert "invalid_training_file" in body and "Line 214" in body
+        assert "gpt-4o-mini-2024-07-18" in body
+        assert "https://platform.openai.com/finetune/ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD" in body
+
+
+async def test_user_text_cannot_mention_or_link(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    handler = {
+        "name": "slack",
+        "type": "slack",
+        "webhook_url": str(server.make_url("/hook")),
+        "text": "Owner: {{ metadata.owner }}",
+    }
+    async with rig([handler]) as r:
+        await r.post(failed_with_metadata(owner="<!channel> <https://evil.example|click>", note="a & b"))
+
+        async def posted() -> bool:
+            return len(seen) == 1
+
+        await eventually(posted)
+        body = texts(seen[0]["json"])
+        assert "<!channel>" not in body and "<https://evil" not in body
+        assert "&lt;!channel&gt;" in body and "&lt;https://evil.example|click&gt;" in body
+        assert "a &amp; b" in body
+
+
+async def test_redelivery_does_not_post_twice(rig: Any, aiohttp_server: Callable[..., Any], prefix: str) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": str(server.make_url("/hook"))}]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")), "wh_once")
+
+        async def posted() -> bool:
+            return len(seen) == 1
+
+        await eventually(posted)
+        # The same event again in the stream, as after a crash between the post and the ack.
+        [(_, fields)] = await r.rclient.xrange(f"{prefix}:events")
+        await r.rclient.xadd(f"{prefix}:events", {RECORD_FIELD: fields[RECORD_FIELD]})
+
+        async def consumed() -> bool:
+            info = await r.rclient.xinfo_groups(f"{prefix}:events")
+            return bool(info[0]["lag"] == 0 and info[0]["pending"] == 0)
+
+        await eventually(consumed)
+        assert len(seen) == 1
+
+
+async def test_rate_limit_is_retried_after_retry_after(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen, status=lambda n: 429 if n == 1 else 200))
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": str(server.make_url("/hook"))}]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def twice() -> bool:
+            return len(seen) == 2
+
+        await eventually(twice)
+        assert await r.dead("slack") == []
+
+
+async def test_client_error_is_dead_lettered_with_slacks_answer_and_no_url(
+    rig: Any, aiohttp_server: Callable[..., Any]
+) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen, status=lambda n: 404, error="no_service"))
+    url = str(server.make_url(f"/hook/{HOOK_SECRET_PATH}"))
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": url}]) as r:
+        with structlog.testing.capture_logs() as logs:
+            await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+            async def dead() -> bool:
+                return len(await r.dead("slack")) == 1
+
+            await eventually(dead)
+        error = (await r.dead("slack"))[0][b"error"].decode()
+        assert "refused with 404" in error
+        assert HOOK_SECRET_PATH not in error
+        assert HOOK_SECRET_PATH not in repr(logs)
+
+
+async def test_web_api_threads_later_events_of_a_job(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    handler = {
+        "name": "slack",
+        "type": "slack",
+        "token": "xoxb-test-token",
+        "channel": "C0FT",
+        "api_url": str(server.make_url("/api")),
+    }
+    async with rig([handler]) as r:
+        running = msgspec.json.decode(sample("fine_tuning_job.running.json"))
+        await r.post(msgspec.json.encode(running))
+
+        async def first() -> bool:
+            return len(seen) == 1
+
+        await eventually(first)
+        running["status"] = "succeeded"
+        await r.post(msgspec.json.encode(running))
+
+        async def second() -> bool:
+            return len(seen) == 2
+
+        await eventually(second)
+        assert "thread_ts" not in seen[0]["json"]
+        assert seen[1]["json"]["thread_ts"] == "1700000000.000001"
+        assert seen[1]["json"]["channel"] == "C0FT"
+
+
+async def test_web_api_errors(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen, error="channel_not_found"))
+    handler = {
+        "name": "slack",
+        "type": "slack",
+        "token": "xoxb-test-token",
+        "channel": "C0NOPE",
+        "api_url": str(server.make_url("/api")),
+    }
+    async with rig([handler]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def dead() -> bool:
+            return len(await r.dead("slack")) == 1
+
+        await eventually(dead)
+        error = (await r.dead("slack"))[0][b"error"].decode()
+        assert "chat.postMessage refused: channel_not_found" in error
+        assert "xoxb-test-token" not in error
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "set either webhook_url, or token and channel"),
+        ({"webhook_url": "https://x", "token": "t"}, "set either webhook_url"),
+        ({"token": "t"}, "channel is required"),
+        ({"webhook_url": "https://x", "text": "{{ job.id"}, "template syntax error"),
+        ({"webhook_url": "https://x", "text": "{{ job.nope }}"}, "template fails on a sample"),
+    ],
+)
+def test_bad_options_are_config_errors(options: dict[str, str], message: str) -> None:
+    from handlers import registry
+    from processor.errors import ConfigError
+    from processor.settings import Settings
+
+    settings = Settings.from_raw({"handlers": [{"name": "s", "type": "slack", **options}]}, env={})
+    with pytest.raises(ConfigError, match=message):
+        registry.build(settings.handlers)
+
+
+def test_thin_event_message_still_reads_well() -> None:
+    from handlers.slack import SlackHandler, SlackOptions
+
+    handler = SlackHandler("s", SlackOptions(webhook_url="https://x"))
+    event = Event(
+        id="wh", type="fine_tuning.job.cancelled", job_id="ftjob-1", source="webhook", created_at=1, received_at=2.0
+    )
+    message = handler.message(decode_event(encode_event(event)))
+    assert message["text"] == "🚫 Fine-tuning job cancelled: ftjob-1"
