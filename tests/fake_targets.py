@@ -78,7 +78,7 @@ def pipelines_app(seen: Recorder) -> web.Application:
 
     async def record(request: web.Request) -> dict[str, Any]:
         body = await request.read()
-        item = {"path": request.path, "headers": dict(request.headers), "body": body}
+        item = {"path": request.raw_path, "headers": dict(request.headers), "body": body}
         seen.append(item)
         return item
 

@@ -111,3 +111,23 @@ def test_compose_file_validates() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_complete_example_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- example: complete -->", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(block)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENAI_WEBHOOK_SECRET": "whsec_c2VjcmV0",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/x",
+        "SMTP_PASSWORD": "p",
+        "GITHUB_TOKEN": "ghp_x",
+    }
+    event = ROOT / "processor" / "samples" / "fine_tuning_job.succeeded.json"
+    result = ftjobs("check-config", "-c", str(config), "--event", str(event), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "✗ failures-to-slack: skips it: status 'succeeded'" in result.stdout
+    assert "✗ email-the-owner: skips it: metadata['owner'] = None" in result.stdout
+    assert "→ eval-after-train: would receive it" in result.stdout
