@@ -16,10 +16,10 @@ from urllib.parse import urlencode
 import aiohttp
 import msgspec
 
-from handlers import outbound, presets
+from handlers import presets
 from handlers.base import ConfigError, Delivery, HandlerContext
 from handlers.templates import Template
-from processor import signatures
+from processor import outbound, signatures
 
 Preset = Literal["", "github_repository_dispatch", "github_workflow_dispatch", "gitlab_pipeline", "airflow_dag_run"]
 _json: Final = msgspec.json.Encoder()

@@ -197,6 +197,8 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
     job: FineTuningJob | None = None
     previous_status: str | None = None
     stale: bool = False
+    #: Set when another event already announced this job's status (e.g. the poller saw it first).
+    repeat_of: str | None = None
 
     @property
     def status(self) -> str | None:
@@ -231,6 +233,14 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     received_at=received_at,
                     job=body,
                 )
+
+    @property
+    def observed_at(self) -> float:
+        """When the job reached this status, as far as we know: when it finished, when the webhook says, or
+        when we learned it (a job object does not say when it entered a non-terminal status)."""
+        if self.job is not None and self.job.finished_at and self.job.status in TERMINAL_STATUSES:
+            return float(self.job.finished_at)
+        return float(self.created_at) if self.source == "webhook" else self.received_at
 
     def envelope(self) -> Envelope:
         """The thin webhook envelope that announces this event (as `ftjobs send --thin` posts it)."""

@@ -39,6 +39,8 @@ class Rule(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True)
 
     def mismatch(self, event: Event) -> str:
         """The first condition `event` fails, as a short sentence; empty when it matches."""
+        if event.repeat_of:
+            return f"this status was already announced by event {event.repeat_of}"
         if event.stale and not self.stale:
             return "the event is stale (an older status than the job's latest)"
         if self.event_type and not _any_glob(event.type, self.event_type):

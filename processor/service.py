@@ -23,7 +23,9 @@ from handlers import registry
 from handlers.base import Handler, HandlerContext
 from processor import embedded, signatures
 from processor.errors import ConfigError
+from processor.jobstate import JobState, Preparer
 from processor.logs import redact
+from processor.openai import OpenAIClient
 from processor.receiver import create_app
 from processor.settings import Settings
 from processor.stream import Keys, Streams, connect
@@ -145,12 +147,14 @@ async def running_worker(settings: Settings, url: str, handlers: list[Handler]) 
         setup = getattr(handler, "setup", None)
         if setup is not None:
             await setup(HandlerContext(redis=client, key_prefix=keys.handler_state(handler.name)))
+    api = OpenAIClient(settings.openai) if settings.openai.api_key and settings.openai.hydrate else None
+    if api is not None:
+        await api.__aenter__()
+    else:
+        log.info("hydration_off", reason="no OPENAI_API_KEY" if settings.openai.hydrate else "openai.hydrate = false")
+    preparer = Preparer(JobState(client, keys, settings.redis.retention_s), api)
     worker = Worker(
-        handlers,
-        settings.handlers,
-        Streams(client, Keys(settings.redis.prefix)),
-        settings.worker,
-        settings.redis.retention_s,
+        handlers, settings.handlers, Streams(client, keys), settings.worker, settings.redis.retention_s, preparer
     )
     task = asyncio.create_task(worker.run(), name="worker")
     try:
@@ -162,6 +166,8 @@ async def running_worker(settings: Settings, url: str, handlers: list[Handler]) 
             close = getattr(handler, "close", None)
             if close is not None:
                 await close()
+        if api is not None:
+            await api.close()
         await client.aclose()
 
 

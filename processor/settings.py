@@ -6,6 +6,7 @@ string, and the common settings also come straight from the environment:
 
 * `REDIS_URL` — overrides `[redis] url` (empty: the embedded Valkey under `[redis] data_dir`);
 * `OPENAI_WEBHOOK_SECRET` — comma-separated `whsec_...` secrets, overrides `[receiver] secrets`;
+* `OPENAI_API_KEY` — overrides `[openai] api_key` (hydration and polling);
 * `FTJOBS_CONFIG` — the file to read when `--config` is not given.
 """
 
@@ -68,6 +69,27 @@ class WorkerSettings(_Config):
     trim_interval_s: float = 60.0
 
 
+class OpenAISettings(_Config):
+    #: `OPENAI_API_KEY` overrides it. Needed to hydrate thin webhooks and to poll.
+    api_key: str = ""
+    base_url: str = "https://api.openai.com/v1"
+    organization: str = ""
+    project: str = ""
+    timeout_s: float = 10.0
+    #: Retries of one API call on 429/5xx/timeouts before the caller sees the failure.
+    max_retries: int = 2
+    #: Fetch the full job for thin webhooks (once per event, shared by every handler).
+    hydrate: bool = True
+    #: Poll the API for status changes every N seconds (0: off). The only way to see queued/running.
+    poll_interval_s: float = 0.0
+    #: On the poller's first start, announce jobs that already exist (true) or only later changes (false).
+    poll_backfill: bool = False
+    #: Only poll jobs with these metadata values (`metadata[k]=v` filter).
+    poll_metadata: dict[str, str] = {}
+    #: Pages of 100 jobs read per poll.
+    poll_max_pages: int = 2
+
+
 class LogSettings(_Config):
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: `auto`: console on a terminal, JSON otherwise.
@@ -102,6 +124,7 @@ class Settings(_Config):
     receiver: ReceiverSettings = msgspec.field(default_factory=ReceiverSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    openai: OpenAISettings = msgspec.field(default_factory=OpenAISettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     handlers: list[HandlerSpec] = msgspec.field(default_factory=lambda: [HandlerSpec(name="log", type="log")])
     #: The file these settings came from, if any (for messages).
@@ -130,6 +153,8 @@ class Settings(_Config):
         raw.setdefault("receiver", {})
         if env.get("REDIS_URL"):
             raw["redis"]["url"] = env["REDIS_URL"]
+        if env.get("OPENAI_API_KEY"):
+            raw.setdefault("openai", {})["api_key"] = env["OPENAI_API_KEY"]
         if env.get("OPENAI_WEBHOOK_SECRET"):
             raw["receiver"]["secrets"] = [s.strip() for s in env["OPENAI_WEBHOOK_SECRET"].split(",") if s.strip()]
         if "handlers" in raw:

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
 from processor.errors import PermanentFailure, RetryLater
+from processor.jobstate import Preparer
 from processor.limits import Guard
 from processor.models import Event, decode_event
 from processor.settings import HandlerSpec, WorkerSettings
@@ -53,8 +54,10 @@ class Runner:
         settings: WorkerSettings,
         consumer: str,
         retention_s: int,
+        preparer: Preparer,
     ) -> None:
         self.handler = handler
+        self.preparer = preparer
         self.spec = spec
         self.streams = streams
         self.settings = settings
@@ -139,6 +142,16 @@ class Runner:
             await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
             self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
             return False
+        try:
+            event = await self.preparer.prepare(event)
+        except PermanentFailure as exc:
+            await self._dead_letter(entry, str(exc), failed_before)
+            return False
+        except (RetryLater, RedisError) as exc:  # the API or Redis is away: wait, without using an attempt
+            delay = exc.after if isinstance(exc, RetryLater) and exc.after is not None else 5.0
+            await self.streams.schedule_retry(self.group, entry_id, failed_before, time.time() + delay, str(exc))
+            self._log.warning("event_not_prepared", error=str(exc), retry_in_s=delay, job_id=event.job_id)
+            return False
         if not self.spec.when.matches(event):
             return True
         attempt = failed_before + 1
@@ -222,13 +235,15 @@ class Worker:
         streams: Streams,
         settings: WorkerSettings,
         retention_s: int,
+        preparer: Preparer,
     ) -> None:
         consumer = consumer_name()
         self.streams = streams
         self.settings = settings
         self.retention_s = retention_s
         self.runners = [
-            Runner(h, s, streams, settings, consumer, retention_s) for h, s in zip(handlers, specs, strict=True)
+            Runner(h, s, streams, settings, consumer, retention_s, preparer)
+            for h, s in zip(handlers, specs, strict=True)
         ]
         self._stopped = asyncio.Event()
 

@@ -314,8 +314,9 @@ async def test_rate_limit_defers_without_counting_attempts(
         "max_attempts": 1,
     }
     async with rig([handler]) as r:
-        for _ in range(3):
-            await r.post(compact(sample(SUCCEEDED)))
+        for i in range(3):  # three different jobs (the same job twice would be a repeat, not a new event)
+            doc = msgspec.json.decode(sample(SUCCEEDED)) | {"id": f"ftjob-rate-{i}"}
+            await r.post(msgspec.json.encode(doc))
 
         async def deferred() -> bool:
             return len(seen) == 2 and await r.rclient.zcard(f"{prefix}:retry:h") == 1

@@ -23,7 +23,8 @@ PATH = "/webhooks/openai"
 async def test_handler_receives_structs_equal_to_the_input(rig: Any, redis_url: str, prefix: str) -> None:
     async with rig([sink("a", redis_url, prefix)]) as r:
         full = compact(sample("fine_tuning_job.succeeded.json"))
-        thin = compact(sample("webhook_event.fine_tuning.job.succeeded.json"))
+        # Another job's envelope: the same job's `succeeded` again would be a repeat, and skipped.
+        thin = compact(sample("webhook_event.fine_tuning.job.succeeded.json")).replace(b"ftjob-7cQm", b"ftjob-XXXX")
         await r.post(full, "wh_full")
         await r.post(thin, "wh_thin")
 

@@ -1,4 +1,4 @@
-"""Outgoing HTTP for handlers: one request, its outcome mapped onto the worker's retry policy.
+"""Outgoing HTTP (handlers, API clients): one request, its outcome mapped onto the worker's retry policy.
 
 429 → `RetryLater` after `Retry-After`; 5xx, timeouts and connection errors → `RetryLater`; other
 non-success statuses → `PermanentFailure` with the target's answer. Messages name the target by a label

@@ -1,0 +1,176 @@
+"""OpenAI fine-tuning API client (aiohttp), decoding into the same `FineTuningJob` struct as webhooks.
+
+Retrieve a job, list jobs (pagination, `metadata[k]=v` filter), list a job's events. 429 and 5xx are
+retried (honouring `Retry-After`, else exponential backoff), bounded by `max_retries` and a per-request
+timeout; 401/403 raise `OpenAIAuthError` naming what is wrong, never the key; 404 raises `JobNotFound`.
+API reference: https://platform.openai.com/docs/api-reference/fine-tuning
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+import aiohttp
+import msgspec
+from msgspec import Struct
+
+from processor.errors import FtjobsError
+from processor.models import FineTuningJob
+from processor.outbound import retry_after as _retry_after
+from processor.settings import OpenAISettings
+
+
+class OpenAIError(FtjobsError):
+    """The API could not be used right now (after retries): network, timeout, 429 or 5xx."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OpenAIAuthError(OpenAIError):
+    """401/403: the key is missing, wrong, or lacks access to this organization/project."""
+
+
+class JobNotFound(OpenAIError):
+    """404: no such fine-tuning job (deleted, or another organization's)."""
+
+
+class FineTuningJobEvent(Struct):
+    """One entry of `GET /fine_tuning/jobs/{id}/events` (not a webhook)."""
+
+    id: str
+    created_at: int
+    level: str
+    message: str
+    type: str | None = None
+    data: Any = None
+
+
+class JobPage(Struct):
+    data: list[FineTuningJob]
+    has_more: bool = False
+
+
+class EventPage(Struct):
+    data: list[FineTuningJobEvent]
+    has_more: bool = False
+
+
+class _ErrorBody(Struct):
+    message: str = ""
+    code: str | None = None
+
+
+class _ErrorEnvelope(Struct):
+    error: _ErrorBody | None = None
+
+
+_job_decoder: Final = msgspec.json.Decoder(FineTuningJob)
+_job_page_decoder: Final = msgspec.json.Decoder(JobPage)
+_event_page_decoder: Final = msgspec.json.Decoder(EventPage)
+_error_decoder: Final = msgspec.json.Decoder(_ErrorEnvelope)
+
+
+class OpenAIClient:
+    """A small async client; use as `async with OpenAIClient(settings) as api:`."""
+
+    def __init__(self, settings: OpenAISettings) -> None:
+        self.settings = settings
+        self._base = settings.base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {settings.api_key}", "User-Agent": "ftjobs"}
+        if settings.organization:
+            headers["OpenAI-Organization"] = settings.organization
+        if settings.project:
+            headers["OpenAI-Project"] = settings.project
+        self._headers = headers
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OpenAIClient:
+        self._session = aiohttp.ClientSession(headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def retrieve_job(self, job_id: str) -> FineTuningJob:
+        """`GET /fine_tuning/jobs/{id}`."""
+        return _job_decoder.decode(await self._get(f"/fine_tuning/jobs/{job_id}", {}))
+
+    async def list_jobs(
+        self, *, limit: int = 20, after: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> JobPage:
+        """One page of `GET /fine_tuning/jobs` (newest first)."""
+        params: dict[str, str] = {"limit": str(limit)}
+        if after:
+            params["after"] = after
+        for key, value in (metadata or {}).items():
+            params[f"metadata[{key}]"] = value
+        return _job_page_decoder.decode(await self._get("/fine_tuning/jobs", params))
+
+    async def iter_jobs(
+        self, *, page_size: int = 100, max_pages: int = 10, metadata: Mapping[str, str] | None = None
+    ) -> AsyncIterator[FineTuningJob]:
+        """Recent jobs, newest first, following `has_more` for at most `max_pages` pages."""
+        after = None
+        for _ in range(max_pages):
+            page = await self.list_jobs(limit=page_size, after=after, metadata=metadata)
+            for job in page.data:
+                yield job
+            if not page.has_more or not page.data:
+                return
+            after = page.data[-1].id
+
+    async def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> EventPage:
+        """One page of `GET /fine_tuning/jobs/{id}/events`."""
+        params = {"limit": str(limit)} | ({"after": after} if after else {})
+        return _event_page_decoder.decode(await self._get(f"/fine_tuning/jobs/{job_id}/events", params))
+
+    async def _get(self, path: str, params: dict[str, str]) -> bytes:
+        assert self._session is not None, "use `async with OpenAIClient(...)`"
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        what = f"GET {path}"
+        for attempt in range(self.settings.max_retries + 1):
+            retry_after: float | None = None
+            try:
+                async with self._session.get(self._base + path, params=params, timeout=timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    retry_after = _retry_after(resp.headers)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                problem = OpenAIError(f"{what}: {type(exc).__name__ or 'timeout'}")
+            else:
+                if status == 200:
+                    return body
+                message = _error_message(body)
+                if status in (401, 403):
+                    raise OpenAIAuthError(
+                        f"{what}: {status} — {message or 'check OPENAI_API_KEY'} (organization/project headers: "
+                        f"{self.settings.organization or '-'} / {self.settings.project or '-'})"
+                    )
+                if status == 404:
+                    raise JobNotFound(f"{what}: 404 — {message or 'not found'}")
+                if status != 429 and status < 500:
+                    raise OpenAIError(f"{what}: {status} — {message}")
+                problem = OpenAIError(f"{what}: {status} — {message}", retry_after)
+            if attempt == self.settings.max_retries:
+                raise problem
+            delay = retry_after if retry_after is not None else random.uniform(0, 0.5 * 2**attempt)
+            await asyncio.sleep(min(delay, self.settings.timeout_s))
+        raise AssertionError("unreachable")
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        error = _error_decoder.decode(body).error
+    except msgspec.DecodeError:
+        return body[:200].decode(errors="replace")
+    return error.message if error else ""
