@@ -114,9 +114,10 @@ class JobState:
 class Preparer:
     """Prepares each event (hydrate if thin, then apply to job state), the same for every handler group."""
 
-    def __init__(self, state: JobState, api: OpenAIClient | None) -> None:
+    def __init__(self, state: JobState, api: OpenAIClient | None, retry_s: float = 5.0) -> None:
         self.state = state
         self.api = api
+        self.retry_s = retry_s
         self._local: dict[str, asyncio.Future[Event]] = {}
 
     async def prepare(self, event: Event) -> Event:
@@ -163,7 +164,7 @@ class Preparer:
                 await client.set(cache, _NOT_FOUND + reason.encode(), ex=self.state.retention_s)
                 raise PermanentFailure(reason) from None
             except OpenAIError as exc:
-                raise RetryLater(f"hydration: {exc}", after=exc.retry_after or 5.0) from None
+                raise RetryLater(f"hydration: {exc}", after=exc.retry_after or self.retry_s) from None
             await client.set(cache, _job_encoder.encode(job), ex=self.state.retention_s)
             return msgspec.structs.replace(event, job=job)
         finally:

@@ -26,6 +26,7 @@ from processor.errors import ConfigError
 from processor.jobstate import JobState, Preparer
 from processor.logs import redact
 from processor.openai import OpenAIClient
+from processor.poller import Poller
 from processor.receiver import create_app
 from processor.settings import Settings
 from processor.stream import Keys, Streams, connect
@@ -138,8 +139,10 @@ def build_handlers(settings: Settings) -> list[Handler]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, url: str, handlers: list[Handler]) -> AsyncIterator[Worker]:
-    """Set up handlers, run a `Worker` in the background, and stop it gracefully on exit."""
+async def running_worker(
+    settings: Settings, url: str, handlers: list[Handler], *, with_poller: bool = False
+) -> AsyncIterator[Worker]:
+    """Set up handlers, run a `Worker` (and the poller, when asked and configured) until exit, then stop."""
     block_s = settings.worker.block_ms / 1000
     client = connect(url, socket_timeout=block_s + 10)
     keys = Keys(settings.redis.prefix)
@@ -152,14 +155,24 @@ async def running_worker(settings: Settings, url: str, handlers: list[Handler]) 
         await api.__aenter__()
     else:
         log.info("hydration_off", reason="no OPENAI_API_KEY" if settings.openai.hydrate else "openai.hydrate = false")
-    preparer = Preparer(JobState(client, keys, settings.redis.retention_s), api)
+    preparer = Preparer(JobState(client, keys, settings.redis.retention_s), api, settings.openai.hydrate_retry_s)
     worker = Worker(
         handlers, settings.handlers, Streams(client, keys), settings.worker, settings.redis.retention_s, preparer
     )
     task = asyncio.create_task(worker.run(), name="worker")
+    poller = None
+    if with_poller and settings.openai.poll_interval_s > 0:
+        if api is None:
+            log.warning("poller_off", reason="set OPENAI_API_KEY (and openai.hydrate) to poll")
+        else:
+            poller = asyncio.create_task(Poller(settings, Streams(client, keys), api).run(), name="poller")
     try:
         yield worker
     finally:
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
         worker.stop()
         await task
         for handler in handlers:
@@ -178,20 +191,50 @@ def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Applica
         handlers = build_handlers(settings)
 
         async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with running_worker(settings, url, handlers):
+            async with running_worker(settings, url, handlers, with_poller=True):
                 yield
 
         app.cleanup_ctx.append(worker_ctx)
     return app
 
 
-async def work_until_signal(settings: Settings, url: str) -> None:
-    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully."""
-    handlers = build_handlers(settings)
+def _stop_on_signals() -> asyncio.Event:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def work_until_signal(settings: Settings, url: str) -> None:
+    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully."""
+    handlers = build_handlers(settings)
+    stop = _stop_on_signals()
     async with running_worker(settings, url, handlers):
         await stop.wait()
         log.info("shutdown_requested", grace_s=settings.worker.grace_s)
+
+
+async def poll_until_signal(settings: Settings, url: str, *, once: bool) -> int:
+    """`ftjobs poll`: poll the API (once, or every `poll_interval_s` until SIGTERM/SIGINT)."""
+    if not settings.openai.api_key:
+        raise ConfigError("polling needs an API key: set OPENAI_API_KEY (or openai.api_key)")
+    client = connect(url)
+    try:
+        async with OpenAIClient(settings.openai) as api:
+            poller = Poller(settings, Streams(client, Keys(settings.redis.prefix)), api)
+            if once:
+                emitted = await poller.poll_once()
+                print(f"enqueued {emitted} status change(s)")
+                return 0
+            if settings.openai.poll_interval_s <= 0:
+                raise ConfigError("openai.poll_interval_s must be > 0 to poll continuously (or use --once)")
+            stop = _stop_on_signals()
+            task = asyncio.create_task(poller.run())
+            await stop.wait()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return 0
+    finally:
+        await client.aclose()

@@ -80,6 +80,8 @@ class OpenAISettings(_Config):
     max_retries: int = 2
     #: Fetch the full job for thin webhooks (once per event, shared by every handler).
     hydrate: bool = True
+    #: While the API is down, an event waiting for its job is tried again after this long.
+    hydrate_retry_s: float = 5.0
     #: Poll the API for status changes every N seconds (0: off). The only way to see queued/running.
     poll_interval_s: float = 0.0
     #: On the poller's first start, announce jobs that already exist (true) or only later changes (false).

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -131,3 +132,51 @@ def test_readme_complete_example_is_a_valid_config(tmp_path: Path) -> None:
     assert "✗ failures-to-slack: skips it: status 'succeeded'" in result.stdout
     assert "✗ email-the-owner: skips it: metadata['owner'] = None" in result.stdout
     assert "→ eval-after-train: would receive it" in result.stdout
+
+
+async def test_send_signs_any_sample_to_any_url(aiohttp_server: Any) -> None:
+    import asyncio
+
+    import msgspec
+    from aiohttp import web
+
+    from processor import signatures
+    from tests.conftest import SECRET
+
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.json_response({"status": "accepted"})
+
+    app = web.Application()
+    app.router.add_post("/in", hook)
+    server = await aiohttp_server(app)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OPENAI_WEBHOOK_SECRET": SECRET}
+    for args in (
+        ["--thin", "--status", "cancelled", "--job-id", "ftjob-custom"],
+        ["--status", "queued", "--job-id", "ftjob-custom", "--metadata", "team=search", "--webhook-id", "wh_fixed"],
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "processor",
+            "send",
+            "--url",
+            str(server.make_url("/in")),
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert b"200" in out
+    (thin_headers, thin_body), (full_headers, full_body) = received
+    key = signatures.parse_secret(SECRET)
+    assert signatures.verify(thin_headers, thin_body, [key]) and signatures.verify(full_headers, full_body, [key])
+    thin = msgspec.json.decode(thin_body)
+    assert (thin["type"], thin["data"]["id"], thin["object"]) == ("fine_tuning.job.cancelled", "ftjob-custom", "event")
+    full = msgspec.json.decode(full_body)
+    assert (full["status"], full["id"], full["metadata"]["team"]) == ("queued", "ftjob-custom", "search")
+    assert full_headers["webhook-id"] == "wh_fixed"

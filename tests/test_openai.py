@@ -1,0 +1,296 @@
+"""OpenAI integration against a local fake API: the client, hydration, the poller and job state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from processor.jobstate import JobState
+from processor.models import decode_job
+from processor.openai import JobNotFound, OpenAIAuthError, OpenAIClient, OpenAIError
+from processor.poller import Poller
+from processor.settings import OpenAISettings, Settings
+from processor.stream import Keys, Streams
+from tests.conftest import compact, eventually, sample, sink
+from tests.fake_openai import KEY, FakeOpenAI
+
+SUCCEEDED = "fine_tuning_job.succeeded.json"
+JOB_ID = "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
+
+
+def job_doc(name: str = SUCCEEDED, **changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = msgspec.json.decode(sample(name))
+    return doc | changes
+
+
+@pytest.fixture
+async def api(aiohttp_server: Callable[..., Any]) -> AsyncIterator[tuple[FakeOpenAI, str]]:
+    fake = FakeOpenAI()
+    server = await aiohttp_server(fake.app())
+    yield fake, str(server.make_url("/v1"))
+
+
+def openai_table(base_url: str, **extra: Any) -> dict[str, Any]:
+    return {"api_key": KEY, "base_url": base_url, "timeout_s": 2.0, "max_retries": 2, "hydrate_retry_s": 0.2} | extra
+
+
+def thin(job_id: str = JOB_ID, status: str = "succeeded") -> bytes:
+    body = {
+        "object": "event",
+        "id": f"evt_{job_id}_{status}",
+        "type": f"fine_tuning.job.{status}",
+        "created_at": int(time.time()),
+        "data": {"id": job_id},
+    }
+    return msgspec.json.encode(body)
+
+
+# The client
+
+
+async def test_client_decodes_live_quirks(api: tuple[FakeOpenAI, str]) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc(
+        error={},
+        status="paused",
+        user_provided_suffix="v3",
+        usage_metrics={"x": 1},
+        shared_with_openai=False,
+        eval_id=None,
+        something_new=[1, 2],
+    )
+    async with OpenAIClient(OpenAISettings(**openai_table(url), organization="org-1", project="proj-1")) as client:
+        job = await client.retrieve_job(JOB_ID)
+        events = await client.list_events(JOB_ID)
+    assert job.status == "paused" and job.failed_error is None and job.user_provided_suffix == "v3"
+    assert events.data[0].message == "Job started"
+    assert fake.headers[0]["OpenAI-Organization"] == "org-1" and fake.headers[0]["OpenAI-Project"] == "proj-1"
+
+
+async def test_client_lists_with_pagination_and_metadata_filter(api: tuple[FakeOpenAI, str]) -> None:
+    fake, url = api
+    for i in range(5):
+        fake.jobs[f"ftjob-{i}"] = job_doc(
+            id=f"ftjob-{i}", created_at=1000 + i, metadata={"team": "search" if i % 2 else "support"}
+        )
+    async with OpenAIClient(OpenAISettings(**openai_table(url))) as client:
+        everything = [j.id async for j in client.iter_jobs(page_size=2)]
+        search = [j.id async for j in client.iter_jobs(page_size=2, metadata={"team": "search"})]
+    assert everything == ["ftjob-4", "ftjob-3", "ftjob-2", "ftjob-1", "ftjob-0"]
+    assert search == ["ftjob-3", "ftjob-1"]
+    assert fake.calls["/v1/fine_tuning/jobs"] == 3 + 1
+
+
+async def test_client_retries_429_and_5xx(api: tuple[FakeOpenAI, str]) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc()
+    fake.failures[JOB_ID] = [429, 500]
+    async with OpenAIClient(OpenAISettings(**openai_table(url))) as client:
+        job = await client.retrieve_job(JOB_ID)
+    assert job.id == JOB_ID and fake.calls[f"/v1/fine_tuning/jobs/{JOB_ID}"] == 3
+
+
+async def test_client_errors_are_clear(api: tuple[FakeOpenAI, str]) -> None:
+    fake, url = api
+    fake.failures[JOB_ID] = [500, 500, 500]
+    async with OpenAIClient(OpenAISettings(**openai_table(url))) as client:
+        with pytest.raises(JobNotFound, match="Could not find fine-tune job: ftjob-nope"):
+            await client.retrieve_job("ftjob-nope")
+        with pytest.raises(OpenAIError, match="500"):
+            await client.retrieve_job(JOB_ID)
+    async with OpenAIClient(OpenAISettings(**openai_table(url) | {"api_key": "sk-wrong-key-456"})) as client:
+        with pytest.raises(OpenAIAuthError) as info:
+            await client.retrieve_job(JOB_ID)
+    assert "401" in str(info.value) and "Incorrect API key" in str(info.value)
+    assert "sk-wrong-key-456" not in str(info.value) and KEY not in str(info.value)
+
+
+async def test_client_timeouts_are_bounded(api: tuple[FakeOpenAI, str]) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc()
+    fake.delay_s = 1.0
+    async with OpenAIClient(OpenAISettings(**openai_table(url) | {"timeout_s": 0.2, "max_retries": 1})) as client:
+        with pytest.raises(OpenAIError):
+            await client.retrieve_job(JOB_ID)
+    assert fake.calls[f"/v1/fine_tuning/jobs/{JOB_ID}"] == 2
+
+
+# Hydration
+
+
+async def test_thin_webhook_reaches_handlers_as_a_full_job_fetched_once(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc()
+    handlers = [sink("a", redis_url, prefix), sink("b", redis_url, prefix), sink("c", redis_url, prefix)]
+    async with rig(handlers, openai=openai_table(url)) as r:
+        await r.post(thin())
+
+        async def all_three() -> bool:
+            return all([len(await r.delivered(n)) == 1 for n in "abc"])
+
+        await eventually(all_three)
+        for name in "abc":
+            [event] = await r.delivered(name)
+            assert event.job == decode_job(sample(SUCCEEDED))
+    assert fake.calls[f"/v1/fine_tuning/jobs/{JOB_ID}"] == 1
+
+
+async def test_missing_job_is_dead_lettered_with_the_reason(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    _, url = api
+    async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
+        await r.post(thin("ftjob-gone"))
+
+        async def dead() -> bool:
+            return len(await r.dead("a")) == 1
+
+        await eventually(dead)
+        assert b"job ftjob-gone not found" in (await r.dead("a"))[0][b"error"]
+
+
+async def test_api_outage_delays_only_the_thin_event(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc()
+    fake.failures[JOB_ID] = [503] * 6  # three failed hydrations (each retried twice by the client)
+    async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
+        await r.post(thin())
+        await r.post(compact(sample("fine_tuning_job.failed.json")))  # a full job flows meanwhile
+
+        async def other_first() -> bool:
+            return [e.job_id for e in await r.delivered("a")] == ["ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"]
+
+        await eventually(other_first)
+
+        async def hydrated_later() -> bool:
+            return len(await r.delivered("a")) == 2
+
+        await eventually(hydrated_later, within=30)
+        assert await r.dead("a") == []
+
+
+# Poller and job state
+
+
+async def test_poller_and_webhook_give_three_transitions_and_one_notification(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str, make_settings: Callable[..., Settings]
+) -> None:
+    fake, url = api
+    handlers = [sink("all", redis_url, prefix), sink("done", redis_url, prefix, when={"status": "succeeded"})]
+    async with rig(handlers, openai=openai_table(url)) as r:
+        streams = Streams(r.rclient, Keys(prefix))
+        async with OpenAIClient(r.settings.openai) as client:
+            poller = Poller(r.settings, streams, client)
+            await poller.poll_once()  # first start: nothing yet
+            fake.jobs[JOB_ID] = job_doc(status="queued", created_at=int(time.time()), finished_at=None)
+            for status in ("queued", "running", "succeeded"):
+                fake.jobs[JOB_ID]["status"] = status
+                assert await poller.poll_once() == 1
+                assert await poller.poll_once() == 0  # no change, no event
+
+                async def seen(n: int = {"queued": 1, "running": 2, "succeeded": 3}[status]) -> bool:
+                    return len(await r.delivered("all")) == n
+
+                await eventually(seen)
+        answer = await r.post(thin())  # OpenAI's webhook for the same success, arriving after the poll
+        assert answer["status"] == "accepted"
+        await r.post(compact(msgspec.json.encode(job_doc(status="running", created_at=int(time.time())))))
+
+        async def settled() -> bool:
+            status = await streams.status(["all", "done"])
+            return all(row["lag"] == 0 and row["pending"] == 0 for row in status["handlers"].values())
+
+        await eventually(settled)
+        delivered = await r.delivered("all")
+        assert [(e.status, e.previous_status) for e in delivered] == [
+            ("queued", None),
+            ("running", "queued"),
+            ("succeeded", "running"),
+        ]
+        assert [e.source for e in delivered] == ["poll", "poll", "poll"]
+        assert len(await r.delivered("done")) == 1
+        timeline = await JobState(r.rclient, Keys(prefix), 3600).timeline(JOB_ID)
+        assert [(t.status, t.source) for t in timeline] == [
+            ("queued", "poll"),
+            ("running", "poll"),
+            ("succeeded", "poll"),
+        ]
+        # The late `running` push was judged stale, the webhook a repeat: one verdict each, kept per event.
+        kinds = {}
+        async for key in r.rclient.scan_iter(match=f"{prefix}:verdict:*"):
+            kinds[key.decode().split(":verdict:")[1]] = (await r.rclient.hget(key, "kind")).decode()
+        assert sorted(kinds.values()) == ["new", "new", "new", "repeat", "stale"]
+
+
+async def test_first_start_does_not_flood_unless_backfilling(
+    api: tuple[FakeOpenAI, str], make_settings: Callable[..., Settings], rclient: Any, prefix: str
+) -> None:
+    fake, url = api
+    for i in range(3):
+        fake.jobs[f"ftjob-old-{i}"] = job_doc(id=f"ftjob-old-{i}", created_at=1000 + i)
+    quiet = make_settings(openai=openai_table(url))
+    async with OpenAIClient(quiet.openai) as client:
+        assert await Poller(quiet, Streams(rclient, Keys(prefix)), client).poll_once() == 0
+        fake.jobs["ftjob-old-0"]["status"] = "cancelled"  # an old job changing later is announced
+        fake.jobs["ftjob-new"] = job_doc(id="ftjob-new", created_at=int(time.time()) + 5)
+        assert await Poller(quiet, Streams(rclient, Keys(prefix)), client).poll_once() == 2
+    other = f"{prefix}-backfill"
+    loud = make_settings(openai=openai_table(url, poll_backfill=True), redis={"prefix": other})
+    async with OpenAIClient(loud.openai) as client:
+        assert await Poller(loud, Streams(rclient, Keys(other)), client).poll_once() == 4  # every job
+
+
+# The command line
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    import asyncio
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "processor",
+        *args,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)} | env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_poll_jobs_and_job_commands(
+    api: tuple[FakeOpenAI, str], redis_url: str, prefix: str, rclient: Any, tmp_path: Any
+) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc(created_at=int(time.time()) + 1)
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n[openai]\nbase_url = "{url}"\n')
+    env = {"REDIS_URL": redis_url, "OPENAI_API_KEY": KEY, "FTJOBS_CONFIG": str(config)}
+    code, out, err = await run_cli("poll", "--once", env=env)
+    assert (code, out.strip()) == (0, "enqueued 1 status change(s)"), err
+    # Apply it to the job state the way a worker does, then read it back through the CLI.
+    from processor.models import decode_event
+    from processor.stream import RECORD_FIELD
+
+    [(_, fields)] = await rclient.xrange(f"{prefix}:events")
+    await JobState(rclient, Keys(prefix), 3600).apply(decode_event(fields[RECORD_FIELD]))
+    code, out, _ = await run_cli("jobs", env=env)
+    assert code == 0 and JOB_ID in out and "succeeded" in out
+    code, out, _ = await run_cli("job", JOB_ID, env=env)
+    assert code == 0 and "(new) → succeeded" in out and "via poll" in out
+    code, out, _ = await run_cli("job", "ftjob-unknown", env=env)
+    assert code == 1 and "no status changes recorded" in out
+    code, _, err = await run_cli("poll", "--once", env={"REDIS_URL": redis_url, "FTJOBS_CONFIG": str(config)})
+    assert code == 2 and "OPENAI_API_KEY" in err
