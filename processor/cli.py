@@ -18,14 +18,10 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from handlers.templates import human_time
-from processor import logs, service, signatures
+from processor import logs, ops, service, signatures
 from processor.errors import ConfigError
-from processor.jobstate import JobState, Transition
-from processor.limits import Guard
 from processor.models import Event, FineTuningJob, decode_body, decode_job
 from processor.settings import Settings
-from processor.stream import Keys, Streams, connect
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -63,11 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
     p = add("poll", "poll the OpenAI API for job status changes (queued, running, ...) and enqueue them", cmd_poll)
     p.add_argument("--once", action="store_true", help="poll once and exit (default: every openai.poll_interval_s)")
-    p = add("jobs", "recently changed jobs with their latest status", cmd_jobs)
+    p = add("jobs", "recently changed jobs with their latest status", ops.cmd_jobs)
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    p = add("job", "one job's timeline of status changes and where each came from", cmd_job)
+    p = add("job", "one job's timeline of status changes and where each came from", ops.cmd_job)
     p.add_argument("job_id", help="the fine-tuning job id (ftjob-...)")
-    p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", cmd_status)
+    for name, help_, func in (
+        ("dlq", "a handler's dead letters: list, show, replay (to that handler only) or drop", ops.cmd_dlq),
+        (
+            "quarantine",
+            "signed bodies that did not decode: list, show, replay (decode again) or drop",
+            ops.cmd_quarantine,
+        ),
+    ):
+        p = add(name, help_, func)
+        p.add_argument("action", choices=["list", "show", "replay", "drop"])
+        if name == "dlq":
+            p.add_argument("handler", help="the handler's name")
+        p.add_argument("ids", nargs="*", help="entry ids (for show, replay, drop)")
+        p.add_argument("--all", action="store_true", help="replay or drop every entry")
+    p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", ops.cmd_status)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
     p.add_argument("--url", help="where to post (default: http://127.0.0.1:<receiver.port><receiver.path>)")
@@ -179,75 +189,8 @@ def explain_routing(path: str, settings: Settings) -> None:
         print(f"  {'→' if not why else '✗'} {spec.name}: {'would receive it' if not why else 'skips it: ' + why}")
 
 
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    async def collect(url: str) -> dict[str, Any]:
-        client = connect(url)
-        try:
-            status = await Streams(client, Keys(settings.redis.prefix)).status(h.name for h in settings.handlers)
-            for spec in settings.handlers:
-                status["handlers"][spec.name] |= await Guard(client, settings.redis.prefix, spec).state()
-            return status
-        finally:
-            await client.aclose()
-
-    with service.redis_for(settings, start_embedded=True) as url:
-        status = asyncio.run(collect(url))
-    if args.json:
-        print(msgspec.json.encode(status).decode())
-        return 0
-    print(f"events stream: {status['events']} entries · quarantine: {status['quarantine']}")
-    print(f"{'handler':<24} {'lag':>8} {'pending':>8} {'retrying':>9} {'dead':>6}  guards")
-    for name, row in status["handlers"].items():
-        lag = "-" if row["lag"] is None else row["lag"]
-        guards = ", ".join(f"{k}={row[k]}" for k in ("circuit", "consecutive_failures", "rate") if k in row)
-        print(f"{name:<24} {lag!s:>8} {row['pending']:>8} {row['retrying']:>9} {row['dead_letters']:>6}  {guards}")
-    return 0
-
-
 def cmd_poll(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(service.poll_until_signal(settings, service.redis_url(settings), once=args.once))
-
-
-def _job_state(settings: Settings, url: str) -> tuple[Any, JobState]:
-    client = connect(url)
-    return client, JobState(client, Keys(settings.redis.prefix), settings.redis.retention_s)
-
-
-def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
-    async def collect(url: str) -> list[tuple[str, str, float]]:
-        client, state = _job_state(settings, url)
-        try:
-            return await state.recent(args.limit)
-        finally:
-            await client.aclose()
-
-    with service.redis_for(settings, start_embedded=True) as url:
-        rows = asyncio.run(collect(url))
-    if not rows:
-        print("no jobs seen yet")
-    for job_id, status, at in rows:
-        print(f"{job_id:<40} {status:<18} {human_time(at)}")
-    return 0
-
-
-def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
-    async def collect(url: str) -> list[Transition]:
-        client, state = _job_state(settings, url)
-        try:
-            return await state.timeline(args.job_id)
-        finally:
-            await client.aclose()
-
-    with service.redis_for(settings, start_embedded=True) as url:
-        timeline = asyncio.run(collect(url))
-    if not timeline:
-        print(f"no status changes recorded for {args.job_id}")
-        return 1
-    print(f"{args.job_id}")
-    for step in timeline:
-        arrow = f"{step.previous or '(new)'} → {step.status}"
-        print(f"  {human_time(step.at):<22} {arrow:<34} via {step.source:<8} {step.event}")
-    return 0
 
 
 def sample_job(status: str) -> FineTuningJob:

@@ -5,6 +5,7 @@
     ├── RequestError                a webhook request we refuse; carries the HTTP status and a short code
     │   ├── SignatureError          401: missing header, bad signature, timestamp outside tolerance
     │   ├── NotJSONError            400: the body is not JSON
+    │   ├── BodyTimeoutError        408: the body arrived too slowly
     │   ├── PayloadTooLargeError    413: the body is over the limit
     │   ├── UnsupportedMediaError   415: the content type is not JSON
     │   └── UnavailableError        503: Redis could not take the write (the sender retries)
@@ -47,6 +48,11 @@ class SignatureError(RequestError):
 class NotJSONError(RequestError):
     status = HTTPStatus.BAD_REQUEST
     code = "invalid_json"
+
+
+class BodyTimeoutError(RequestError):
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "body_timeout"
 
 
 class PayloadTooLargeError(RequestError):

@@ -199,6 +199,10 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
     stale: bool = False
     #: Set when another event already announced this job's status (e.g. the poller saw it first).
     repeat_of: str | None = None
+    #: A replay from a dead-letter stream: only this handler gets it (and gets it even if stale or a repeat).
+    target: str | None = None
+    #: What happened to earlier deliveries of this event (one line per dead-lettering), for replays.
+    history: list[str] = []
 
     @property
     def status(self) -> str | None:

@@ -4,12 +4,13 @@ The handler only reads the request and calls the pure core (`signatures.verify`,
 one middleware turns every `RequestError` into a JSON answer with its status. A 2xx is sent only after
 Redis acknowledged the write; when it cannot, the answer is 503 with `Retry-After` and the sender retries.
 
-    200 accepted · 200 duplicate · 200 quarantined · 400 not JSON · 401 signature · 413 too large
-    415 content type · 503 Redis unavailable
+    200 accepted · 200 duplicate · 200 quarantined · 400 not JSON · 401 signature · 408 body too slow
+    413 too large · 415 content type · 503 Redis unavailable
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from redis.exceptions import RedisError
 
 from processor import signatures
 from processor.errors import (
+    BodyTimeoutError,
     NotJSONError,
     PayloadTooLargeError,
     RequestError,
@@ -81,9 +83,11 @@ async def receive_webhook(request: web.Request) -> web.Response:
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
         raise UnsupportedMediaError(f"content type must be application/json, not {request.content_type!r}")
     try:
-        body = await request.read()
+        body = await asyncio.wait_for(request.read(), settings.body_timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLargeError(f"body is over the limit of {settings.max_body_bytes} bytes") from None
+    except TimeoutError:
+        raise BodyTimeoutError(f"the body did not arrive within {settings.body_timeout_s} s") from None
     if settings.verify_signatures:
         signing_keys: list[bytes] = request.app[SIGNING_KEYS]
         webhook_id = signatures.verify(request.headers, body, signing_keys, tolerance_s=settings.tolerance_s)

@@ -3,7 +3,8 @@
 A rule (`when = {...}` on a handler) lists conditions that must all hold; a list means any of its values;
 values are shell-style globs (`fine_tuning.job.*`, `ft:gpt-4o*`). Conditions on the job (model, fine-tuned
 model, metadata) need the job: an event that has none (a thin webhook not hydrated) does not match them.
-Stale events (older than the last one processed for the job) are skipped unless the rule opts in.
+Stale events (older than the last one processed for the job) are skipped unless the rule opts in; repeats
+(a status already announced) are skipped. A replay aimed at one handler (`ftjobs dlq replay`) is neither.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class Rule(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True)
 
     def mismatch(self, event: Event) -> str:
         """The first condition `event` fails, as a short sentence; empty when it matches."""
-        if event.repeat_of:
+        if event.repeat_of and not event.target:
             return f"this status was already announced by event {event.repeat_of}"
-        if event.stale and not self.stale:
+        if event.stale and not self.stale and not event.target:
             return "the event is stale (an older status than the job's latest)"
         if self.event_type and not _any_glob(event.type, self.event_type):
             return f"event_type {event.type!r} is not one of {_show(self.event_type)}"

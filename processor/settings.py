@@ -42,6 +42,8 @@ class ReceiverSettings(_Config):
     verify_signatures: bool = True
     tolerance_s: int = 300
     max_body_bytes: int = 256 * 1024
+    #: A client that has not sent its whole body by then gets 408 (slow-body clients hold no worker).
+    body_timeout_s: float = 10.0
     #: How long a `webhook-id` is remembered; OpenAI retries for up to 72 h.
     dedupe_window_s: int = 96 * 3600
     #: Up to this many concurrent enqueues share one Redis round trip.

@@ -142,6 +142,8 @@ class Runner:
             await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
             self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
             return False
+        if event.target is not None and event.target != self.group:
+            return True  # a replay for another handler
         try:
             event = await self.preparer.prepare(event)
         except PermanentFailure as exc:

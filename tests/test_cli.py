@@ -14,7 +14,7 @@ import yaml
 from processor.cli import _parser
 from tests.conftest import ROOT
 
-COMMANDS = ["serve", "receive", "work", "check-config", "status", "send"]
+COMMANDS = ["serve", "receive", "work", "check-config", "poll", "jobs", "job", "dlq", "quarantine", "status", "send"]
 
 
 def ftjobs(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,134 @@
+"""Dead letters and quarantine, for operators: list, show, replay, drop (`ftjobs dlq`, `ftjobs quarantine`).
+
+A dead letter is replayed to its own handler only: the event goes back on the events stream with `target`
+set (other handlers skip it) and with the failures so far in `history`, so a second dead-lettering still
+shows the first. A quarantined body is decoded again with the current code (after an upgrade that
+understands it) and, when it decodes, enqueued as a normal event and removed from quarantine.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+from processor.models import Event, decode_body, decode_event, encode_event
+from processor.settings import explain
+from processor.stream import RECORD_FIELD, Streams
+
+
+class DeadLetter(Struct, kw_only=True):
+    id: str
+    entry_id: str
+    error: str
+    attempts: int
+    failed_at: float
+    event: Event | None
+
+
+class Quarantined(Struct, kw_only=True):
+    id: str
+    webhook_id: str
+    error: str
+    received_at: float
+    body: bytes
+
+
+class DeadLetters:
+    """Operator actions on one deployment's dead-letter and quarantine streams."""
+
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+        self.client = streams.client
+        self.keys = streams.keys
+
+    async def letters(self, handler: str, count: int = 100) -> list[DeadLetter]:
+        raw: Any = await self.client.xrange(self.keys.dlq(handler), count=count)
+        return [_dead_letter(entry_id, fields) for entry_id, fields in raw]
+
+    async def get(self, handler: str, ids: list[str]) -> list[DeadLetter]:
+        out = []
+        for entry_id in ids:
+            raw: Any = await self.client.xrange(self.keys.dlq(handler), entry_id, entry_id)
+            out += [_dead_letter(i, fields) for i, fields in raw]
+        return out
+
+    async def replay(self, handler: str, ids: list[str]) -> list[str]:
+        """Put dead letters back for `handler` only; returns the new entry ids (undecodable ones are kept)."""
+        await self.streams.ensure_groups([handler])
+        new_ids = []
+        for letter in await self.get(handler, ids):
+            if letter.event is None:
+                continue
+            note = f"dead-lettered after {letter.attempts} attempt(s) at {letter.failed_at:.0f}: {letter.error}"
+            event = msgspec.structs.replace(letter.event, target=handler, history=[*letter.event.history, note])
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event)})
+                pipe.xdel(self.keys.dlq(handler), letter.id)
+                added, _ = await pipe.execute()
+            new_ids.append(added.decode() if isinstance(added, bytes) else str(added))
+        return new_ids
+
+    async def drop(self, handler: str, ids: list[str]) -> int:
+        return int(await self.client.xdel(self.keys.dlq(handler), *ids)) if ids else 0
+
+    async def quarantined(self, count: int = 100) -> list[Quarantined]:
+        raw: Any = await self.client.xrange(self.keys.quarantine, count=count)
+        return [_quarantined(entry_id, fields) for entry_id, fields in raw]
+
+    async def replay_quarantined(self, ids: list[str], groups: list[str]) -> list[tuple[str, str]]:
+        """Decode each body again; enqueue what decodes now. Returns (id, outcome) per entry."""
+        await self.streams.ensure_groups(groups)
+        outcomes = []
+        for item in await self.quarantined(10_000):
+            if item.id not in ids:
+                continue
+            try:
+                body = decode_body(item.body)
+            except msgspec.ValidationError as exc:
+                outcomes.append((item.id, f"still not readable: {explain(exc)}"))
+                continue
+            except msgspec.DecodeError as exc:
+                outcomes.append((item.id, f"still not readable: {exc}"))
+                continue
+            event = Event.from_body(body, webhook_id=item.webhook_id, received_at=time.time())
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event)})
+                pipe.xdel(self.keys.quarantine, item.id)
+                await pipe.execute()
+            outcomes.append((item.id, f"enqueued as {event.type} for {event.job_id}"))
+        return outcomes
+
+    async def drop_quarantined(self, ids: list[str]) -> int:
+        return int(await self.client.xdel(self.keys.quarantine, *ids)) if ids else 0
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
+    try:
+        event: Event | None = decode_event(fields.get(RECORD_FIELD, b""))
+    except msgspec.DecodeError:
+        event = None
+    return DeadLetter(
+        id=_text(entry_id),
+        entry_id=_text(fields.get(b"entry_id", b"")),
+        error=_text(fields.get(b"error", b"")),
+        attempts=int(fields.get(b"attempts", b"0")),
+        failed_at=float(fields.get(b"failed_at", b"0")),
+        event=event,
+    )
+
+
+def _quarantined(entry_id: Any, fields: dict[bytes, bytes]) -> Quarantined:
+    return Quarantined(
+        id=_text(entry_id),
+        webhook_id=_text(fields.get(b"webhook_id", b"")),
+        error=_text(fields.get(b"error", b"")),
+        received_at=float(fields.get(b"received_at", b"0")),
+        body=fields.get(b"body", b""),
+    )
