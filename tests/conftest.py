@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -29,6 +30,7 @@ from processor.models import Event, decode_event
 from processor.receiver import create_app
 from processor.service import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings
+from tests.processes import Proc
 
 PATH = "/webhooks/openai"
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,3 +173,19 @@ def rig(
             yield Rig(client, settings, rclient, prefix)
 
     return make
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[..., Proc]]:
+    """Start `ftjobs` subprocesses; any still running at the end is killed."""
+    started: list[Proc] = []
+
+    def start(args: list[str], cwd: Path, env: dict[str, str], name: str) -> Proc:
+        proc = Proc(args, cwd, env, name)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.stop(signal.SIGKILL)
