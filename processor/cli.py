@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-from aiohttp import web
 
 from processor import logs, ops, service, signatures
 from processor.errors import ConfigError
@@ -54,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         p = add(name, help_, func)
         p.add_argument("--host", help="address to listen on (default: receiver.host, 0.0.0.0)")
         p.add_argument("--port", type=int, help="port to listen on (default: receiver.port, 8080)")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="N receiver processes sharing the port (SO_REUSEPORT)"
+    )
     add("work", "only the workers: deliver queued events to the configured handlers", cmd_work)
     p = add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
     p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
@@ -123,13 +125,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with service.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
             asyncio.run(service.check_persistence(url))
-        web.run_app(
-            service.serve_app(settings, url, with_worker=True),
-            host=host,
-            port=port,
-            print=None,
-            access_log=None,
-        )
+        service.run_http(service.serve_app(settings, url, with_worker=True), host, port)
     return 0
 
 
@@ -140,13 +136,13 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
     if settings.redis.url:
         asyncio.run(service.check_persistence(url))
     host, port = _listen(args, settings)
-    web.run_app(service.serve_app(settings, url, with_worker=False), host=host, port=port, print=None, access_log=None)
+    service.run_receivers(args.workers, lambda: service.serve_app(settings, url, with_worker=False), host, port)
     return 0
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     service.build_handlers(settings)
-    asyncio.run(service.work_until_signal(settings, service.redis_url(settings)))
+    service.run_async(service.work_until_signal(settings, service.redis_url(settings)))
     return 0
 
 
@@ -190,7 +186,7 @@ def explain_routing(path: str, settings: Settings) -> None:
 
 
 def cmd_poll(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(service.poll_until_signal(settings, service.redis_url(settings), once=args.once))
+    return service.run_async(service.poll_until_signal(settings, service.redis_url(settings), once=args.once))
 
 
 def sample_job(status: str) -> FineTuningJob:

@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 import redis.asyncio as redis
 
-from processor.errors import PermanentFailure, RetryLater
+from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.models import Event, FineTuningJob
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
 from processor.stream import Keys
@@ -85,12 +85,31 @@ class JobState:
 
     async def apply(self, event: Event) -> Event:
         """The event with `previous_status`, `stale` and `repeat_of` filled in from the job's state."""
-        status = event.status
-        if status is None:  # not a job event (e.g. batch.completed): nothing to track
-            return event
-        args: list[str | float] = [event.id, status, event.observed_at, event.source, event.job_id, self.retention_s]
-        keys = [*self._job_keys(event.job_id), f"{self.keys.prefix}:verdict:{event.id}"]
-        reply: Any = await self._apply(keys=keys, args=args)
+        [applied] = await self.apply_many([event])
+        return applied
+
+    async def apply_many(self, events: list[Event]) -> list[Event]:
+        """`apply` for several events in one pipelined round trip (in order: a job's events stay ordered)."""
+        tracked = [e for e in events if e.status is not None]  # e.g. batch.completed: nothing to track
+        if not tracked:
+            return events
+        async with self.client.pipeline(transaction=False) as pipe:
+            for event in tracked:
+                args: list[str | float] = [
+                    event.id,
+                    event.status or "",
+                    event.observed_at,
+                    event.source,
+                    event.job_id,
+                    self.retention_s,
+                ]
+                keys = [*self._job_keys(event.job_id), f"{self.keys.prefix}:verdict:{event.id}"]
+                await self._apply(keys=keys, args=args, client=pipe)
+            replies = iter(await pipe.execute())
+        return [self._verdict(event, next(replies)) if event.status is not None else event for event in events]
+
+    @staticmethod
+    def _verdict(event: Event, reply: Any) -> Event:
         kind, previous = _text(reply[0]), _text(reply[1]) or None
         if kind == "repeat":
             return msgspec.structs.replace(event, previous_status=previous, repeat_of=_text(reply[2]))
@@ -122,9 +141,25 @@ class Preparer:
 
     async def prepare(self, event: Event) -> Event:
         """The prepared event. Raises `RetryLater` (API down; try later) or `PermanentFailure` (job gone)."""
+        [prepared] = await self.prepare_many([event])
+        if isinstance(prepared, HandlerError):
+            raise prepared
+        return prepared
+
+    async def prepare_many(self, events: list[Event]) -> list[Event | HandlerError]:
+        """Prepare a batch: hydrations run concurrently, then every verdict in one round trip. An event that
+        cannot be prepared gets its `RetryLater`/`PermanentFailure` in its place (Redis errors raise)."""
+        hydrated = await asyncio.gather(*(self._hydrate(e) for e in events), return_exceptions=True)
+        for outcome in hydrated:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, HandlerError):
+                raise outcome
+        applied = iter(await self.state.apply_many([e for e in hydrated if isinstance(e, Event)]))
+        return [next(applied) if isinstance(e, Event) else e for e in hydrated]  # type: ignore[misc]
+
+    async def _hydrate(self, event: Event) -> Event:
         if self.api is not None and event.job is None and event.type.startswith("fine_tuning.job."):
-            event = await self._hydrated(event)
-        return await self.state.apply(event)
+            return await self._hydrated(event)
+        return event
 
     async def _hydrated(self, event: Event) -> Event:
         """The event with its job, fetched once per event: once per process, then cached in Redis."""

@@ -14,7 +14,8 @@ Reference: the `FineTuningJob` schema in OpenAI's API reference and `openai-pyth
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -27,6 +28,7 @@ TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
 JOB_EVENT_PREFIX: Final = "fine_tuning.job."
 
 Auto = Literal["auto"]
+T = TypeVar("T")
 
 
 class Error(Struct, omit_defaults=True):
@@ -274,13 +276,27 @@ def decode_body(raw: bytes) -> Body:
     except msgspec.ValidationError as exc:
         # `object` is optional on OpenAI's envelope: a body without it can only be an envelope.
         if str(exc) == "Object missing required field `object`":
-            return _envelope_decoder.decode(raw)
+            return _strict_utf8(_envelope_decoder.decode, raw)
         raise
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(exc) from None
 
 
 def decode_job(raw: bytes) -> FineTuningJob:
     """Decode one `FineTuningJob` JSON document (as the API returns it)."""
-    return _job_decoder.decode(raw)
+    return _strict_utf8(_job_decoder.decode, raw)
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> msgspec.DecodeError:
+    return msgspec.DecodeError(f"a string is not valid UTF-8 ({exc.reason})")
+
+
+def _strict_utf8(decode: Callable[[bytes], T], raw: bytes) -> T:
+    """msgspec reports invalid UTF-8 inside a string as `UnicodeDecodeError`; make it a `DecodeError`."""
+    try:
+        return decode(raw)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(exc) from None
 
 
 def encode_event(event: Event) -> bytes:
@@ -290,4 +306,4 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(raw: bytes) -> Event:
     """Read a stored record back; raises `msgspec.DecodeError` when it is not one."""
-    return _event_decoder.decode(raw)
+    return _strict_utf8(_event_decoder.decode, raw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 import msgspec
@@ -69,6 +69,7 @@ class _ErrorEnvelope(Struct):
     error: _ErrorBody | None = None
 
 
+T = TypeVar("T")
 _job_decoder: Final = msgspec.json.Decoder(FineTuningJob)
 _job_page_decoder: Final = msgspec.json.Decoder(JobPage)
 _event_page_decoder: Final = msgspec.json.Decoder(EventPage)
@@ -103,7 +104,7 @@ class OpenAIClient:
 
     async def retrieve_job(self, job_id: str) -> FineTuningJob:
         """`GET /fine_tuning/jobs/{id}`."""
-        return _job_decoder.decode(await self._get(f"/fine_tuning/jobs/{job_id}", {}))
+        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{job_id}", {}))
 
     async def list_jobs(
         self, *, limit: int = 20, after: str | None = None, metadata: Mapping[str, str] | None = None
@@ -114,7 +115,7 @@ class OpenAIClient:
             params["after"] = after
         for key, value in (metadata or {}).items():
             params[f"metadata[{key}]"] = value
-        return _job_page_decoder.decode(await self._get("/fine_tuning/jobs", params))
+        return _decode(_job_page_decoder, await self._get("/fine_tuning/jobs", params))
 
     async def iter_jobs(
         self, *, page_size: int = 100, max_pages: int = 10, metadata: Mapping[str, str] | None = None
@@ -132,7 +133,7 @@ class OpenAIClient:
     async def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> EventPage:
         """One page of `GET /fine_tuning/jobs/{id}/events`."""
         params = {"limit": str(limit)} | ({"after": after} if after else {})
-        return _event_page_decoder.decode(await self._get(f"/fine_tuning/jobs/{job_id}/events", params))
+        return _decode(_event_page_decoder, await self._get(f"/fine_tuning/jobs/{job_id}/events", params))
 
     async def _get(self, path: str, params: dict[str, str]) -> bytes:
         assert self._session is not None, "use `async with OpenAIClient(...)`"
@@ -168,9 +169,17 @@ class OpenAIClient:
         raise AssertionError("unreachable")
 
 
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """A 200 answer that does not match the schema is the API's problem: an `OpenAIError`, with the path."""
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"the API answered with an unexpected document: {exc}") from None
+
+
 def _error_message(body: bytes) -> str:
     try:
         error = _error_decoder.decode(body).error
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return body[:200].decode(errors="replace")
     return error.message if error else ""

@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 import structlog
@@ -35,6 +35,7 @@ from processor.worker import Worker
 log = structlog.get_logger()
 
 LOCAL_SECRET_FILE: Final = "webhook-secret"
+T = TypeVar("T")
 
 
 def local_secret(settings: Settings, *, create: bool) -> str | None:
@@ -238,3 +239,54 @@ async def poll_until_signal(settings: Settings, url: str, *, once: bool) -> int:
             return 0
     finally:
         await client.aclose()
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop: uvloop's when it is installed (faster I/O), asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run` on `new_loop()`."""
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main)
+
+
+def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Serve `app` until SIGTERM/SIGINT (aiohttp then runs the app's cleanup: workers stop gracefully)."""
+    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=new_loop(), reuse_port=reuse_port)
+
+
+def run_receivers(count: int, make_app: Callable[[], web.Application], host: str, port: int) -> None:
+    """`count` receiver processes on one port (SO_REUSEPORT: the kernel spreads connections across them).
+
+    The children are forked before any event loop exists; each builds its own app and Redis connections.
+    On SIGTERM the parent stops serving, then asks each child to stop and waits for it.
+    """
+    if count <= 1:
+        run_http(make_app(), host, port)
+        return
+    children: list[int] = []
+    for _ in range(count - 1):
+        pid = os.fork()
+        if pid == 0:  # child: serve until told to stop, then leave without running the parent's cleanup
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+            try:
+                run_http(make_app(), host, port, reuse_port=True)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    try:
+        run_http(make_app(), host, port, reuse_port=True)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

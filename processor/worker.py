@@ -17,13 +17,14 @@ import random
 import socket
 import time
 from collections import defaultdict
+from typing import Final
 
 import msgspec
 import structlog
 from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
-from processor.errors import PermanentFailure, RetryLater
+from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.jobstate import Preparer
 from processor.limits import Guard
 from processor.models import Event, decode_event
@@ -31,6 +32,12 @@ from processor.settings import HandlerSpec, WorkerSettings
 from processor.stream import Entry, Streams
 
 log = structlog.get_logger()
+
+
+#: What the preparation gives the delivery step for one entry: the prepared event, why it could not be
+#: prepared, None for an undecodable record, or `_SKIP` for a replay aimed at another handler.
+Prepared = Event | HandlerError | None | object
+_SKIP: Final = object()
 
 
 def consumer_name() -> str:
@@ -76,7 +83,7 @@ class Runner:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Loop until stopped. Redis errors are logged and retried, so the loop survives an outage."""
+        """Loop until stopped. Errors are logged and the loop goes on, so it survives a Redis outage."""
         renewer = asyncio.create_task(self._renew_leases())
         failures = 0
         try:
@@ -86,10 +93,13 @@ class Runner:
                     if entries:
                         await self._process(entries)
                     failures = 0
-                except RedisError as exc:
+                except Exception as exc:  # Redis away, or a bug: log it, wait, and carry on; entries stay pending
                     failures += 1
                     delay = min(2.0, 0.1 * 2**failures)
-                    self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
+                    if isinstance(exc, RedisError):
+                        self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
+                    else:
+                        self._log.exception("runner_error", retry_in_s=delay)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
@@ -116,17 +126,23 @@ class Runner:
         """Run one batch: per-job order kept, jobs concurrent, successful acks sent together."""
         ids = [entry_id for entry_id, _ in entries]
         attempts = dict(zip(ids, await self.streams.attempts(self.group, ids), strict=True))
-        by_job: dict[str, list[tuple[Entry, Event | None]]] = defaultdict(list)
-        for entry in entries:
+        decoded: list[Event | None] = []
+        for _, record in entries:
             try:
-                event: Event | None = decode_event(entry[1])
+                decoded.append(decode_event(record))
             except msgspec.DecodeError:
-                event = None
-            by_job[event.job_id if event else entry[0]].append((entry, event))
+                decoded.append(None)
+        # Prepare (hydrate, apply to job state) the events meant for this handler, in one pipelined step.
+        mine = [e is not None and (e.target is None or e.target == self.group) for e in decoded]
+        ready = iter(await self.preparer.prepare_many([e for e, m in zip(decoded, mine, strict=True) if m and e]))
+        by_job: dict[str, list[tuple[Entry, Prepared]]] = defaultdict(list)
+        for entry, event, is_mine in zip(entries, decoded, mine, strict=True):
+            outcome: Prepared = None if event is None else next(ready) if is_mine else _SKIP
+            by_job[event.job_id if event else entry[0]].append((entry, outcome))
         gate = asyncio.Semaphore(max(1, self.spec.concurrency))
         done: list[str] = []
 
-        async def run_job(items: list[tuple[Entry, Event | None]]) -> None:
+        async def run_job(items: list[tuple[Entry, Prepared]]) -> None:
             async with gate:
                 for entry, event in items:
                     if await self._deliver(entry, event, attempts.get(entry[0], 0)):
@@ -135,25 +151,24 @@ class Runner:
         await asyncio.gather(*(run_job(items) for items in by_job.values()))
         await self.streams.ack(self.group, done)
 
-    async def _deliver(self, entry: Entry, event: Event | None, failed_before: int) -> bool:
+    async def _deliver(self, entry: Entry, event: Prepared, failed_before: int) -> bool:
         """Handle one entry; True when it is finished (to be acked), False when a retry or DLQ took it."""
         entry_id = entry[0]
         if event is None:
             await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
             self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
             return False
-        if event.target is not None and event.target != self.group:
+        if event is _SKIP:
             return True  # a replay for another handler
-        try:
-            event = await self.preparer.prepare(event)
-        except PermanentFailure as exc:
-            await self._dead_letter(entry, str(exc), failed_before)
+        if isinstance(event, PermanentFailure):
+            await self._dead_letter(entry, str(event), failed_before)
             return False
-        except (RetryLater, RedisError) as exc:  # the API or Redis is away: wait, without using an attempt
-            delay = exc.after if isinstance(exc, RetryLater) and exc.after is not None else 5.0
-            await self.streams.schedule_retry(self.group, entry_id, failed_before, time.time() + delay, str(exc))
-            self._log.warning("event_not_prepared", error=str(exc), retry_in_s=delay, job_id=event.job_id)
+        if isinstance(event, BaseException):  # the API is away: wait, without using an attempt
+            delay = event.after if isinstance(event, RetryLater) and event.after is not None else 5.0
+            await self.streams.schedule_retry(self.group, entry_id, failed_before, time.time() + delay, str(event))
+            self._log.warning("event_not_prepared", error=str(event), retry_in_s=delay)
             return False
+        assert isinstance(event, Event)
         if not self.spec.when.matches(event):
             return True
         attempt = failed_before + 1

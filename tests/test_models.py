@@ -146,3 +146,13 @@ def test_old_records_decode_with_new_fields_defaulted() -> None:
     )
     event = decode_event(old)
     assert event.previous_status is None and event.stale is False and event.job is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"object":"\x89"}', b'{"object":"fine_tuning.job","id":"\x89"}', b'{"id":"e","type":"\xff","created_at":1}'],
+)
+def test_invalid_utf8_inside_strings_is_a_decode_error(raw: bytes) -> None:
+    """Found by the fuzzer: msgspec raises UnicodeDecodeError for these, which must not become a 500."""
+    with pytest.raises(msgspec.DecodeError, match="not valid UTF-8"):
+        decode_body(raw)

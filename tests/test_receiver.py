@@ -91,6 +91,7 @@ async def test_signed_but_off_schema_is_quarantined(client: TestClient, rclient:
     [
         (b"{not json", "signed", 400, "invalid_json", "not valid JSON"),
         (b"\xff\xfe", "signed", 400, "invalid_json", "not valid JSON"),
+        (b'{"object":"\x89"}', "signed", 400, "invalid_json", "not valid UTF-8"),  # found by the fuzzer
         (
             b"{}",
             {},

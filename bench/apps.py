@@ -1,0 +1,58 @@
+"""The two reference servers the benchmark measures ftjobs against, as `python -m bench.apps KIND --port N`.
+
+* `bare` — the limit: an aiohttp app that reads the body and answers 202 (no verification, no Redis).
+* `naive` — the hand-rolled reference: msgspec decode + one awaited XADD per request (no signature check,
+  no dedupe, no batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import msgspec
+import redis.asyncio as redis
+from aiohttp import web
+
+from processor.models import FineTuningJob
+
+
+def bare_app() -> web.Application:
+    async def receive(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/webhooks/openai", receive)
+    return app
+
+
+def naive_app(redis_url: str) -> web.Application:
+    decoder = msgspec.json.Decoder(FineTuningJob)
+    client = redis.Redis.from_url(redis_url)
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        await client.xadd("naive:events", {"e": body})
+        return web.json_response({"status": "accepted"})
+
+    app = web.Application()
+    app.router.add_post("/webhooks/openai", receive)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("kind", choices=["bare", "naive"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--redis-url", default="")
+    args = parser.parse_args()
+    app = bare_app() if args.kind == "bare" else naive_app(args.redis_url)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""The benchmark: ftjobs against the limit, measured in one run on one machine.
+
+    python -m bench.run                # full run (wrk when installed), writes bench/results/latest.{json,png}
+    python -m bench.run --smoke        # a tiny load, to check the benchmark itself works
+
+P1 ingest throughput (one receiver process) ÷ a bare aiohttp app that reads the body and answers 202;
+P2 dispatch throughput (one worker, no-op handler, acked) ÷ a raw XREADGROUP + XACK loop on the same entries;
+P3 POST → handler start latency at 1,000 events/s offered; P4 Redis memory per queued event ÷ body size;
+P5 receiver RSS under load. It is not a test: it never fails on a number, it reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as redis
+
+from bench import load
+from handlers import registry
+from processor import signatures
+from processor.embedded import EmbeddedValkey
+from processor.models import Event, decode_job, encode_event
+from processor.service import running_worker
+from processor.settings import Settings
+from processor.stream import RECORD_FIELD
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = signatures.generate_secret()
+BODY = msgspec.json.encode(decode_job((ROOT / "processor/samples/fine_tuning_job.succeeded.json").read_bytes()))
+TARGETS = {"p1_ratio": 0.80, "p2_ratio": 0.50, "p3_p50_ms": 1.5, "p3_p99_ms": 5.0, "p4_ratio": 1.0, "p5_rss_mb": 80}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+class Sampler(threading.Thread):
+    """Peak resident memory of a process, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_kb, self.running = pid, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def config(tmp: Path, url: str, prefix: str, handler: str, port: int) -> Path:
+    path = tmp / f"{prefix}.toml"
+    path.write_text(
+        f'[receiver]\nport = {port}\nsecrets = ["{SECRET}"]\n[redis]\nurl = "{url}"\nprefix = "{prefix}"\n'
+        f'[log]\nlevel = "warning"\n[worker]\nblock_ms = 50\n'
+        f'[[handlers]]\nname = "probe"\ntype = "{handler}"\nconcurrency = 32\n'
+    )
+    return path
+
+
+def ingest(kind: str, url: str, tmp: Path, args: argparse.Namespace, requests: load.Requests) -> dict[str, Any]:
+    """P1/P4/P5: one server process under load; its throughput, latency, peak RSS (and Redis memory)."""
+    port = free_port()
+    if kind == "bare":
+        process = start(["-m", "bench.apps", "bare", "--port", str(port)])
+    elif kind == "naive":
+        process = start(["-m", "bench.apps", "naive", "--port", str(port), "--redis-url", url])
+    else:
+        cfg = config(tmp, url, "bench-ingest", "bench.handlers:Noop", port)
+        process = start(["-m", "processor", "-c", str(cfg), "receive"])
+    wait_port(port)
+    target = f"http://127.0.0.1:{port}/webhooks/openai"
+    warmup = load.presign(BODY, SECRET, 2000)
+    asyncio.run(load.run_python(target, warmup, 0.5, connections=8))
+    before = asyncio.run(redis_memory(url))
+    sampler = Sampler(process.pid)
+    sampler.start()
+    if args.client == "wrk":
+        result = load.run_wrk(target, requests, args.seconds, connections=args.connections)
+    else:
+        result = asyncio.run(load.run_python(target, requests, args.seconds, connections=args.connections))
+    sampler.running = False
+    out: dict[str, Any] = msgspec.to_builtins(result) | {"rss_mb": round(sampler.peak_kb / 1024, 1)}
+    if kind == "ftjobs":
+        after = asyncio.run(redis_memory(url, "bench-ingest"))
+        out |= {
+            "stored": after["events"],
+            "bytes_per_event": (after["used"] - before["used"]) / max(1, after["events"]),
+        }
+    stop(process)
+    return out
+
+
+async def redis_memory(url: str, prefix: str = "") -> dict[str, int]:
+    client = redis.Redis.from_url(url)
+    try:
+        info = await client.info("memory")
+        events = await client.xlen(f"{prefix}:events") if prefix else 0
+        return {"used": int(info["used_memory"]), "events": int(events)}
+    finally:
+        await client.aclose()
+
+
+async def dispatch(url: str, n: int) -> dict[str, Any]:
+    """P2: drain `n` queued events with a raw XREADGROUP+XACK loop, then with an ftjobs worker (no-op handler)."""
+    client = redis.Redis.from_url(url)
+    job = decode_job(BODY)
+
+    async def preload(prefix: str, group: str) -> None:
+        await client.xgroup_create(f"{prefix}:events", group, id="$", mkstream=True)
+        for start_at in range(0, n, 1000):
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(start_at, min(n, start_at + 1000)):
+                    job_i = msgspec.structs.replace(job, id=f"ftjob-{prefix}-{i}")
+                    event = Event.from_body(job_i, webhook_id=f"wh_{prefix}_{i}", received_at=time.time())
+                    pipe.xadd(f"{prefix}:events", {RECORD_FIELD: encode_event(event)})
+                await pipe.execute()
+
+    raw_prefix, worker_prefix = f"raw-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:6]}"
+    await preload(raw_prefix, "raw")
+    started = time.perf_counter()
+    done = 0
+    while done < n:
+        reply = await client.xreadgroup("raw", "c", {f"{raw_prefix}:events": ">"}, count=64)
+        ids = [entry_id for _, entries in reply for entry_id, _ in entries]
+        await client.xack(f"{raw_prefix}:events", "raw", *ids)
+        done += len(ids)
+    raw_s = time.perf_counter() - started
+
+    await preload(worker_prefix, "probe")
+    settings = Settings.from_raw(
+        {
+            "redis": {"url": url, "prefix": worker_prefix},
+            "worker": {"block_ms": 20, "batch_size": 64},
+            "log": {"level": "warning"},
+            "handlers": [{"name": "probe", "type": "bench.handlers:Noop", "concurrency": 32}],
+        },
+        env={},
+    )
+    started = time.perf_counter()
+    async with running_worker(settings, url, registry.build(settings.handlers)):
+        while True:
+            [group] = await client.xinfo_groups(f"{worker_prefix}:events")
+            if group["lag"] == 0 and group["pending"] == 0:
+                break
+            await asyncio.sleep(0.005)
+        worker_s = time.perf_counter() - started
+    await client.aclose()
+    return {"events": n, "raw_per_s": n / raw_s, "ftjobs_per_s": n / worker_s, "ratio": raw_s / worker_s}
+
+
+async def latency(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, Any]:
+    """P3: POST → handler start, at `rate` events/s offered to `ftjobs serve` (receiver + worker)."""
+    port = free_port()
+    probe = tmp / "starts.txt"
+    cfg = config(tmp, url, f"lat-{uuid.uuid4().hex[:6]}", "bench.handlers:StartProbe", port)
+    process = start(["-m", "processor", "-c", str(cfg), "serve"], env={"FTJOBS_BENCH_PROBE": str(probe)})
+    wait_port(port)
+    # One job per request: the same job's status twice would be a repeat, and no handler would start.
+    job, key = decode_job(BODY), signatures.parse_secret(SECRET)
+    bodies = [
+        msgspec.json.encode(msgspec.structs.replace(job, id=f"ftjob-lat-{i}")) for i in range(int(rate * seconds) + 100)
+    ]
+    sent: dict[str, float] = {}
+    target = f"http://127.0.0.1:{port}/webhooks/openai"
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+
+        async def one(i: int) -> None:
+            msg_id = f"wh_lat_{uuid.uuid4().hex}"
+            headers = signatures.signed_headers([key], msg_id, bodies[i]) | {"Content-Type": "application/json"}
+            sent[msg_id] = time.time()
+            async with session.post(target, data=bodies[i], headers=headers) as resp:
+                await resp.read()
+
+        for i in range(100):  # warm up
+            await one(len(bodies) - 1 - i)
+        sent.clear()
+        began, tasks = time.perf_counter(), []
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, began + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    await asyncio.sleep(1.0)
+    stop(process)
+    starts = dict(line.split() for line in probe.read_text().splitlines())
+    delays = sorted((float(starts[i]) - at) * 1000 for i, at in sent.items() if i in starts)
+    if not delays:
+        raise RuntimeError("no handler start was recorded")
+
+    def pick(q: float) -> float:
+        return round(delays[min(len(delays) - 1, int(len(delays) * q))], 3)
+
+    return {
+        "offered_per_s": rate,
+        "events": len(sent),
+        "measured": len(delays),
+        "p50_ms": pick(0.5),
+        "p90_ms": pick(0.9),
+        "p99_ms": pick(0.99),
+    }
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(13, 4))
+    p1 = results["p1"]
+    names = ["bare aiohttp\n(limit)", "naive\ndecode+XADD", "ftjobs\nreceiver"]
+    values = [p1["bare"]["rps"], p1["naive"]["rps"], p1["ftjobs"]["rps"]]
+    left.bar(names, values, color=["#9e9e9e", "#f0a030", "#2e7dd7"])
+    left.set_title(f"P1 ingest, requests/s (ftjobs = {p1['ratio']:.2f} of the limit)")
+    p2 = results["p2"]
+    mid.bar(
+        ["raw XREADGROUP\n+XACK", "ftjobs worker\n(no-op handler)"],
+        [p2["raw_per_s"], p2["ftjobs_per_s"]],
+        color=["#9e9e9e", "#2e7dd7"],
+    )
+    mid.set_title(f"P2 dispatch, events/s (ratio {p2['ratio']:.2f})")
+    p3 = results["p3"]
+    right.bar(["p50", "p90", "p99"], [p3["p50_ms"], p3["p90_ms"], p3["p99_ms"]], color="#2e7dd7")
+    right.axhline(TARGETS["p3_p99_ms"], color="#d40e0d", linestyle="--", label="p99 target")
+    right.axhline(TARGETS["p3_p50_ms"], color="#f0a030", linestyle=":", label="p50 target")
+    right.set_title(f"P3 POST → handler start, ms ({p3['offered_per_s']}/s)")
+    right.legend()
+    fig.suptitle(f"ftjobs benchmark — {results['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each ingest run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--client", choices=["wrk", "python"], default="wrk" if load.have_wrk() else "python")
+    parser.add_argument("--dispatch-events", type=int, default=20_000)
+    parser.add_argument("--rate", type=int, default=1000, help="P3 offered events/s")
+    parser.add_argument("--latency-seconds", type=float, default=8.0)
+    parser.add_argument("--smoke", action="store_true", help="tiny load: check that the benchmark runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.connections, args.client = 1.0, 4, "python"
+        args.dispatch_events, args.rate, args.latency_seconds = 300, 100, 1.0
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ftjobs-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = EmbeddedValkey(tmp / "valkey")  # durable default: AOF, appendfsync always
+        server.start()
+        try:
+            requests = load.presign(BODY, SECRET, 300_000 if not args.smoke else 20_000)
+            p1 = {kind: ingest(kind, server.url, tmp, args, requests) for kind in ("bare", "naive", "ftjobs")}
+            p1["ratio"] = p1["ftjobs"]["rps"] / p1["bare"]["rps"]
+            p2 = asyncio.run(dispatch(server.url, args.dispatch_events))
+            p3 = asyncio.run(latency(server.url, tmp, args.rate, args.latency_seconds))
+        finally:
+            server.stop()
+    results = {
+        "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
+        "client": args.client,
+        "p1": p1,
+        "p2": p2,
+        "p3": p3,
+        "p4": {
+            "bytes_per_event": p1["ftjobs"]["bytes_per_event"],
+            "body_bytes": len(BODY),
+            "ratio": p1["ftjobs"]["bytes_per_event"] / len(BODY),
+        },
+        "p5": {"receiver_rss_mb": p1["ftjobs"]["rss_mb"]},
+        "targets": TARGETS,
+    }
+    name = "smoke" if args.smoke else "latest"
+    (args.out / f"{name}.json").write_bytes(msgspec.json.format(msgspec.json.encode(results)))
+    chart(results, args.out / f"{name}.png")
+    print(table(results))
+    return 0
+
+
+def table(r: dict[str, Any]) -> str:
+    p1, p2, p3, p4, p5, t = r["p1"], r["p2"], r["p3"], r["p4"], r["p5"], r["targets"]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    rows = [
+        (
+            "P1 ingest",
+            f"{p1['ftjobs']['rps']:,.0f} req/s vs limit {p1['bare']['rps']:,.0f} (naive {p1['naive']['rps']:,.0f})",
+            f"{p1['ratio']:.2f}",
+            f"≥ {t['p1_ratio']}",
+            met(p1["ratio"] >= t["p1_ratio"]),
+        ),
+        (
+            "P2 dispatch",
+            f"{p2['ftjobs_per_s']:,.0f} ev/s vs raw loop {p2['raw_per_s']:,.0f}",
+            f"{p2['ratio']:.2f}",
+            f"≥ {t['p2_ratio']}",
+            met(p2["ratio"] >= t["p2_ratio"]),
+        ),
+        (
+            "P3 latency",
+            f"p50 {p3['p50_ms']} ms, p90 {p3['p90_ms']} ms, p99 {p3['p99_ms']} ms at {p3['offered_per_s']}/s",
+            "",
+            f"≤ {t['p3_p50_ms']} / {t['p3_p99_ms']} ms",
+            met(p3["p50_ms"] <= t["p3_p50_ms"] and p3["p99_ms"] <= t["p3_p99_ms"]),
+        ),
+        (
+            "P4 memory",
+            f"{p4['bytes_per_event']:,.0f} B per event, body {p4['body_bytes']} B",
+            f"{p4['ratio']:.2f}",
+            f"≤ {t['p4_ratio']}",
+            met(p4["ratio"] <= t["p4_ratio"]),
+        ),
+        (
+            "P5 RSS",
+            f"{p5['receiver_rss_mb']} MB under load",
+            "",
+            f"≤ {t['p5_rss_mb']} MB",
+            met(p5["receiver_rss_mb"] <= t["p5_rss_mb"]),
+        ),
+    ]
+    lines = ["| metric | measured | ratio | target | |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
