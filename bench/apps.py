@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from processor.models import FineTuningJob
+from processor.service import new_loop
 
 
 def bare_app() -> web.Application:
@@ -51,7 +52,8 @@ def main() -> None:
     parser.add_argument("--redis-url", default="")
     args = parser.parse_args()
     app = bare_app() if args.kind == "bare" else naive_app(args.redis_url)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    # The same event loop ftjobs runs on (uvloop when installed), so the comparison is server against server.
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, loop=new_loop())
 
 
 if __name__ == "__main__":

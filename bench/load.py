@@ -21,7 +21,14 @@ import msgspec
 from processor import signatures
 
 WRK_SCRIPT = """
-local data = dofile(os.getenv("FTJOBS_BENCH_DATA"))
+local dir = os.getenv("FTJOBS_BENCH_DATA")
+local file = io.open(dir .. "/body.json", "rb")
+local data = {body = file:read("*a"), reqs = {}}
+file:close()
+for line in io.lines(dir .. "/signed.txt") do
+  local id, ts, sig = line:match("^(%S+) (%S+) (%S+)$")
+  data.reqs[#data.reqs + 1] = {id, ts, sig}
+end
 local counter = 0
 local nthreads = 0
 function setup(thread)
@@ -58,10 +65,6 @@ def presign(body: bytes, secret: str, count: int) -> Requests:
     return Requests(body=body, signed=out)
 
 
-def _lua_string(data: bytes) -> str:
-    return '"' + data.decode().replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 class Result(msgspec.Struct):
     requests: int
     seconds: float
@@ -78,14 +81,14 @@ def have_wrk() -> bool:
 def run_wrk(url: str, requests: Requests, seconds: float, connections: int = 64, threads: int = 1) -> Result:
     """One wrk run against `url`; latencies from wrk's own distribution."""
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data.lua"
-        rows = ",\n".join(f'{{"{i}","{t}","{s}"}}' for i, t, s in requests.signed)
-        data.write_text(f"return {{body = {_lua_string(requests.body)}, reqs = {{\n{rows}\n}}}}\n")
+        # Plain files read by the script (a Lua table literal this large exceeds Lua's constant limit).
+        (Path(tmp) / "body.json").write_bytes(requests.body)
+        (Path(tmp) / "signed.txt").write_text("".join(f"{i} {t} {s}\n" for i, t, s in requests.signed))
         script = Path(tmp) / "signed.lua"
         script.write_text(WRK_SCRIPT)
-        env = {"FTJOBS_BENCH_DATA": str(data), "FTJOBS_BENCH_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
+        env = {"FTJOBS_BENCH_DATA": tmp, "FTJOBS_BENCH_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
         out = subprocess.run(
-            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+            [*_wrk_args(threads, connections, seconds), "-s", str(script), url],
             capture_output=True,
             text=True,
             env=env,
@@ -104,6 +107,10 @@ def run_wrk(url: str, requests: Requests, seconds: float, connections: int = 64,
         p99_ms=_wrk_ms(out, "99%"),
         errors=(int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, errors.groups())) if errors else 0),
     )
+
+
+def _wrk_args(threads: int, connections: int, seconds: float) -> list[str]:
+    return ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
 
 
 def _wrk_ms(out: str, percentile: str) -> float:

@@ -24,7 +24,7 @@ import redis.asyncio as redis
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.models import Event, FineTuningJob
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
-from processor.stream import Keys
+from processor.stream import Keys, Lua
 
 # Apply one event to its job's state, atomically, once: the verdict is kept per event, so every handler
 # group gets the same answer however many other events of the job came in between.
@@ -74,7 +74,7 @@ class JobState:
         self.client = client
         self.keys = keys
         self.retention_s = retention_s
-        self._apply = client.register_script(_APPLY_LUA)
+        self._apply = Lua(_APPLY_LUA)
 
     def _job_keys(self, job_id: str) -> list[str]:
         p = self.keys.prefix
@@ -93,19 +93,18 @@ class JobState:
         tracked = [e for e in events if e.status is not None]  # e.g. batch.completed: nothing to track
         if not tracked:
             return events
-        async with self.client.pipeline(transaction=False) as pipe:
-            for event in tracked:
-                args: list[str | float] = [
-                    event.id,
-                    event.status or "",
-                    event.observed_at,
-                    event.source,
-                    event.job_id,
-                    self.retention_s,
-                ]
-                keys = [*self._job_keys(event.job_id), f"{self.keys.prefix}:verdict:{event.id}"]
-                await self._apply(keys=keys, args=args, client=pipe)
-            replies = iter(await pipe.execute())
+        calls = [
+            (
+                [*self._job_keys(e.job_id), f"{self.keys.prefix}:verdict:{e.id}"],
+                [e.id, e.status or "", e.observed_at, e.source, e.job_id, self.retention_s],
+            )
+            for e in tracked
+        ]
+        answers = await self._apply.run(self.client, calls)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        replies = iter(answers)
         return [self._verdict(event, next(replies)) if event.status is not None else event for event in events]
 
     @staticmethod

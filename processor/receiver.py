@@ -93,15 +93,12 @@ async def receive_webhook(request: web.Request) -> web.Response:
         webhook_id = signatures.verify(request.headers, body, signing_keys, tolerance_s=settings.tolerance_s)
     else:
         webhook_id = request.headers.get(signatures.ID_HEADER) or f"unsigned_{uuid.uuid4().hex}"
-    structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
     try:
         decoded = decode_body(body)
     except msgspec.ValidationError as exc:
         return await _quarantine(request, webhook_id, body, explain(exc))
     except msgspec.DecodeError as exc:
         raise NotJSONError(f"body is not valid JSON: {exc}") from None
-    finally:
-        structlog.contextvars.unbind_contextvars("webhook_id")
     event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
     keys = request.app[STREAMS].keys
     new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)})

@@ -18,13 +18,14 @@ an entry that a crashed consumer held is still pending and is taken over (XAUTOC
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import redis.asyncio as redis
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 Entry = tuple[str, bytes]
@@ -84,6 +85,32 @@ class Keys:
         return f"{self.prefix}:h:{handler}"
 
 
+class Lua:
+    """A Lua script sent by EVALSHA in pipelines, and loaded again when the server lost it (NOSCRIPT, e.g.
+    after a restart). redis-py's `Script` asks SCRIPT EXISTS before every pipeline: a round trip we save."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def run(self, client: redis.Redis, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """One pipelined round trip for `calls` of (keys, args); per-call errors come back as exceptions."""
+        replies = await self._pipeline(client, calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await client.script_load(self.source)
+            for i, reply in zip(missing, await self._pipeline(client, [calls[i] for i in missing]), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, client: redis.Redis, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
+
 class Enqueuer:
     """Dedupe + XADD, with the writes of concurrent requests batched into one pipelined round trip.
 
@@ -92,14 +119,17 @@ class Enqueuer:
     (or the connection error) only after Redis answered.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, max_batch: int = 256) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, ttl_s: int, max_batch: int = 256, max_in_flight: int = 2
+    ) -> None:
         self._client = client
         self._keys = keys
         self._ttl = ttl_s
         self._max_batch = max_batch
-        self._script = client.register_script(_ENQUEUE_LUA)
+        self._max_in_flight = max_in_flight
+        self._script = Lua(_ENQUEUE_LUA)
         self._pending: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]] = []
-        self._flushing = False
+        self._in_flight = 0
 
     async def add(self, webhook_id: str, stream: str, fields: dict[bytes, bytes]) -> tuple[bool, str]:
         """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id)."""
@@ -108,25 +138,24 @@ class Enqueuer:
             args += (name, value)
         future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
-        if not self._flushing:
-            self._flushing = True
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
             asyncio.get_running_loop().create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:
+        """Send what is waiting, batch after batch; while this batch is out, the next one fills up. A second
+        flusher overlaps its round trip with the first (Redis still applies every write in order)."""
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
                 await self._send(batch)
         finally:
-            self._flushing = False
+            self._in_flight -= 1
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]]) -> None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for args, _ in batch:
-                    await self._script(keys=args[:2], args=args[2:], client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._script.run(self._client, [(args[:2], args[2:]) for args, _ in batch])
         except Exception as exc:  # connection refused, timeout, ...: every caller gets a 503
             for _, future in batch:
                 if not future.done():

@@ -197,7 +197,8 @@ class Runner:
         started = time.perf_counter()
         self._in_flight.add(entry_id)
         try:
-            await asyncio.wait_for(self.handler(delivery), self.spec.timeout_s)
+            async with asyncio.timeout(self.spec.timeout_s):  # no extra task per call, unlike wait_for
+                await self.handler(delivery)
         except Exception as exc:  # the handler's own bug counts as a transient failure
             if self.guard.active and await self.guard.record(ok=False):
                 log.warning("circuit_opened", cooldown_s=self.spec.breaker_cooldown_s)
@@ -219,7 +220,8 @@ class Runner:
             await self.streams.mark_done(self.group, event_id, self.retention_s)
         if self.guard.active:
             await self.guard.record(ok=True)
-        log.info("event_delivered", ms=round((time.perf_counter() - started) * 1000, 2))
+        # Debug: at thousands of events a second, a line each costs more than the dispatch itself.
+        log.debug("event_delivered", ms=round((time.perf_counter() - started) * 1000, 2))
         return True
 
     async def _dead_letter(self, entry: Entry, reason: str, attempts: int) -> None:
