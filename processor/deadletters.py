@@ -16,7 +16,7 @@ from msgspec import Struct
 
 from processor.models import Event, decode_body, decode_event, encode_event
 from processor.settings import explain
-from processor.stream import RECORD_FIELD, Streams
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, Enqueuer, Streams
 
 
 class DeadLetter(Struct, kw_only=True):
@@ -26,6 +26,8 @@ class DeadLetter(Struct, kw_only=True):
     attempts: int
     failed_at: float
     event: Event | None
+    #: The job-state verdict the original entry carried (kept, so a replay is judged the same).
+    verdict: str = ""
 
 
 class Quarantined(Struct, kw_only=True):
@@ -39,10 +41,11 @@ class Quarantined(Struct, kw_only=True):
 class DeadLetters:
     """Operator actions on one deployment's dead-letter and quarantine streams."""
 
-    def __init__(self, streams: Streams) -> None:
+    def __init__(self, streams: Streams, *, dedupe_ttl_s: int = 96 * 3600, retention_s: int = 7 * 24 * 3600) -> None:
         self.streams = streams
         self.client = streams.client
         self.keys = streams.keys
+        self.enqueuer = Enqueuer(streams.client, streams.keys, ttl_s=dedupe_ttl_s, state_ttl_s=retention_s)
 
     async def letters(self, handler: str, count: int = 100) -> list[DeadLetter]:
         raw: Any = await self.client.xrange(self.keys.dlq(handler), count=count)
@@ -65,7 +68,7 @@ class DeadLetters:
             note = f"dead-lettered after {letter.attempts} attempt(s) at {letter.failed_at:.0f}: {letter.error}"
             event = msgspec.structs.replace(letter.event, target=handler, history=[*letter.event.history, note])
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event)})
+                pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event), VERDICT_FIELD: letter.verdict.encode()})
                 pipe.xdel(self.keys.dlq(handler), letter.id)
                 added, _ = await pipe.execute()
             new_ids.append(added.decode() if isinstance(added, bytes) else str(added))
@@ -94,11 +97,15 @@ class DeadLetters:
                 outcomes.append((item.id, f"still not readable: {exc}"))
                 continue
             event = Event.from_body(body, webhook_id=item.webhook_id, received_at=time.time())
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event)})
-                pipe.xdel(self.keys.quarantine, item.id)
-                await pipe.execute()
-            outcomes.append((item.id, f"enqueued as {event.type} for {event.job_id}"))
+            # Enqueued like a fresh delivery (judged against the job's state), under its own dedupe id: the
+            # webhook-id already names the quarantine entry.
+            replay_id = f"{item.webhook_id}:replayed"
+            new, entry_id = await self.enqueuer.add(
+                replay_id, self.keys.events, {RECORD_FIELD: encode_event(event)}, event
+            )
+            await self.client.xdel(self.keys.quarantine, item.id)
+            what = f"enqueued as {event.type} for {event.job_id}" if new else f"already replayed as {entry_id}"
+            outcomes.append((item.id, what))
         return outcomes
 
     async def drop_quarantined(self, ids: list[str]) -> int:
@@ -121,6 +128,7 @@ def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
         attempts=int(fields.get(b"attempts", b"0")),
         failed_at=float(fields.get(b"failed_at", b"0")),
         event=event,
+        verdict=_text(fields.get(VERDICT_FIELD, b"")),
     )
 
 

@@ -1,14 +1,16 @@
-"""What we know about each job: its latest status, the timeline of transitions, and each event's verdict.
+"""What we know about each job, and the one step between dequeue and routing: hydration.
 
-Before routing, every event is *prepared*, with the same outcome for every handler group and worker process:
-a thin webhook is hydrated with the job from the API (fetched once per event: the job is cached in Redis and
-a lock makes one worker fetch it), then the event is applied to the job's state, which gives it
-`previous_status` and marks it `stale` (older than what we know) or a `repeat_of` the event that already
-announced that status (the poller and a webhook both saw `succeeded`). The verdict is kept per event.
+Job state is written when an event is enqueued (`stream._ENQUEUE_LUA`, atomically and in arrival order):
+each job's latest status, a timeline of transitions with their source, and for every event a verdict stored
+in its entry — `previous_status`, `stale` (older than what we know) or a `repeat_of` the event that already
+announced that status (the poller and a webhook both saw `succeeded`). `judge` applies that verdict.
+
+Before routing, a thin webhook is hydrated with the job from the API, fetched once per event: the job is
+cached in Redis and a lock makes one worker fetch it; every handler group and worker process shares it.
 
 Keys: `{p}:job:{id}` (hash: status, at, event, source), `{p}:timeline:{id}` (list of JSON transitions),
-`{p}:jobs` (sorted set: job id by last change), `{p}:verdict:{event}` (hash), `{p}:hydrated:{event}` (msgpack
-job, or `!reason` when the job does not exist) and its `:lock`. All expire with the stream's retention.
+`{p}:jobs` (sorted set: job id by last change), `{p}:hydrated:{event}` (msgpack job, or `!reason` when the
+job does not exist) and its `:lock`. All expire with the stream's retention.
 """
 
 from __future__ import annotations
@@ -24,34 +26,8 @@ import redis.asyncio as redis
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.models import Event, FineTuningJob
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
-from processor.stream import Keys, Lua
+from processor.stream import Keys
 
-# Apply one event to its job's state, atomically, once: the verdict is kept per event, so every handler
-# group gets the same answer however many other events of the job came in between.
-# KEYS: job hash, timeline, jobs index, verdict. ARGV: event id, status, at, source, job id, ttl.
-_APPLY_LUA: Final = """
-local kept = redis.call('HMGET', KEYS[4], 'kind', 'previous', 'repeat_of')
-if kept[1] then return kept end
-local cur = redis.call('HMGET', KEYS[1], 'status', 'at', 'event')
-local prev, prev_at, prev_event = cur[1], tonumber(cur[2] or '0'), cur[3]
-local verdict
-if prev == ARGV[2] then
-  verdict = {'repeat', prev, prev_event}
-elseif prev and (prev == 'succeeded' or prev == 'failed' or prev == 'cancelled' or tonumber(ARGV[3]) < prev_at) then
-  verdict = {'stale', prev, ''}
-else
-  verdict = {'new', prev or '', ''}
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'at', ARGV[3], 'event', ARGV[1], 'source', ARGV[4])
-  redis.call('RPUSH', KEYS[2], cjson.encode({status = ARGV[2], at = tonumber(ARGV[3]), source = ARGV[4],
-             event = ARGV[1], previous = prev or ''}))
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-end
-redis.call('HSET', KEYS[4], 'kind', verdict[1], 'previous', verdict[2], 'repeat_of', verdict[3])
-redis.call('EXPIRE', KEYS[4], ARGV[6])
-return verdict
-"""
 _NOT_FOUND: Final = b"!"
 _job_encoder: Final = msgspec.msgpack.Encoder()
 _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)
@@ -67,14 +43,26 @@ class Transition(msgspec.Struct):
     previous: str = ""
 
 
+def judge(event: Event, verdict: bytes) -> Event:
+    """The event with the verdict its entry got at enqueue: `previous_status`, `stale`, `repeat_of`."""
+    if not verdict:
+        return event
+    kind, previous, repeat_of = verdict.decode().split("|", 2)
+    return msgspec.structs.replace(
+        event,
+        previous_status=previous or None,
+        stale=kind == "stale",
+        repeat_of=repeat_of if kind == "repeat" else None,
+    )
+
+
 class JobState:
-    """Reads and writes the per-job state (the pure part of the verdict is in `_APPLY_LUA`)."""
+    """Reads the per-job state that enqueueing writes (`stream._ENQUEUE_LUA`)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, retention_s: int) -> None:
         self.client = client
         self.keys = keys
         self.retention_s = retention_s
-        self._apply = Lua(_APPLY_LUA)
 
     def _job_keys(self, job_id: str) -> list[str]:
         p = self.keys.prefix
@@ -82,37 +70,6 @@ class JobState:
 
     def hydrated_key(self, event_id: str) -> str:
         return f"{self.keys.prefix}:hydrated:{event_id}"
-
-    async def apply(self, event: Event) -> Event:
-        """The event with `previous_status`, `stale` and `repeat_of` filled in from the job's state."""
-        [applied] = await self.apply_many([event])
-        return applied
-
-    async def apply_many(self, events: list[Event]) -> list[Event]:
-        """`apply` for several events in one pipelined round trip (in order: a job's events stay ordered)."""
-        tracked = [e for e in events if e.status is not None]  # e.g. batch.completed: nothing to track
-        if not tracked:
-            return events
-        calls = [
-            (
-                [*self._job_keys(e.job_id), f"{self.keys.prefix}:verdict:{e.id}"],
-                [e.id, e.status or "", e.observed_at, e.source, e.job_id, self.retention_s],
-            )
-            for e in tracked
-        ]
-        answers = await self._apply.run(self.client, calls)
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-        replies = iter(answers)
-        return [self._verdict(event, next(replies)) if event.status is not None else event for event in events]
-
-    @staticmethod
-    def _verdict(event: Event, reply: Any) -> Event:
-        kind, previous = _text(reply[0]), _text(reply[1]) or None
-        if kind == "repeat":
-            return msgspec.structs.replace(event, previous_status=previous, repeat_of=_text(reply[2]))
-        return msgspec.structs.replace(event, previous_status=previous, stale=kind == "stale")
 
     async def timeline(self, job_id: str) -> list[Transition]:
         raw = await self.client.lrange(self._job_keys(job_id)[1], 0, -1)
@@ -130,7 +87,7 @@ class JobState:
 
 
 class Preparer:
-    """Prepares each event (hydrate if thin, then apply to job state), the same for every handler group."""
+    """Hydrates thin events before routing: the job is fetched once per event and shared by every group."""
 
     def __init__(self, state: JobState, api: OpenAIClient | None, retry_s: float = 5.0) -> None:
         self.state = state
@@ -138,27 +95,19 @@ class Preparer:
         self.retry_s = retry_s
         self._local: dict[str, asyncio.Future[Event]] = {}
 
-    async def prepare(self, event: Event) -> Event:
-        """The prepared event. Raises `RetryLater` (API down; try later) or `PermanentFailure` (job gone)."""
-        [prepared] = await self.prepare_many([event])
-        if isinstance(prepared, HandlerError):
-            raise prepared
-        return prepared
-
     async def prepare_many(self, events: list[Event]) -> list[Event | HandlerError]:
-        """Prepare a batch: hydrations run concurrently, then every verdict in one round trip. An event that
-        cannot be prepared gets its `RetryLater`/`PermanentFailure` in its place (Redis errors raise)."""
+        """Hydrate the thin ones of a batch, concurrently. An event that cannot be hydrated gets its
+        `RetryLater`/`PermanentFailure` in its place; Redis errors raise."""
+        if self.api is None or all(not _thin(e) for e in events):
+            return list(events)
         hydrated = await asyncio.gather(*(self._hydrate(e) for e in events), return_exceptions=True)
         for outcome in hydrated:
             if isinstance(outcome, BaseException) and not isinstance(outcome, HandlerError):
                 raise outcome
-        applied = iter(await self.state.apply_many([e for e in hydrated if isinstance(e, Event)]))
-        return [next(applied) if isinstance(e, Event) else e for e in hydrated]  # type: ignore[misc]
+        return hydrated  # type: ignore[return-value]
 
     async def _hydrate(self, event: Event) -> Event:
-        if self.api is not None and event.job is None and event.type.startswith("fine_tuning.job."):
-            return await self._hydrated(event)
-        return event
+        return await self._hydrated(event) if _thin(event) else event
 
     async def _hydrated(self, event: Event) -> Event:
         """The event with its job, fetched once per event: once per process, then cached in Redis."""
@@ -203,6 +152,10 @@ class Preparer:
             return msgspec.structs.replace(event, job=job)
         finally:
             await client.delete(lock)
+
+
+def _thin(event: Event) -> bool:
+    return event.job is None and event.type.startswith("fine_tuning.job.")
 
 
 def _from_cache(event: Event, raw: bytes) -> Event:

@@ -98,7 +98,11 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit(f"ftjobs: unknown handler {args.handler!r} (configured: {', '.join(names)})")
 
     async def act(client: redis.Redis) -> int:
-        dead = DeadLetters(Streams(client, Keys(settings.redis.prefix)))
+        dead = DeadLetters(
+            Streams(client, Keys(settings.redis.prefix)),
+            dedupe_ttl_s=settings.receiver.dedupe_window_s,
+            retention_s=settings.redis.retention_s,
+        )
         letters = await dead.letters(args.handler, 10_000)
         if args.action == "list":
             for letter in letters:
@@ -120,7 +124,11 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
     async def act(client: redis.Redis) -> int:
-        dead = DeadLetters(Streams(client, Keys(settings.redis.prefix)))
+        dead = DeadLetters(
+            Streams(client, Keys(settings.redis.prefix)),
+            dedupe_ttl_s=settings.receiver.dedupe_window_s,
+            retention_s=settings.redis.retention_s,
+        )
         items = await dead.quarantined(10_000)
         if args.action == "list":
             for item in items:

@@ -37,7 +37,9 @@ class Poller:
         keys: Keys = streams.keys
         self.seen_key = f"{keys.prefix}:poller:seen"
         self.meta_key = f"{keys.prefix}:poller"
-        self.enqueuer = Enqueuer(streams.client, keys, ttl_s=settings.receiver.dedupe_window_s)
+        self.enqueuer = Enqueuer(
+            streams.client, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s
+        )
 
     async def poll_once(self, now: float | None = None) -> int:
         """List recent jobs and enqueue one event per status change; returns how many were enqueued."""
@@ -58,8 +60,9 @@ class Poller:
                 continue
             quiet = last_status is None and not openai.poll_backfill and job.created_at < int(started)
             if not quiet:
+                event = _event(job)
                 new, _ = await self.enqueuer.add(
-                    f"poll:{job.id}:{job.status}", self.streams.keys.events, {RECORD_FIELD: encode_event(_event(job))}
+                    event.id, self.streams.keys.events, {RECORD_FIELD: encode_event(event)}, event
                 )
                 emitted += new
                 log.info("status_change_polled", job_id=job.id, status=job.status, previous=last_status, new=new)

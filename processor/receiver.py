@@ -101,7 +101,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         raise NotJSONError(f"body is not valid JSON: {exc}") from None
     event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
     keys = request.app[STREAMS].keys
-    new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)})
+    new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)}, event)
     if not new:
         return reply(
             200,
@@ -141,10 +141,12 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
     )
 
 
-async def _enqueue(request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes]) -> tuple[bool, str]:
+async def _enqueue(
+    request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
+) -> tuple[bool, str]:
     try:
         await request.app[STREAMS].ensure_groups(h.name for h in request.app[SETTINGS].handlers)
-        return await request.app[ENQUEUER].add(webhook_id, stream, fields)
+        return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
     except (RedisError, OSError) as exc:
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)
         raise UnavailableError("the queue is unavailable; nothing was stored, retry later") from None
@@ -180,7 +182,13 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         client = connect(redis_url)
         keys = Keys(settings.redis.prefix)
         app[STREAMS] = Streams(client, keys)
-        app[ENQUEUER] = Enqueuer(client, keys, ttl_s=receiver.dedupe_window_s, max_batch=receiver.max_batch)
+        app[ENQUEUER] = Enqueuer(
+            client,
+            keys,
+            ttl_s=receiver.dedupe_window_s,
+            state_ttl_s=settings.redis.retention_s,
+            max_batch=receiver.max_batch,
+        )
         try:
             await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
         except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back

@@ -10,6 +10,7 @@ Keys (all under `settings.redis.prefix`, default `ftjobs`):
     {p}:dlq:{handler}       dead letters: the record, the error and the attempt count
     {p}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
     {p}:h:{handler}:...     the handler's own state (e.g. Slack thread timestamps)
+    {p}:job:{id}, {p}:timeline:{id}, {p}:jobs   job state, written at enqueue (see `_ENQUEUE_LUA`)
 
 An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
 an entry that a crashed consumer held is still pending and is taken over (XAUTOCLAIM) after the lease.
@@ -21,24 +22,62 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis.asyncio as redis
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
-Entry = tuple[str, bytes]
-"""A stream entry as the worker sees it: (entry id, the stored msgpack record)."""
+from processor.models import Event
+
+
+class Entry(NamedTuple):
+    """A stream entry as the worker sees it."""
+
+    id: str
+    #: The msgpack `Event`.
+    record: bytes
+    #: The job-state verdict given at enqueue ("kind|previous|repeat of"; empty when none).
+    verdict: bytes = b""
+
 
 RECORD_FIELD: Final = b"e"
+VERDICT_FIELD: Final = b"v"
 
-# Dedupe and append in one atomic step: a `webhook-id` seen before returns the entry it created, and
-# nothing is appended. KEYS: dedupe key, stream. ARGV: ttl seconds, then field/value pairs.
+# Dedupe, judge and append in one atomic step. A `webhook-id` seen before returns the entry it created and
+# appends nothing. For a job event, the job's state gives the event its verdict, stored in the entry as
+# `v` = "kind|previous status|repeat of": `new` (a transition: recorded in the job hash, the timeline and the
+# index), `repeat` (this status was already announced, by event `repeat of`) or `stale` (older than what we
+# know, or after a terminal status). Judging here, in arrival order, means every handler group sees the
+# same verdict without asking Redis again.
+# KEYS: dedupe key, stream, job hash, timeline, jobs index.
+# ARGV: dedupe ttl, status ('' for no job state), at, source, job id, state ttl, event id, field/value pairs.
 _ENQUEUE_LUA: Final = """
 local seen = redis.call('GET', KEYS[1])
 if seen then return {0, seen} end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+local fields = {unpack(ARGV, 8)}
+local status = ARGV[2]
+if status ~= '' then
+  local cur = redis.call('HMGET', KEYS[3], 'status', 'at', 'event')
+  local prev, prev_at, prev_event = cur[1], tonumber(cur[2] or '0'), cur[3]
+  local kind, repeat_of = 'new', ''
+  if prev == status then
+    kind, repeat_of = 'repeat', prev_event
+  elseif prev and (prev == 'succeeded' or prev == 'failed' or prev == 'cancelled' or tonumber(ARGV[3]) < prev_at) then
+    kind = 'stale'
+  else
+    redis.call('HSET', KEYS[3], 'status', status, 'at', ARGV[3], 'event', ARGV[7], 'source', ARGV[4])
+    redis.call('RPUSH', KEYS[4], cjson.encode({status = status, at = tonumber(ARGV[3]), source = ARGV[4],
+               event = ARGV[7], previous = prev or ''}))
+    redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
+    redis.call('EXPIRE', KEYS[3], ARGV[6])
+    redis.call('EXPIRE', KEYS[4], ARGV[6])
+  end
+  fields[#fields + 1] = 'v'
+  fields[#fields + 1] = kind .. '|' .. (prev or '') .. '|' .. repeat_of
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
 return {1, id}
 """
@@ -120,20 +159,47 @@ class Enqueuer:
     """
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, *, ttl_s: int, max_batch: int = 256, max_in_flight: int = 2
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        ttl_s: int,
+        state_ttl_s: int = 7 * 24 * 3600,
+        max_batch: int = 256,
+        max_in_flight: int = 2,
     ) -> None:
         self._client = client
         self._keys = keys
         self._ttl = ttl_s
+        self._state_ttl = state_ttl_s
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._script = Lua(_ENQUEUE_LUA)
         self._pending: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]] = []
         self._in_flight = 0
 
-    async def add(self, webhook_id: str, stream: str, fields: dict[bytes, bytes]) -> tuple[bool, str]:
-        """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id)."""
-        args: list[Any] = [self._keys.seen(webhook_id), stream, self._ttl]
+    async def add(
+        self, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
+    ) -> tuple[bool, str]:
+        """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id). With `event`, the
+        job's state judges it first (see `_ENQUEUE_LUA`)."""
+        status = event.status if event is not None else None
+        job_id = event.job_id if event is not None else ""
+        p = self._keys.prefix
+        args: list[Any] = [
+            self._keys.seen(webhook_id),
+            stream,
+            f"{p}:job:{job_id}",
+            f"{p}:timeline:{job_id}",
+            f"{p}:jobs",
+            self._ttl,
+            status or "",
+            event.observed_at if event else 0,
+            event.source if event else "",
+            job_id,
+            self._state_ttl,
+            webhook_id,
+        ]
         for name, value in fields.items():
             args += (name, value)
         future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
@@ -155,7 +221,7 @@ class Enqueuer:
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]]) -> None:
         try:
-            replies = await self._script.run(self._client, [(args[:2], args[2:]) for args, _ in batch])
+            replies = await self._script.run(self._client, [(args[:5], args[5:]) for args, _ in batch])
         except Exception as exc:  # connection refused, timeout, ...: every caller gets a 503
             for _, future in batch:
                 if not future.done():
@@ -245,7 +311,7 @@ class Streams:
             return []
         claimed: Any = await self.client.xclaim(self.keys.events, group, consumer, 0, list[Any](ids))
         entries = [_entry(raw) for raw in claimed if raw and raw[1]]
-        gone = set(ids) - {entry_id for entry_id, _ in entries}
+        gone = set(ids) - {entry.id for entry in entries}
         if gone:  # trimmed away while pending (only possible if retention was cut by hand)
             await self.ack(group, sorted(gone))
         return entries
@@ -280,13 +346,14 @@ class Streams:
 
     async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int) -> None:
         """Move an entry to the group's dead-letter stream and acknowledge it, atomically."""
-        entry_id, record = entry
+        entry_id = entry.id
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 self.keys.dlq(group),
                 {
                     b"entry_id": entry_id,
-                    RECORD_FIELD: record,
+                    RECORD_FIELD: entry.record,
+                    VERDICT_FIELD: entry.verdict,
                     b"error": error,
                     b"attempts": attempts,
                     b"failed_at": f"{time.time():.3f}",
@@ -347,7 +414,7 @@ def _text(value: Any) -> str:
 
 def _entry(raw: Any) -> Entry:
     entry_id, fields = raw
-    return _text(entry_id), fields.get(RECORD_FIELD, b"")
+    return Entry(_text(entry_id), fields.get(RECORD_FIELD, b""), fields.get(VERDICT_FIELD, b""))
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:

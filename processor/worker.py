@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
 from processor.errors import HandlerError, PermanentFailure, RetryLater
-from processor.jobstate import Preparer
+from processor.jobstate import Preparer, judge
 from processor.limits import Guard
 from processor.models import Event, decode_event
 from processor.settings import HandlerSpec, WorkerSettings
@@ -89,9 +89,9 @@ class Runner:
         try:
             while not self._stopping.is_set():
                 try:
-                    entries = await self._next_batch()
+                    entries, seen_before = await self._next_batch()
                     if entries:
-                        await self._process(entries)
+                        await self._process(entries, seen_before)
                     failures = 0
                 except Exception as exc:  # Redis away, or a bug: log it, wait, and carry on; entries stay pending
                     failures += 1
@@ -107,7 +107,8 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
-    async def _next_batch(self) -> list[Entry]:
+    async def _next_batch(self) -> tuple[list[Entry], int]:
+        """Up to a batch of entries: taken over, due for a retry, then new; and how many are not new."""
         size = self.settings.batch_size
         entries: list[Entry] = []
         now = time.monotonic()
@@ -117,43 +118,45 @@ class Runner:
             if entries:
                 self._log.info("entries_reclaimed", count=len(entries))
         entries += await self.streams.take_due(self.group, self.consumer, size)
+        seen_before = len(entries)
         if len(entries) < size:
             block = None if entries else self.settings.block_ms
             entries += await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
-        return entries
+        return entries, seen_before
 
-    async def _process(self, entries: list[Entry]) -> None:
-        """Run one batch: per-job order kept, jobs concurrent, successful acks sent together."""
-        ids = [entry_id for entry_id, _ in entries]
+    async def _process(self, entries: list[Entry], seen_before: int) -> None:
+        """Run one batch: per-job order kept, jobs concurrent, successful acks sent together. Only the first
+        `seen_before` entries (taken over, or retries) can have failed attempts to look up."""
+        ids = [entry.id for entry in entries[:seen_before]]
         attempts = dict(zip(ids, await self.streams.attempts(self.group, ids), strict=True))
         decoded: list[Event | None] = []
-        for _, record in entries:
+        for entry in entries:
             try:
-                decoded.append(decode_event(record))
+                decoded.append(judge(decode_event(entry.record), entry.verdict))
             except msgspec.DecodeError:
                 decoded.append(None)
-        # Prepare (hydrate, apply to job state) the events meant for this handler, in one pipelined step.
+        # Hydrate the thin events meant for this handler (a no-op for full jobs).
         mine = [e is not None and (e.target is None or e.target == self.group) for e in decoded]
         ready = iter(await self.preparer.prepare_many([e for e, m in zip(decoded, mine, strict=True) if m and e]))
         by_job: dict[str, list[tuple[Entry, Prepared]]] = defaultdict(list)
         for entry, event, is_mine in zip(entries, decoded, mine, strict=True):
             outcome: Prepared = None if event is None else next(ready) if is_mine else _SKIP
-            by_job[event.job_id if event else entry[0]].append((entry, outcome))
+            by_job[event.job_id if event else entry.id].append((entry, outcome))
         gate = asyncio.Semaphore(max(1, self.spec.concurrency))
         done: list[str] = []
 
         async def run_job(items: list[tuple[Entry, Prepared]]) -> None:
             async with gate:
                 for entry, event in items:
-                    if await self._deliver(entry, event, attempts.get(entry[0], 0)):
-                        done.append(entry[0])
+                    if await self._deliver(entry, event, attempts.get(entry.id, 0)):
+                        done.append(entry.id)
 
         await asyncio.gather(*(run_job(items) for items in by_job.values()))
         await self.streams.ack(self.group, done)
 
     async def _deliver(self, entry: Entry, event: Prepared, failed_before: int) -> bool:
         """Handle one entry; True when it is finished (to be acked), False when a retry or DLQ took it."""
-        entry_id = entry[0]
+        entry_id = entry.id
         if event is None:
             await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
             self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
@@ -185,7 +188,7 @@ class Runner:
             return await self._call(entry, delivery)
 
     async def _call(self, entry: Entry, delivery: Delivery) -> bool:
-        entry_id, attempt, event_id = entry[0], delivery.attempt, delivery.event.id
+        entry_id, attempt, event_id = entry.id, delivery.attempt, delivery.event.id
         if self.once and await self.streams.already_done(self.group, event_id):
             log.info("event_already_delivered")
             return True

@@ -221,15 +221,15 @@ async def test_trim_keeps_everything_a_group_still_needs(
     await streams.ensure_groups(["fast", "slow"])
     ids = [await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"x"}) for _ in range(10)]
     fast = await streams.read_new("fast", "c", 10, None)
-    await streams.ack("fast", [i for i, _ in fast])
+    await streams.ack("fast", [e.id for e in fast])
     slow = await streams.read_new("slow", "c", 4, None)
-    await streams.ack("slow", [i for i, _ in slow[:2]])  # 2 acked, 2 pending, 6 unread
+    await streams.ack("slow", [e.id for e in slow[:2]])  # 2 acked, 2 pending, 6 unread
     assert await streams.trim(retention_s=0, now=time.time() + 10) == 2
     remaining = [i for i, _ in await rclient.xrange(f"{prefix}:events")]
     assert remaining == ids[2:]
-    await streams.ack("slow", [i for i, _ in slow[2:]])
+    await streams.ack("slow", [e.id for e in slow[2:]])
     rest = await streams.read_new("slow", "c", 10, None)
-    await streams.ack("slow", [i for i, _ in rest])
+    await streams.ack("slow", [e.id for e in rest])
     # Everything acknowledged: retention alone decides (nothing older than the horizon is kept).
     assert await streams.trim(retention_s=3600) == 0
     assert await streams.trim(retention_s=0, now=time.time() + 10) == 8
