@@ -30,7 +30,7 @@ import redis.asyncio as redis
 
 from bench import load
 from handlers import registry
-from processor import signatures
+from processor import logs, signatures
 from processor.embedded import EmbeddedValkey
 from processor.models import Event, decode_job, encode_event
 from processor.service import running_worker
@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny load: check that the benchmark runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    logs.configure("warning", "json")
     if args.smoke:
         args.seconds, args.connections, args.client = 1.0, 4, "python"
         args.dispatch_events, args.rate, args.latency_seconds = 300, 100, 1.0

@@ -273,13 +273,18 @@ class Streams:
         reply: Any = await self.client.xreadgroup(group, consumer, {self.keys.events: ">"}, count=count, block=block_ms)
         return [_entry(raw) for _, entries in reply or () for raw in entries if raw[1]]
 
-    async def ack(self, group: str, ids: Sequence[str]) -> None:
-        """Mark `ids` done for `group` and forget their attempt counters."""
+    async def ack(self, group: str, ids: Sequence[str], retried: Sequence[str] | None = None) -> None:
+        """Mark `ids` done for `group`, and forget the attempt counters of those that had failed before
+        (`retried`; None: any of them may have)."""
         if not ids:
+            return
+        forget = ids if retried is None else retried
+        if not forget:
+            await self.client.xack(self.keys.events, group, *ids)
             return
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.events, group, *ids)
-            pipe.hdel(self.keys.attempts(group), *ids, *(f"{i}:error" for i in ids))
+            pipe.hdel(self.keys.attempts(group), *forget, *(f"{i}:error" for i in forget))
             await pipe.execute()
 
     async def attempts(self, group: str, ids: Sequence[str]) -> list[int]:

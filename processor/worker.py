@@ -38,6 +38,8 @@ log = structlog.get_logger()
 #: prepared, None for an undecodable record, or `_SKIP` for a replay aimed at another handler.
 Prepared = Event | HandlerError | None | object
 _SKIP: Final = object()
+#: Due retries are looked for this often (not on every batch: it would cost a round trip each).
+_RETRY_CHECK_S: Final = 0.05
 
 
 def consumer_name() -> str:
@@ -76,6 +78,7 @@ class Runner:
         self._in_flight: set[str] = set()
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
+        self._last_retry_check = 0.0
         self._log = log.bind(handler=self.group)
 
     def stop(self) -> None:
@@ -117,7 +120,9 @@ class Runner:
             entries += await self.streams.reclaim(self.group, self.consumer, self.settings.lease_s, size)
             if entries:
                 self._log.info("entries_reclaimed", count=len(entries))
-        entries += await self.streams.take_due(self.group, self.consumer, size)
+        if now - self._last_retry_check >= _RETRY_CHECK_S:
+            self._last_retry_check = now
+            entries += await self.streams.take_due(self.group, self.consumer, size)
         seen_before = len(entries)
         if len(entries) < size:
             block = None if entries else self.settings.block_ms
@@ -142,17 +147,18 @@ class Runner:
         for entry, event, is_mine in zip(entries, decoded, mine, strict=True):
             outcome: Prepared = None if event is None else next(ready) if is_mine else _SKIP
             by_job[event.job_id if event else entry.id].append((entry, outcome))
-        gate = asyncio.Semaphore(max(1, self.spec.concurrency))
         done: list[str] = []
+        jobs = iter(by_job.values())
 
-        async def run_job(items: list[tuple[Entry, Prepared]]) -> None:
-            async with gate:
+        async def lane() -> None:
+            # `concurrency` lanes share one iterator of jobs: each job's events run in order in one lane.
+            for items in jobs:
                 for entry, event in items:
                     if await self._deliver(entry, event, attempts.get(entry.id, 0)):
                         done.append(entry.id)
 
-        await asyncio.gather(*(run_job(items) for items in by_job.values()))
-        await self.streams.ack(self.group, done)
+        await asyncio.gather(*(lane() for _ in range(min(max(1, self.spec.concurrency), len(by_job)))))
+        await self.streams.ack(self.group, done, retried=[i for i in done if i in attempts])
 
     async def _deliver(self, entry: Entry, event: Prepared, failed_before: int) -> bool:
         """Handle one entry; True when it is finished (to be acked), False when a retry or DLQ took it."""
