@@ -111,7 +111,7 @@ def verify(
     if not candidates:
         raise SignatureError("webhook-signature has no v1 signature")
     for key in keys:
-        expected = base64.b64encode(_digest(key, msg_id, timestamp, body))
+        expected = binascii.b2a_base64(_digest(key, msg_id, timestamp, body), newline=False)
         for candidate in candidates:
             if hmac.compare_digest(expected, candidate):
                 return msg_id
