@@ -14,9 +14,10 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from processor.enqueue import Enqueuer
 from processor.models import Event, decode_body, decode_event, encode_event
 from processor.settings import explain
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, Enqueuer, Streams
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams
 
 
 class DeadLetter(Struct, kw_only=True):

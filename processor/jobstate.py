@@ -1,6 +1,6 @@
 """What we know about each job, and the one step between dequeue and routing: hydration.
 
-Job state is written when an event is enqueued (`stream._ENQUEUE_LUA`, atomically and in arrival order):
+Job state is written when an event is enqueued (`enqueue._ENQUEUE_LUA`, atomically and in arrival order):
 each job's latest status, a timeline of transitions with their source, and for every event a verdict stored
 in its entry — `previous_status`, `stale` (older than what we know) or a `repeat_of` the event that already
 announced that status (the poller and a webhook both saw `succeeded`). `judge` applies that verdict.
@@ -57,7 +57,7 @@ def judge(event: Event, verdict: bytes) -> Event:
 
 
 class JobState:
-    """Reads the per-job state that enqueueing writes (`stream._ENQUEUE_LUA`)."""
+    """Reads the per-job state that enqueueing writes (`enqueue._ENQUEUE_LUA`)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, retention_s: int) -> None:
         self.client = client

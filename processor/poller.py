@@ -17,10 +17,11 @@ from typing import Any, Final
 import structlog
 from redis.exceptions import RedisError
 
+from processor.enqueue import Enqueuer
 from processor.models import Event, FineTuningJob, encode_event
 from processor.openai import OpenAIClient, OpenAIError
 from processor.settings import Settings
-from processor.stream import RECORD_FIELD, Enqueuer, Keys, Streams
+from processor.stream import RECORD_FIELD, Keys, Streams
 
 log = structlog.get_logger()
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from processor import signatures
+from processor.enqueue import Enqueuer
 from processor.errors import (
     BodyTimeoutError,
     NotJSONError,
@@ -32,7 +33,7 @@ from processor.errors import (
 )
 from processor.models import Event, decode_body, encode_event
 from processor.settings import Settings, explain
-from processor.stream import RECORD_FIELD, Enqueuer, Keys, Streams, connect
+from processor.stream import RECORD_FIELD, Keys, Streams, connect
 
 log = structlog.get_logger()
 

@@ -1,0 +1,191 @@
+"""The producer side: dedupe, judge against the job's state, and append, batched across concurrent callers.
+
+`Enqueuer.add` is what the receiver, the poller and quarantine replays call. The writes of concurrent
+callers share pipelined round trips; each caller learns its own result only after Redis answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Final
+
+import redis.asyncio as redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from processor.models import Event
+from processor.stream import Keys
+
+# Dedupe, judge and append in one atomic step. A `webhook-id` seen before returns the entry it created and
+# appends nothing. For a job event, the job's state gives the event its verdict, stored in the entry as
+# `v` = "kind|previous status|repeat of": `new` (a transition: recorded in the job hash, the timeline and the
+# index), `repeat` (this status was already announced, by event `repeat of`) or `stale` (older than what we
+# know, or after a terminal status). Judging here, in arrival order, means every handler group sees the
+# same verdict without asking Redis again.
+# KEYS: dedupe key, stream, job hash, timeline, jobs index.
+# ARGV: dedupe ttl, status ('' for no job state), at, source, job id, state ttl, event id, field/value pairs.
+_ENQUEUE_LUA: Final = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return {0, seen} end
+local fields = {unpack(ARGV, 8)}
+local status = ARGV[2]
+if status ~= '' then
+  local cur = redis.call('HMGET', KEYS[3], 'status', 'at', 'event')
+  local prev, prev_at, prev_event = cur[1], tonumber(cur[2] or '0'), cur[3]
+  local kind, repeat_of = 'new', ''
+  if prev == status then
+    kind, repeat_of = 'repeat', prev_event
+  elseif prev and (prev == 'succeeded' or prev == 'failed' or prev == 'cancelled' or tonumber(ARGV[3]) < prev_at) then
+    kind = 'stale'
+  else
+    redis.call('HSET', KEYS[3], 'status', status, 'at', ARGV[3], 'event', ARGV[7], 'source', ARGV[4])
+    redis.call('RPUSH', KEYS[4], cjson.encode({status = status, at = tonumber(ARGV[3]), source = ARGV[4],
+               event = ARGV[7], previous = prev or ''}))
+    redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
+    redis.call('EXPIRE', KEYS[3], ARGV[6])
+    redis.call('EXPIRE', KEYS[4], ARGV[6])
+  end
+  fields[#fields + 1] = 'v'
+  fields[#fields + 1] = kind .. '|' .. (prev or '') .. '|' .. repeat_of
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+return {1, id}
+"""
+
+
+class Lua:
+    """A Lua script sent by EVALSHA in pipelines, and loaded again when the server lost it (NOSCRIPT, e.g.
+    after a restart). redis-py's `Script` asks SCRIPT EXISTS before every pipeline: a round trip we save."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def run(self, client: redis.Redis, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """One pipelined round trip for `calls` of (keys, args); per-call errors come back as exceptions."""
+        replies = await self._pipeline(client, calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await client.script_load(self.source)
+            for i, reply in zip(missing, await self._pipeline(client, [calls[i] for i in missing]), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, client: redis.Redis, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        # The commands are packed here, in one pass, and written on one pooled connection: redis-py's
+        # pipeline packs each argument through several layers, which costs more than the Lua call itself.
+        packed = b"".join(_pack(b"EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls)
+        pool = client.connection_pool
+        conn: Any = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # one call's error (e.g. NOSCRIPT); the others still answer
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()  # a half-read connection must not go back to the pool
+            raise
+        finally:
+            await pool.release(conn)
+
+
+def _pack(*args: Any) -> bytes:
+    """One command in RESP: `*N` then each argument as a bulk string."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(parts)
+
+
+class Enqueuer:
+    """Dedupe + XADD, with the writes of concurrent requests batched into one pipelined round trip.
+
+    Requests that arrive while a batch is in flight wait for the next one, so under load each round trip
+    carries many writes, and at low load a lone request goes out at once. Each caller learns its own result
+    (or the connection error) only after Redis answered.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        ttl_s: int,
+        state_ttl_s: int = 7 * 24 * 3600,
+        max_batch: int = 256,
+        max_in_flight: int = 2,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl_s
+        self._state_ttl = state_ttl_s
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._script = Lua(_ENQUEUE_LUA)
+        self._pending: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]] = []
+        self._in_flight = 0
+
+    async def add(
+        self, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
+    ) -> tuple[bool, str]:
+        """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id). With `event`, the
+        job's state judges it first (see `_ENQUEUE_LUA`)."""
+        status = event.status if event is not None else None
+        job_id = event.job_id if event is not None else ""
+        p = self._keys.prefix
+        args: list[Any] = [
+            self._keys.seen(webhook_id),
+            stream,
+            f"{p}:job:{job_id}",
+            f"{p}:timeline:{job_id}",
+            f"{p}:jobs",
+            self._ttl,
+            status or "",
+            event.observed_at if event else 0,
+            event.source if event else "",
+            job_id,
+            self._state_ttl,
+            webhook_id,
+        ]
+        for name, value in fields.items():
+            args += (name, value)
+        future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, future))
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Send what is waiting, batch after batch; while this batch is out, the next one fills up. A second
+        flusher overlaps its round trip with the first (Redis still applies every write in order)."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                await self._send(batch)
+        finally:
+            self._in_flight -= 1
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]]) -> None:
+        try:
+            replies = await self._script.run(self._client, [(args[:5], args[5:]) for args, _ in batch])
+        except Exception as exc:  # connection refused, timeout, ...: every caller gets a 503
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # the request was cancelled (client went away)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                entry_id = reply[1]
+                future.set_result((reply[0] == 1, entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)))
