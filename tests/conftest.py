@@ -150,6 +150,16 @@ class Rig:
     async def dead(self, name: str) -> list[dict[bytes, bytes]]:
         return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:dlq:{name}")]
 
+    async def redeliver_first(self) -> None:
+        """Put the stream's first entry in again, as happens after a crash between a side effect and its ack."""
+        [(_, fields)] = await self.rclient.xrange(f"{self.prefix}:events", count=1)
+        await self.rclient.xadd(f"{self.prefix}:events", fields)
+
+    async def settled(self) -> bool:
+        """Every handler group has read and acknowledged everything."""
+        groups = await self.rclient.xinfo_groups(f"{self.prefix}:events")
+        return all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
+
     async def starts(self, name: str) -> int:
         n: int = await self.rclient.llen(f"{self.prefix}:sink:{name}:starts")
         return n

@@ -55,17 +55,12 @@ async def test_dead_letter_replay_goes_to_its_handler_only(
             return len(await r.delivered("flaky")) == 1
 
         await eventually(delivered)
-        await eventually(lambda: _settled(r, prefix))
+        await eventually(r.settled)
         [event] = await r.delivered("flaky")
         assert event.target == "flaky" and event.id == "wh_dlq"
         assert event.history and "dead-lettered after 2 attempt(s)" in event.history[0]
         assert len(await r.delivered("fine")) == 1  # the other handler did not get it twice
         assert await r.dead("flaky") == []
-
-
-async def _settled(r: Any, prefix: str) -> bool:
-    info = await r.rclient.xinfo_groups(f"{prefix}:events")
-    return all(g["lag"] == 0 and g["pending"] == 0 for g in info)
 
 
 async def test_drop(rig: Any, redis_url: str, prefix: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from processor import signatures
-from processor.stream import RECORD_FIELD, Keys, Streams
+from processor.stream import Keys, Streams
 from tests.conftest import SECRET, compact, eventually, sample
 from tests.fake_targets import Recorder, pipelines_app
 
@@ -132,14 +132,8 @@ async def test_redelivered_event_does_not_trigger_twice(
             return len(seen) == 1
 
         await eventually(called)
-        [(_, fields)] = await r.rclient.xrange(f"{prefix}:events")
-        await r.rclient.xadd(f"{prefix}:events", {RECORD_FIELD: fields[RECORD_FIELD]})
-
-        async def consumed() -> bool:
-            info = await r.rclient.xinfo_groups(f"{prefix}:events")
-            return bool(info[0]["lag"] == 0 and info[0]["pending"] == 0)
-
-        await eventually(consumed)
+        await r.redeliver_first()
+        await eventually(r.settled)
     assert len(seen) == 1
 
 

@@ -204,11 +204,7 @@ async def test_poller_and_webhook_give_three_transitions_and_one_notification(
         assert answer["status"] == "accepted"
         await r.post(compact(msgspec.json.encode(job_doc(status="running", created_at=int(time.time())))))
 
-        async def settled() -> bool:
-            status = await streams.status(["all", "done"])
-            return all(row["lag"] == 0 and row["pending"] == 0 for row in status["handlers"].values())
-
-        await eventually(settled)
+        await eventually(r.settled)
         delivered = await r.delivered("all")
         assert [(e.status, e.previous_status) for e in delivered] == [
             ("queued", None),

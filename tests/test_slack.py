@@ -10,7 +10,6 @@ import pytest
 import structlog
 
 from processor.models import Event, decode_event, encode_event
-from processor.stream import RECORD_FIELD
 from tests.conftest import compact, eventually, sample
 from tests.fake_targets import Recorder, slack_app
 
@@ -87,14 +86,8 @@ async def test_redelivery_does_not_post_twice(rig: Any, aiohttp_server: Callable
 
         await eventually(posted)
         # The same event again in the stream, as after a crash between the post and the ack.
-        [(_, fields)] = await r.rclient.xrange(f"{prefix}:events")
-        await r.rclient.xadd(f"{prefix}:events", {RECORD_FIELD: fields[RECORD_FIELD]})
-
-        async def consumed() -> bool:
-            info = await r.rclient.xinfo_groups(f"{prefix}:events")
-            return bool(info[0]["lag"] == 0 and info[0]["pending"] == 0)
-
-        await eventually(consumed)
+        await r.redeliver_first()
+        await eventually(r.settled)
         assert len(seen) == 1
 
 
