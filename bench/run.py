@@ -86,10 +86,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # The servers must use the benchmark's own Valkey and config, whatever this shell has set.
+    inherited = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "FTJOBS_CONFIG", "OPENAI_API_KEY"}}
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**inherited, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
