@@ -13,7 +13,7 @@ idempotency key and skips a redelivery of the same event.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol
 
 import redis.asyncio as redis
 from msgspec import Struct
@@ -49,7 +49,6 @@ class NoOptions(Struct, forbid_unknown_fields=True):
     """For handlers that take no options of their own."""
 
 
-@runtime_checkable
 class Handler(Protocol):
     """What the worker calls. `setup`, `close` and `effectively_once` are optional."""
 

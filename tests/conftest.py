@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient
 from handlers import registry
 from processor import signatures
 from processor.embedded import EmbeddedValkey
+from processor.errors import ConfigError
 from processor.models import Event, decode_event
 from processor.receiver import create_app
 from processor.service import running_worker
@@ -113,6 +114,13 @@ def sink(name: str, redis_url: str, prefix: str, **options: Any) -> dict[str, An
         | common
         | options
     )
+
+
+def build_fails(table: dict[str, Any], message: str) -> None:
+    """Building this `[[handlers]]` table fails with a configuration error matching `message`."""
+    settings = Settings.from_raw({"handlers": [table]}, env={})
+    with pytest.raises(ConfigError, match=message):
+        registry.build(settings.handlers)
 
 
 def signed(body: bytes, webhook_id: str | None = None, secret: str = SECRET, **extra: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.conftest import compact, eventually, free_port, sample
+from tests.conftest import build_fails, compact, eventually, free_port, sample
 
 PASSWORD = "smtp-pass-9f3a"
 
@@ -195,10 +195,4 @@ async def test_unreachable_server_is_retried(rig: Any) -> None:
     ],
 )
 def test_bad_options_are_config_errors(options: dict[str, Any], message: str) -> None:
-    from handlers import registry
-    from processor.errors import ConfigError
-    from processor.settings import Settings
-
-    settings = Settings.from_raw({"handlers": [handler(25, **options)]}, env={})
-    with pytest.raises(ConfigError, match=message):
-        registry.build(settings.handlers)
+    build_fails(handler(25, **options), message)

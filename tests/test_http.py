@@ -13,7 +13,7 @@ from aiohttp import web
 
 from processor import signatures
 from processor.stream import Keys, Streams
-from tests.conftest import SECRET, compact, eventually, sample
+from tests.conftest import SECRET, build_fails, compact, eventually, sample
 from tests.fake_targets import Recorder, pipelines_app
 
 SUCCEEDED = "fine_tuning_job.succeeded.json"
@@ -254,13 +254,7 @@ async def test_airflow_duplicate_run_counts_as_done(rig: Any, aiohttp_server: Ca
     ],
 )
 def test_bad_options_are_config_errors(options: dict[str, Any], message: str) -> None:
-    from handlers import registry
-    from processor.errors import ConfigError
-    from processor.settings import Settings
-
-    settings = Settings.from_raw({"handlers": [{"name": "h", "type": "http", **options}]}, env={})
-    with pytest.raises(ConfigError, match=message):
-        registry.build(settings.handlers)
+    build_fails({"name": "h", "type": "http", **options}, message)
 
 
 async def test_circuit_breaker_opens_then_probes(rig: Any, aiohttp_server: Callable[..., Any], prefix: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from processor.models import Event, decode_event, encode_event
-from tests.conftest import compact, eventually, sample
+from tests.conftest import build_fails, compact, eventually, sample
 from tests.fake_targets import Recorder, slack_app
 
 HOOK_SECRET_PATH = "T000/B000/s3cr3tHookPart"
@@ -187,13 +187,7 @@ async def test_web_api_errors(rig: Any, aiohttp_server: Callable[..., Any]) -> N
     ],
 )
 def test_bad_options_are_config_errors(options: dict[str, str], message: str) -> None:
-    from handlers import registry
-    from processor.errors import ConfigError
-    from processor.settings import Settings
-
-    settings = Settings.from_raw({"handlers": [{"name": "s", "type": "slack", **options}]}, env={})
-    with pytest.raises(ConfigError, match=message):
-        registry.build(settings.handlers)
+    build_fails({"name": "s", "type": "slack", **options}, message)
 
 
 def test_thin_event_message_still_reads_well() -> None:
