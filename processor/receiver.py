@@ -19,9 +19,10 @@ from typing import Any, Final
 import msgspec
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from processor import signatures
+from processor import metrics, signatures
 from processor.enqueue import Enqueuer
 from processor.errors import (
     BodyTimeoutError,
@@ -58,6 +59,7 @@ async def errors_middleware(
     try:
         return await handler(request)
     except RequestError as exc:
+        metrics.REQUESTS.labels(exc.code).inc()
         response = reply(int(exc.status), error=exc.code, message=exc.message)
         if isinstance(exc, UnavailableError):
             response.headers["Retry-After"] = str(exc.retry_after)
@@ -104,6 +106,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
     event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
     keys = request.app[STREAMS].keys
     new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)}, event)
+    metrics.REQUESTS.labels("accepted" if new else "duplicate").inc()
     if not new:
         return reply(
             200,
@@ -133,6 +136,7 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
     }
     keys = request.app[STREAMS].keys
     new, entry_id = await _enqueue(request, webhook_id, keys.quarantine, fields)
+    metrics.REQUESTS.labels("quarantined" if new else "duplicate").inc()
     log.warning("event_quarantined", webhook_id=webhook_id, error=error)
     return reply(
         200,
@@ -148,10 +152,16 @@ async def _enqueue(
 ) -> tuple[bool, str]:
     try:
         await request.app[STREAMS].ensure_groups(h.name for h in request.app[SETTINGS].handlers)
-        return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
+        with metrics.ENQUEUE_SECONDS.time():
+            return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
     except (RedisError, OSError) as exc:
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)
         raise UnavailableError("the queue is unavailable; nothing was stored, retry later") from None
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text exposition of `processor.metrics` (and the process collectors)."""
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -202,4 +212,5 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app.router.add_post(receiver.path, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app

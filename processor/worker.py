@@ -24,6 +24,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
+from processor import metrics
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.jobstate import Preparer, judge
 from processor.limits import Guard
@@ -196,11 +197,13 @@ class Runner:
     async def _call(self, entry: Entry, delivery: Delivery) -> bool:
         entry_id, attempt, event_id = entry.id, delivery.attempt, delivery.event.id
         if self.once and await self.streams.already_done(self.group, event_id):
+            metrics.DELIVERIES.labels(self.group, "already_done").inc()
             log.info("event_already_delivered")
             return True
         if self.guard.active and (wait := await self.guard.admit()) is not None:
             delay, why = wait
             await self.streams.schedule_retry(self.group, entry_id, attempt - 1, time.time() + delay, why)
+            metrics.DELIVERIES.labels(self.group, "deferred").inc()
             log.info("delivery_deferred", reason=why, retry_in_s=round(delay, 3))
             return False
         started = time.perf_counter()
@@ -221,6 +224,7 @@ class Runner:
                 after = exc.after if isinstance(exc, RetryLater) else None
                 delay = after if after is not None else backoff(attempt, self.spec.backoff_s, self.spec.backoff_max_s)
                 await self.streams.schedule_retry(self.group, entry_id, attempt, time.time() + delay, reason)
+                metrics.DELIVERIES.labels(self.group, "retry").inc()
                 log.warning("delivery_failed", error=reason, retry_in_s=round(delay, 3))
             return False
         finally:
@@ -229,12 +233,16 @@ class Runner:
             await self.streams.mark_done(self.group, event_id, self.retention_s)
         if self.guard.active:
             await self.guard.record(ok=True)
+        elapsed = time.perf_counter() - started
+        metrics.DELIVERIES.labels(self.group, "delivered").inc()
+        metrics.HANDLER_SECONDS.labels(self.group).observe(elapsed)
         # Debug: at thousands of events a second, a line each costs more than the dispatch itself.
-        log.debug("event_delivered", ms=round((time.perf_counter() - started) * 1000, 2))
+        log.debug("event_delivered", ms=round(elapsed * 1000, 2))
         return True
 
     async def _dead_letter(self, entry: Entry, reason: str, attempts: int) -> None:
         await self.streams.dead_letter(self.group, entry, reason, attempts)
+        metrics.DELIVERIES.labels(self.group, "dead_letter").inc()
         log.error("event_dead_lettered", error=reason, attempts=attempts)
 
     async def _renew_leases(self) -> None:

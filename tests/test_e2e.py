@@ -120,3 +120,20 @@ def test_sigterm_finishes_in_flight_work(
         assert client.xpending(f"{prefix}:events", "sink")["pending"] == 0
     finally:
         client.close()
+
+
+def test_worker_serves_metrics(tmp_path: Path, procs: Callable[..., Proc], redis_url: str, prefix: str) -> None:
+    import urllib.request
+
+    port = free_port()
+    config = write_config(tmp_path / "ftjobs.toml", redis={"url": redis_url, "prefix": prefix})
+    procs(["work", "--metrics-port", str(port)], tmp_path, base_env(FTJOBS_CONFIG=str(config)), "work")
+
+    def scraped() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+                return b"# TYPE ftjobs_deliveries_total counter" in resp.read()
+        except OSError:
+            return False
+
+    wait_for(scraped, what="metrics endpoint")

@@ -208,3 +208,22 @@ async def test_concurrent_requests_share_round_trips(client: TestClient, rclient
     answers = await asyncio.gather(*(client.post(PATH, data=body, headers=signed(body, i)) for i in ids))
     assert [a.status for a in answers] == [200] * 200
     assert await rclient.xlen(f"{prefix}:events") == 200
+
+
+async def test_metrics_count_outcomes(client: TestClient) -> None:
+    def count(text: str, outcome: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(f'ftjobs_requests_total{{outcome="{outcome}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = await (await client.get("/metrics")).text()
+    body = compact(sample("fine_tuning_job.succeeded.json"))
+    await client.post(PATH, data=body, headers=signed(body))
+    await client.post(PATH, data=body, headers={"content-type": "application/json"})
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    after = await resp.text()
+    assert count(after, "accepted") == count(before, "accepted") + 1
+    assert count(after, "invalid_signature") == count(before, "invalid_signature") + 1
+    assert "ftjobs_enqueue_seconds_bucket" in after
