@@ -81,6 +81,9 @@ class Runner:
         self._last_reclaim = 0.0
         self._last_retry_check = 0.0
         self._log = log.bind(handler=self.group)
+        # The hot path's metric children, looked up once.
+        self._delivered = metrics.DELIVERIES.labels(self.group, "delivered")
+        self._handler_seconds = metrics.HANDLER_SECONDS.labels(self.group)
 
     def stop(self) -> None:
         """Stop taking new entries; the current batch finishes (see `Worker.run`)."""
@@ -234,8 +237,8 @@ class Runner:
         if self.guard.active:
             await self.guard.record(ok=True)
         elapsed = time.perf_counter() - started
-        metrics.DELIVERIES.labels(self.group, "delivered").inc()
-        metrics.HANDLER_SECONDS.labels(self.group).observe(elapsed)
+        self._delivered.inc()
+        self._handler_seconds.observe(elapsed)
         # Debug: at thousands of events a second, a line each costs more than the dispatch itself.
         log.debug("event_delivered", ms=round(elapsed * 1000, 2))
         return True
