@@ -66,6 +66,9 @@ class WorkerSettings(_Config):
     lease_s: float = 30.0
     #: On SIGTERM, in-flight handlers get this long to finish before they are cut off (and left pending).
     grace_s: float = 20.0
+    #: An entry taken over this many times (its consumer died each time: it may crash the worker) is
+    #: dead-lettered instead of delivered again.
+    max_takeovers: int = 5
     batch_size: int = 64
     block_ms: int = 1000
     trim_interval_s: float = 60.0

@@ -6,7 +6,8 @@ Keys (all under `settings.redis.prefix`, default `ftjobs`):
     {p}:seen:{webhook-id}   dedupe marker → the entry id, expires after the dedupe window
     {p}:quarantine          signed bodies that did not match the schema, kept for replay
     {p}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
-    {p}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error
+    {p}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error,
+                            `{id}:orphaned` → takeovers from consumers that died holding it
     {p}:dlq:{handler}       dead letters: the record, the error and the attempt count
     {p}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
     {p}:h:{handler}:...     the handler's own state (e.g. Slack thread timestamps)
@@ -36,6 +37,8 @@ class Entry(NamedTuple):
     record: bytes
     #: The job-state verdict given at enqueue ("kind|previous|repeat of"; empty when none).
     verdict: bytes = b""
+    #: How many times this entry was taken over from a consumer that died holding it.
+    orphaned: int = 0
 
 
 RECORD_FIELD: Final = b"e"
@@ -131,7 +134,7 @@ class Streams:
             return
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.events, group, *ids)
-            pipe.hdel(self.keys.attempts(group), *forget, *(f"{i}:error" for i in forget))
+            pipe.hdel(self.keys.attempts(group), *forget, *(f"{i}:{k}" for i in forget for k in ("error", "orphaned")))
             await pipe.execute()
 
     async def attempts(self, group: str, ids: Sequence[str]) -> list[int]:
@@ -182,7 +185,14 @@ class Streams:
             cursor = _text(reply[0])
             if cursor == "0-0":
                 break
-        return found
+        if not found:
+            return found
+        # Count the takeovers: an event whose consumer keeps dying (it crashes the worker) must stop somewhere.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in found:
+                pipe.hincrby(self.keys.attempts(group), f"{entry.id}:orphaned", 1)
+            counts = await pipe.execute()
+        return [entry._replace(orphaned=int(n)) for entry, n in zip(found, counts, strict=True)]
 
     async def already_done(self, group: str, event_id: str) -> bool:
         """True when an effectively-once handler already succeeded for this event."""
@@ -213,7 +223,7 @@ class Streams:
             )
             pipe.xack(self.keys.events, group, entry_id)
             pipe.zrem(self.keys.retry(group), entry_id)
-            pipe.hdel(self.keys.attempts(group), entry_id, f"{entry_id}:error")
+            pipe.hdel(self.keys.attempts(group), entry_id, f"{entry_id}:error", f"{entry_id}:orphaned")
             await pipe.execute()
 
     async def trim(self, retention_s: float, now: float | None = None) -> int:

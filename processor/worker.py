@@ -173,6 +173,12 @@ class Runner:
             return False
         if event is _SKIP:
             return True  # a replay for another handler
+        if entry.orphaned >= self.settings.max_takeovers:
+            reason = (
+                f"taken over {entry.orphaned} times from consumers that died handling it (does it crash the worker?)"
+            )
+            await self._dead_letter(entry, reason, failed_before)
+            return False
         if isinstance(event, PermanentFailure):
             await self._dead_letter(entry, str(event), failed_before)
             return False

@@ -233,3 +233,28 @@ async def test_trim_keeps_everything_a_group_still_needs(
     # Everything acknowledged: retention alone decides (nothing older than the horizon is kept).
     assert await streams.trim(retention_s=3600) == 0
     assert await streams.trim(retention_s=0, now=time.time() + 10) == 8
+
+
+async def test_an_event_whose_consumer_keeps_dying_is_dead_lettered(
+    make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    """A poison event that kills the worker process each time is not taken over forever."""
+    settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 0.5, "block_ms": 100})
+    streams = Streams(rclient, Keys(prefix))
+    await streams.ensure_groups(["a"])
+    job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
+    record = encode_event(Event.from_body(job, webhook_id="wh_poison", received_at=time.time()))
+    entry_id = (await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})).decode()
+    assert len(await streams.read_new("a", "dead-consumer", 10, None)) == 1
+    # Four consumers already died holding it; the next takeover is the fifth.
+    await rclient.hset(f"{prefix}:attempts:a", f"{entry_id}:orphaned", 4)
+    async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+
+        async def dead() -> bool:
+            return bool(await rclient.xlen(f"{prefix}:dlq:a") == 1)
+
+        await eventually(dead)
+    [(_, fields)] = await rclient.xrange(f"{prefix}:dlq:a")
+    assert b"taken over 5 times" in fields[b"error"]
+    assert await rclient.llen(f"{prefix}:sink:a:starts") == 0  # not handed to the handler again
+    assert await rclient.hlen(f"{prefix}:attempts:a") == 0
