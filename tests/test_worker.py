@@ -193,17 +193,22 @@ async def test_long_handler_renews_its_lease(
         assert len(await r.delivered("slow")) == 1
 
 
+async def orphan_one(rclient: redis.Redis, prefix: str, webhook_id: str) -> str:
+    """Enqueue a failed job for handler group `a`, read by a consumer that then dies without acking."""
+    streams = Streams(rclient, Keys(prefix))
+    await streams.ensure_groups(["a"])
+    job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
+    record = encode_event(Event.from_body(job, webhook_id=webhook_id, received_at=time.time()))
+    entry_id: bytes = await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
+    assert len(await streams.read_new("a", "dead-consumer", 10, None)) == 1
+    return entry_id.decode()
+
+
 async def test_entries_of_a_dead_consumer_are_reclaimed(
     make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
 ) -> None:
     settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 0.5, "block_ms": 100})
-    streams = Streams(rclient, Keys(prefix))
-    await streams.ensure_groups(["a"])
-    job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
-    record = encode_event(Event.from_body(job, webhook_id="wh_orphan", received_at=time.time()))
-    await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
-    # A consumer reads it and dies without acking.
-    assert len(await streams.read_new("a", "dead-consumer", 10, None)) == 1
+    await orphan_one(rclient, prefix, "wh_orphan")
     async with running_worker(settings, redis_url, registry.build(settings.handlers)):
 
         async def delivered() -> bool:
@@ -240,12 +245,7 @@ async def test_an_event_whose_consumer_keeps_dying_is_dead_lettered(
 ) -> None:
     """A poison event that kills the worker process each time is not taken over forever."""
     settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 0.5, "block_ms": 100})
-    streams = Streams(rclient, Keys(prefix))
-    await streams.ensure_groups(["a"])
-    job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
-    record = encode_event(Event.from_body(job, webhook_id="wh_poison", received_at=time.time()))
-    entry_id = (await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})).decode()
-    assert len(await streams.read_new("a", "dead-consumer", 10, None)) == 1
+    entry_id = await orphan_one(rclient, prefix, "wh_poison")
     # Four consumers already died holding it; the next takeover is the fifth.
     await rclient.hset(f"{prefix}:attempts:a", f"{entry_id}:orphaned", 4)
     async with running_worker(settings, redis_url, registry.build(settings.handlers)):
