@@ -122,7 +122,9 @@ def test_sigterm_finishes_in_flight_work(
         client.close()
 
 
-def test_worker_serves_metrics(tmp_path: Path, procs: Callable[..., Proc], redis_url: str, prefix: str) -> None:
+def test_worker_serves_metrics(
+    tmp_path: Path, procs: Callable[..., Proc], redis_url: str, prefix: str, rclient: object
+) -> None:
     import urllib.request
 
     port = free_port()
