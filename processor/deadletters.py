@@ -17,7 +17,7 @@ from msgspec import Struct
 from processor.enqueue import Enqueuer
 from processor.models import Event, decode_body, decode_event, encode_event
 from processor.settings import explain
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams, text
 
 
 class DeadLetter(Struct, kw_only=True):
@@ -72,7 +72,7 @@ class DeadLetters:
                 pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event), VERDICT_FIELD: letter.verdict.encode()})
                 pipe.xdel(self.keys.dlq(handler), letter.id)
                 added, _ = await pipe.execute()
-            new_ids.append(added.decode() if isinstance(added, bytes) else str(added))
+            new_ids.append(text(added))
         return new_ids
 
     async def drop(self, handler: str, ids: list[str]) -> int:
@@ -113,31 +113,27 @@ class DeadLetters:
         return int(await self.client.xdel(self.keys.quarantine, *ids)) if ids else 0
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
     try:
         event: Event | None = decode_event(fields.get(RECORD_FIELD, b""))
     except msgspec.DecodeError:
         event = None
     return DeadLetter(
-        id=_text(entry_id),
-        entry_id=_text(fields.get(b"entry_id", b"")),
-        error=_text(fields.get(b"error", b"")),
+        id=text(entry_id),
+        entry_id=text(fields.get(b"entry_id", b"")),
+        error=text(fields.get(b"error", b"")),
         attempts=int(fields.get(b"attempts", b"0")),
         failed_at=float(fields.get(b"failed_at", b"0")),
         event=event,
-        verdict=_text(fields.get(VERDICT_FIELD, b"")),
+        verdict=text(fields.get(VERDICT_FIELD, b"")),
     )
 
 
 def _quarantined(entry_id: Any, fields: dict[bytes, bytes]) -> Quarantined:
     return Quarantined(
-        id=_text(entry_id),
-        webhook_id=_text(fields.get(b"webhook_id", b"")),
-        error=_text(fields.get(b"error", b"")),
+        id=text(entry_id),
+        webhook_id=text(fields.get(b"webhook_id", b"")),
+        error=text(fields.get(b"error", b"")),
         received_at=float(fields.get(b"received_at", b"0")),
         body=fields.get(b"body", b""),
     )

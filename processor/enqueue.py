@@ -15,7 +15,7 @@ import redis.asyncio as redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from processor.models import Event
-from processor.stream import Keys
+from processor.stream import Keys, text
 
 # Dedupe, judge and append in one atomic step. A `webhook-id` seen before returns the entry it created and
 # appends nothing. For a job event, the job's state gives the event its verdict, stored in the entry as
@@ -139,13 +139,13 @@ class Enqueuer:
         job's state judges it first (see `_ENQUEUE_LUA`)."""
         status = event.status if event is not None else None
         job_id = event.job_id if event is not None else ""
-        p = self._keys.prefix
+        keys = self._keys
         args: list[Any] = [
-            self._keys.seen(webhook_id),
+            keys.seen(webhook_id),
             stream,
-            f"{p}:job:{job_id}",
-            f"{p}:timeline:{job_id}",
-            f"{p}:jobs",
+            keys.job(job_id),
+            keys.timeline(job_id),
+            keys.jobs,
             self._ttl,
             status or "",
             event.observed_at if event else 0,
@@ -187,5 +187,4 @@ class Enqueuer:
             if isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
-                entry_id = reply[1]
-                future.set_result((reply[0] == 1, entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)))
+                future.set_result((reply[0] == 1, text(reply[1])))

@@ -26,7 +26,7 @@ import redis.asyncio as redis
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.models import Event, FineTuningJob
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
-from processor.stream import Keys
+from processor.stream import Keys, text
 
 _NOT_FOUND: Final = b"!"
 _job_encoder: Final = msgspec.msgpack.Encoder()
@@ -64,25 +64,18 @@ class JobState:
         self.keys = keys
         self.retention_s = retention_s
 
-    def _job_keys(self, job_id: str) -> list[str]:
-        p = self.keys.prefix
-        return [f"{p}:job:{job_id}", f"{p}:timeline:{job_id}", f"{p}:jobs"]
-
-    def hydrated_key(self, event_id: str) -> str:
-        return f"{self.keys.prefix}:hydrated:{event_id}"
-
     async def timeline(self, job_id: str) -> list[Transition]:
-        raw = await self.client.lrange(self._job_keys(job_id)[1], 0, -1)
+        raw = await self.client.lrange(self.keys.timeline(job_id), 0, -1)
         return [msgspec.convert(json.loads(item), Transition) for item in raw]
 
     async def recent(self, limit: int = 20) -> list[tuple[str, str, float]]:
         """(job id, latest status, when) for the most recently changed jobs."""
-        ids: Any = await self.client.zrevrange(self._job_keys("")[2], 0, limit - 1, withscores=True)
+        ids: Any = await self.client.zrevrange(self.keys.jobs, 0, limit - 1, withscores=True)
         out = []
         for raw_id, at in ids:
-            job_id = _text(raw_id)
-            status = await self.client.hget(self._job_keys(job_id)[0], "status")
-            out.append((job_id, _text(status or b"?"), float(at)))
+            job_id = text(raw_id)
+            status = await self.client.hget(self.keys.job(job_id), "status")
+            out.append((job_id, text(status or b"?"), float(at)))
         return out
 
 
@@ -127,7 +120,7 @@ class Preparer:
             del self._local[event.id]
 
     async def _fetch_once(self, event: Event) -> Event:
-        client, cache = self.state.client, self.state.hydrated_key(event.id)
+        client, cache = self.state.client, self.state.keys.hydrated(event.id)
         lock, deadline = cache + ":lock", time.monotonic() + _WAIT_S
         while True:
             cached: Any = await client.get(cache)
@@ -162,7 +155,3 @@ def _from_cache(event: Event, raw: bytes) -> Event:
     if raw.startswith(_NOT_FOUND):
         raise PermanentFailure(raw[1:].decode())
     return msgspec.structs.replace(event, job=_job_decoder.decode(raw))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")

@@ -29,7 +29,7 @@ from processor.openai import OpenAIClient
 from processor.poller import Poller
 from processor.receiver import create_app
 from processor.settings import Settings
-from processor.stream import Keys, Streams, connect
+from processor.stream import Keys, Streams, connect, text
 from processor.worker import Worker
 
 log = structlog.get_logger()
@@ -111,8 +111,8 @@ async def check_persistence(url: str) -> None:
         return
     finally:
         await client.aclose()
-    text = {_str(k): _str(v) for k, v in config.items()}
-    appendonly, save = text.get("appendonly", ""), text.get("save", "")
+    values = {text(k): text(v) for k, v in config.items()}
+    appendonly, save = values.get("appendonly", ""), values.get("save", "")
     if appendonly != "yes":
         log.warning(
             "redis_persistence_off" if not save else "redis_aof_off",
@@ -121,10 +121,6 @@ async def check_persistence(url: str) -> None:
             save=save or "(none)",
             hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
         )
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def warn_if_insecure(settings: Settings) -> None:

@@ -85,6 +85,19 @@ class Keys:
     def handler_state(self, handler: str) -> str:
         return f"{self.prefix}:h:{handler}"
 
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def timeline(self, job_id: str) -> str:
+        return f"{self.prefix}:timeline:{job_id}"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def hydrated(self, event_id: str) -> str:
+        return f"{self.prefix}:hydrated:{event_id}"
+
 
 class Streams:
     """The consumer side: groups, reads, acks, retries, claims, dead letters, trimming and counts."""
@@ -113,7 +126,7 @@ class Streams:
     async def missing_groups(self, groups: Iterable[str]) -> list[str]:
         """The groups among `groups` that do not exist (readiness)."""
         try:
-            existing = {_text(g["name"]) for g in await self.client.xinfo_groups(self.keys.events)}
+            existing = {text(g["name"]) for g in await self.client.xinfo_groups(self.keys.events)}
         except ResponseError:  # no stream yet
             existing = set()
         return [g for g in groups if g not in existing]
@@ -158,7 +171,7 @@ class Streams:
         taken = []
         for raw_id in due:
             if await self.client.zrem(key, raw_id):
-                taken.append(_text(raw_id))
+                taken.append(text(raw_id))
         return await self._claim(group, consumer, taken)
 
     async def _claim(self, group: str, consumer: str, ids: list[str]) -> list[Entry]:
@@ -182,7 +195,7 @@ class Streams:
             if entries:
                 scores = await self.client.zmscore(self.keys.retry(group), [e[0] for e in entries])
                 found += [entry for entry, score in zip(entries, scores, strict=True) if score is None]
-            cursor = _text(reply[0])
+            cursor = text(reply[0])
             if cursor == "0-0":
                 break
         if not found:
@@ -239,11 +252,11 @@ class Streams:
         except ResponseError:
             return 0
         for info in groups:
-            name = _text(info["name"])
-            cut = min(cut, _next_id(_text(info["last-delivered-id"])))
+            name = text(info["name"])
+            cut = min(cut, _next_id(text(info["last-delivered-id"])))
             pending = await self.client.xpending(self.keys.events, name)
             if pending["pending"]:
-                cut = min(cut, _parse_id(_text(pending["min"])))
+                cut = min(cut, _parse_id(text(pending["min"])))
         trimmed: int = await self.client.xtrim(self.keys.events, minid=f"{cut[0]}-{cut[1]}", approximate=False)
         return trimmed
 
@@ -255,7 +268,7 @@ class Streams:
             "handlers": {},
         }
         try:
-            info = {_text(g["name"]): g for g in await self.client.xinfo_groups(self.keys.events)}
+            info = {text(g["name"]): g for g in await self.client.xinfo_groups(self.keys.events)}
         except ResponseError:
             info = {}
         for group in groups:
@@ -270,13 +283,16 @@ class Streams:
         return out
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def text(value: Any) -> str:
+    """A Redis reply value as text (bytes decoded, invalid UTF-8 replaced; None as "")."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
 
 
 def _entry(raw: Any) -> Entry:
     entry_id, fields = raw
-    return Entry(_text(entry_id), fields.get(RECORD_FIELD, b""), fields.get(VERDICT_FIELD, b""))
+    return Entry(text(entry_id), fields.get(RECORD_FIELD, b""), fields.get(VERDICT_FIELD, b""))
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:
