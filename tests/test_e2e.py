@@ -12,7 +12,7 @@ import msgspec
 import redis
 
 from processor.models import FineTuningJob, decode_event
-from tests.conftest import SECRET, compact, free_port, sample, signed
+from tests.conftest import SECRET, compact, free_port, sample, signed, sink
 from tests.processes import FTJOBS, Proc, base_env, http_ready, post, wait_for, write_config
 
 
@@ -52,13 +52,7 @@ def test_killed_worker_loses_nothing(
 ) -> None:
     """SIGKILL the worker mid-handler: a new worker takes the event over after the lease; one side effect."""
     port = free_port()
-    handler = {
-        "name": "sink",
-        "type": "tests.sinks:Sink",
-        "redis_url": redis_url,
-        "key": f"{prefix}:sink",
-        "sleep_s": 3.0,
-    }
+    handler = sink("sink", redis_url, prefix, sleep_s=3.0)
     config = write_config(
         tmp_path / "ftjobs.toml",
         receiver={"port": port, "secrets": [SECRET]},
@@ -75,15 +69,15 @@ def test_killed_worker_loses_nothing(
         body = compact(sample("fine_tuning_job.succeeded.json"))
         status, answer = post(port, body, signed(body, "wh_kill"))
         assert (status, answer["status"]) == (200, "accepted")
-        wait_for(lambda: client.llen(f"{prefix}:sink:starts") == 1, what="handler started")
+        wait_for(lambda: client.llen(f"{prefix}:sink:sink:starts") == 1, what="handler started")
         first.stop(signal.SIGKILL)
-        assert client.llen(f"{prefix}:sink") == 0  # killed before its side effect
+        assert client.llen(f"{prefix}:sink:sink") == 0  # killed before its side effect
         procs(["work"], tmp_path, env, "work2")
-        wait_for(lambda: client.llen(f"{prefix}:sink") == 1, timeout=20, what="redelivery")
-        event = decode_event(client.lindex(f"{prefix}:sink", 0))  # type: ignore[arg-type]
+        wait_for(lambda: client.llen(f"{prefix}:sink:sink") == 1, timeout=20, what="redelivery")
+        event = decode_event(client.lindex(f"{prefix}:sink:sink", 0))  # type: ignore[arg-type]
         assert event.job == msgspec.json.decode(body, type=FineTuningJob)
-        assert client.llen(f"{prefix}:sink:starts") == 2
-        assert client.hget(f"{prefix}:sink:count", "wh_kill") == b"1"
+        assert client.llen(f"{prefix}:sink:sink:starts") == 2
+        assert client.hget(f"{prefix}:sink:sink:count", "wh_kill") == b"1"
     finally:
         client.close()
 
@@ -92,14 +86,7 @@ def test_sigterm_finishes_in_flight_work(
     tmp_path: Path, procs: Callable[..., Proc], redis_url: str, prefix: str, rclient: object
 ) -> None:
     port = free_port()
-    handler = {
-        "name": "sink",
-        "type": "tests.sinks:Sink",
-        "redis_url": redis_url,
-        "key": f"{prefix}:sink",
-        "sleep_s": 1.0,
-        "idempotent": False,
-    }
+    handler = sink("sink", redis_url, prefix, sleep_s=1.0, idempotent=False)
     config = write_config(
         tmp_path / "ftjobs.toml",
         receiver={"port": port, "secrets": [SECRET]},
@@ -114,9 +101,9 @@ def test_sigterm_finishes_in_flight_work(
         wait_for(http_ready(port), what="serve ready")
         body = compact(sample("fine_tuning_job.failed.json"))
         assert post(port, body, signed(body, "wh_term"))[0] == 200
-        wait_for(lambda: client.llen(f"{prefix}:sink:starts") == 1, what="handler started")
+        wait_for(lambda: client.llen(f"{prefix}:sink:sink:starts") == 1, what="handler started")
         assert serve.stop(signal.SIGTERM) == 0
-        assert client.hget(f"{prefix}:sink:count", "wh_term") == b"1"
+        assert client.hget(f"{prefix}:sink:sink:count", "wh_term") == b"1"
         assert client.xpending(f"{prefix}:events", "sink")["pending"] == 0
     finally:
         client.close()

@@ -26,7 +26,7 @@ import redis.asyncio as redis
 from processor import embedded
 from processor.embedded import EmbeddedValkey
 from processor.receiver import create_app
-from tests.conftest import SECRET, free_port, sample, signed
+from tests.conftest import SECRET, free_port, sample, signed, sink
 from tests.processes import Proc, base_env, http_ready, wait_for, write_config
 
 FAILED = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
@@ -96,10 +96,6 @@ async def start_proc(args: list[str], cwd: Path, env: dict[str, str], name: str)
     return await asyncio.to_thread(Proc, args, cwd, env, name)
 
 
-def sink_table(name: str, redis_url: str, prefix: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "type": "tests.sinks:Sink", "redis_url": redis_url, "key": f"{prefix}:sink:{name}"} | extra
-
-
 @pytest.mark.parametrize("n", [600, pytest.param(10_000, marks=pytest.mark.slow)])
 async def test_workers_killed_every_second_lose_and_duplicate_nothing(
     n: int, tmp_path: Path, redis_url: str, prefix: str, rclient: redis.Redis
@@ -111,8 +107,8 @@ async def test_workers_killed_every_second_lose_and_duplicate_nothing(
         redis={"url": redis_url, "prefix": prefix},
         worker={"lease_s": 1.0, "block_ms": 100, "batch_size": 32},
         handlers=[
-            sink_table("all", redis_url, prefix),
-            sink_table("failures", redis_url, prefix, when={"status": "failed"}),
+            sink("all", redis_url, prefix),
+            sink("failures", redis_url, prefix, when={"status": "failed"}),
         ],
     )
     env = base_env(FTJOBS_CONFIG=str(config))
@@ -179,7 +175,7 @@ async def test_redis_killed_mid_load_keeps_every_acknowledged_event(
         receiver={"port": port, "secrets": [SECRET]},
         redis={"url": server.url, "prefix": prefix},
         worker={"lease_s": 2.0, "block_ms": 100},
-        handlers=[sink_table("all", server.url, prefix)],
+        handlers=[sink("all", server.url, prefix)],
     )
     env = base_env(FTJOBS_CONFIG=str(config))
     receiver = await start_proc(["receive"], tmp_path, env, "receive")
@@ -314,7 +310,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         redis={"url": redis_url, "prefix": prefix},
         worker={"lease_s": 30.0, "block_ms": 100, "grace_s": 20.0, "batch_size": 16},
         # Not idempotent: any second delivery would count twice.
-        handlers=[sink_table("all", redis_url, prefix, idempotent=False, sleep_s=0.005)],
+        handlers=[sink("all", redis_url, prefix, idempotent=False, sleep_s=0.005)],
     )
     env = base_env(FTJOBS_CONFIG=str(config))
     receiver = await start_proc(["receive"], tmp_path, env, "receive")
