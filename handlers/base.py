@@ -38,11 +38,15 @@ class Delivery(Struct, frozen=True, kw_only=True):
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What `setup` gets: a Redis client and a key prefix of the handler's own (for state such as threads)."""
+    """What `setup` gets: a Redis client, a key prefix of the handler's own (for state such as threads), and
+    how long one outgoing request may take."""
 
     redis: redis.Redis
     #: `{prefix}:h:{handler name}`: keys under it belong to this handler.
     key_prefix: str
+    #: The `[[handlers]]` table's `timeout_s`: the limit for the handler's outgoing request (HTTP, SMTP).
+    #: The worker cuts the whole call off a little after it.
+    timeout_s: float = 10.0
 
 
 class NoOptions(Struct, forbid_unknown_fields=True):

@@ -16,7 +16,7 @@ from typing import Final, Literal
 import aiosmtplib
 import msgspec
 
-from handlers.base import ConfigError, Delivery, PermanentFailure, RetryLater
+from handlers.base import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from handlers.templates import Template
 from processor.models import Event
 
@@ -65,7 +65,6 @@ class EmailOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     subject: str = DEFAULT_SUBJECT
     text: str = DEFAULT_TEXT
     html: str = DEFAULT_HTML
-    timeout_s: float = 30.0
 
 
 def _check_address(value: str, where: str) -> None:
@@ -98,6 +97,10 @@ class EmailHandler:
         self._tls: ssl.SSLContext | None = None
         if options.security != "none":
             self._tls = ssl.create_default_context(cafile=options.ca_file or None)
+        self.timeout_s = HandlerContext.timeout_s
+
+    async def setup(self, context: HandlerContext) -> None:
+        self.timeout_s = context.timeout_s  # each SMTP step's limit
 
     def message(self, delivery: Delivery) -> EmailMessage:
         """The email for one delivery (multipart/alternative: text, then HTML)."""
@@ -132,7 +135,7 @@ class EmailHandler:
                 use_tls=options.security == "tls",
                 start_tls=options.security == "starttls",
                 tls_context=self._tls,
-                timeout=options.timeout_s,
+                timeout=self.timeout_s,
             )
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise PermanentFailure(f"email:{self.name}: authentication refused ({exc.code})") from None

@@ -34,7 +34,6 @@ class HttpOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     body: str | None = None
     #: Statuses that count as success; empty: any 2xx (a preset sets its own).
     success_status: list[int] = []
-    timeout_s: float = 10.0
     #: `whsec_...`: sign each request with Standard Webhooks headers.
     sign_secret: str = ""
     # Preset parameters.
@@ -77,8 +76,10 @@ class HttpHandler:
         self.ok = tuple(options.success_status) or self.target.ok
         self.signing_key = signatures.parse_secret(options.sign_secret) if options.sign_secret else None
         self._session: aiohttp.ClientSession | None = None
+        self.timeout_s = HandlerContext.timeout_s
 
     async def setup(self, context: HandlerContext) -> None:
+        self.timeout_s = context.timeout_s
         self._session = aiohttp.ClientSession()
 
     async def close(self) -> None:
@@ -125,7 +126,7 @@ class HttpHandler:
             self.target.method,
             self.target.url,
             ok=self.ok,
-            timeout_s=self.options.timeout_s,
+            timeout_s=self.timeout_s,
             data=body,
             headers=headers,
         )

@@ -10,6 +10,7 @@ https://api.slack.com/reference/surfaces/formatting#escaping
 from __future__ import annotations
 
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -26,6 +27,19 @@ _TRANSIENT: Final = frozenset(
     {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 )
 _json: Final = msgspec.json.Encoder()
+#: Block Kit's limits: a section's text, and each of its fields.
+_TEXT_MAX: Final = 3000
+_FIELD_MAX: Final = 2000
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` within `limit` characters, with an ellipsis when it was longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class SlackOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -38,7 +52,6 @@ class SlackOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_url: str = "https://slack.com/api"
     #: Optional template for the message text (mrkdwn; job values are escaped).
     text: str | None = None
-    timeout_s: float = 10.0
 
 
 class SlackHandler:
@@ -52,14 +65,20 @@ class SlackHandler:
             raise ConfigError("set either webhook_url, or token and channel")
         if options.token and not options.channel:
             raise ConfigError("channel is required with token")
+        for key in ("webhook_url", "api_url"):
+            url = getattr(options, key)
+            if url and not _is_http_url(url):
+                raise ConfigError(f"{key}: an http:// or https:// URL is required")
         self.name = name
         self.options = options
         self.text = Template(options.text, "slack", f"{name}.text") if options.text else None
         self._session: aiohttp.ClientSession | None = None
         self._redis: redis.Redis | None = None
         self._thread_prefix = ""
+        self.timeout_s = HandlerContext.timeout_s
 
     async def setup(self, context: HandlerContext) -> None:
+        self.timeout_s = context.timeout_s
         self._session = aiohttp.ClientSession()
         self._redis = context.redis
         self._thread_prefix = f"{context.key_prefix}:thread:"
@@ -79,7 +98,7 @@ class SlackHandler:
                 self.options.webhook_url,
                 data=_json.encode(message),
                 headers={"Content-Type": "application/json"},
-                timeout_s=self.options.timeout_s,
+                timeout_s=self.timeout_s,
             )
             return
         await self._post_in_thread(delivery.event, message)
@@ -97,7 +116,7 @@ class SlackHandler:
             "POST",
             f"{self.options.api_url}/chat.postMessage",
             data=_json.encode(payload),
-            timeout_s=self.options.timeout_s,
+            timeout_s=self.timeout_s,
             headers={
                 "Content-Type": "application/json; charset=utf-8",
                 "Authorization": f"Bearer {self.options.token}",
@@ -134,14 +153,15 @@ class SlackHandler:
         blocks: list[dict[str, Any]] = [
             {"type": "header", "text": {"type": "plain_text", "text": title, "emoji": True}},
         ]
-        if self.text is not None:
-            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": self.text.render(event)}})
-        blocks.append({"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts[:10]]})
+        if self.text is not None and (text := self.text.render(event).strip()):  # Slack refuses an empty block
+            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(text, _TEXT_MAX)}})
+        fields = [{"type": "mrkdwn", "text": _cut(f, _FIELD_MAX)} for f in facts[:10]]
+        blocks.append({"type": "section", "fields": fields})
         if (error := ctx["error"]) is not None:
             detail = f"*Error* `{slack_escape(error.code)}`: {slack_escape(error.message)}"
-            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": detail[:3000]}})
+            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(detail, _TEXT_MAX)}})
         if ctx["metadata"]:
             pairs = ", ".join(f"{slack_escape(k)}={slack_escape(v)}" for k, v in ctx["metadata"].items())
-            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": pairs[:3000]}]})
+            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _cut(pairs, _TEXT_MAX)}]})
         fallback = f"{title}: {slack_escape(job.id)}"
         return {"text": fallback, "attachments": [{"color": ctx["color"], "blocks": blocks}]}

@@ -101,7 +101,7 @@ class DeadLetters:
             # Enqueued like a fresh delivery (judged against the job's state), under its own dedupe id: the
             # webhook-id already names the quarantine entry.
             replay_id = f"{item.webhook_id}:replayed"
-            new, entry_id = await self.enqueuer.add(
+            new, entry_id, _ = await self.enqueuer.add(
                 replay_id, self.keys.events, {RECORD_FIELD: encode_event(event)}, event
             )
             await self.client.xdel(self.keys.quarantine, item.id)

@@ -8,51 +8,105 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from processor.models import Event
+from processor.models import TERMINAL_RANK, UNRANKED, Event, status_rank
 from processor.stream import Keys, text
+
+#: A job's timeline keeps its last this many events (transitions and skipped events alike).
+TIMELINE_MAX: Final = 200
 
 # Dedupe, judge and append in one atomic step. A `webhook-id` seen before returns the entry it created and
 # appends nothing. For a job event, the job's state gives the event its verdict, stored in the entry as
-# `v` = "kind|previous status|repeat of": `new` (a transition: recorded in the job hash, the timeline and the
-# index), `repeat` (this status was already announced, by event `repeat of`) or `stale` (older than what we
-# know, or after a terminal status). Judging here, in arrival order, means every handler group sees the
-# same verdict without asking Redis again.
+# `v` = "kind|previous status|repeat of":
+#   stale   a non-terminal status after the job ended, a second terminal status, an earlier stage of the
+#           job's life than one it reached (`models.STATUS_RANK`), or the same stage (running/paused) at an
+#           earlier time by the same clock;
+#   repeat  this status was already announced for the job, by event `repeat of` (each status once);
+#   new     anything else: a transition, recorded in the job hash, the timeline and the index.
+# A terminal status after a non-terminal one is therefore never stale, and times are compared only when they
+# come from the same clock (the API's, or ours). Every event, skipped or not, gets a timeline line. Judging
+# here, in arrival order, means every handler group sees the same verdict without asking Redis again.
 # KEYS: dedupe key, stream, job hash, timeline, jobs index.
-# ARGV: dedupe ttl, status ('' for no job state), at, source, job id, state ttl, event id, field/value pairs.
-_ENQUEUE_LUA: Final = """
+# ARGV: dedupe ttl, status ('' for no job state), at, clock, rank, source, job id, state ttl, event id, now,
+#       then the entry's field/value pairs.
+_ENQUEUE_LUA: Final = (
+    """
 local seen = redis.call('GET', KEYS[1])
 if seen then return {0, seen} end
-local fields = {unpack(ARGV, 8)}
-local status = ARGV[2]
+local fields = {unpack(ARGV, 11)}
+local status, verdict = ARGV[2], ''
 if status ~= '' then
-  local cur = redis.call('HMGET', KEYS[3], 'status', 'at', 'event')
-  local prev, prev_at, prev_event = cur[1], tonumber(cur[2] or '0'), cur[3]
+  local at, clock, rank, source, event = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[9]
+  local cur = redis.call('HMGET', KEYS[3], 'status', 'at', 'clock', 'rank', 'event', 's:' .. status)
+  local prev, prev_at, prev_clock, top = cur[1], tonumber(cur[2] or '0'), cur[3], tonumber(cur[4] or '0')
+  local announced = cur[6]
+  if not announced and prev == status then announced = cur[5] end
   local kind, repeat_of = 'new', ''
-  if prev == status then
-    kind, repeat_of = 'repeat', prev_event
-  elseif prev and (prev == 'succeeded' or prev == 'failed' or prev == 'cancelled' or tonumber(ARGV[3]) < prev_at) then
+  if top >= TERMINAL_RANK and rank < TERMINAL_RANK then
+    kind = 'stale'
+  elseif announced then
+    kind, repeat_of = 'repeat', announced
+  elseif top >= TERMINAL_RANK then
+    kind = 'stale'
+  elseif rank ~= UNRANKED and (rank < top or (rank == top and clock == prev_clock and at < prev_at)) then
     kind = 'stale'
   else
-    redis.call('HSET', KEYS[3], 'status', status, 'at', ARGV[3], 'event', ARGV[7], 'source', ARGV[4])
-    redis.call('RPUSH', KEYS[4], cjson.encode({status = status, at = tonumber(ARGV[3]), source = ARGV[4],
-               event = ARGV[7], previous = prev or ''}))
-    redis.call('ZADD', KEYS[5], ARGV[3], ARGV[5])
-    redis.call('EXPIRE', KEYS[3], ARGV[6])
-    redis.call('EXPIRE', KEYS[4], ARGV[6])
+    redis.call('HSET', KEYS[3], 'status', status, 'at', ARGV[3], 'clock', clock, 'event', event,
+               'source', source, 'rank', math.max(top, rank), 's:' .. status, event)
+    redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
+    redis.call('EXPIRE', KEYS[3], ARGV[8])
   end
+  redis.call('RPUSH', KEYS[4], cjson.encode({status = status, at = at, source = source, event = event,
+             previous = prev or '', verdict = kind, repeat_of = repeat_of, received = tonumber(ARGV[10])}))
+  redis.call('LTRIM', KEYS[4], -TIMELINE_MAX, -1)
+  redis.call('EXPIRE', KEYS[4], ARGV[8])
+  verdict = kind .. '|' .. (prev or '') .. '|' .. repeat_of
   fields[#fields + 1] = 'v'
-  fields[#fields + 1] = kind .. '|' .. (prev or '') .. '|' .. repeat_of
+  fields[#fields + 1] = verdict
 end
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
-return {1, id}
-"""
+return {1, id, verdict}
+""".replace("TERMINAL_RANK", str(TERMINAL_RANK))
+    .replace("UNRANKED", str(UNRANKED))
+    .replace("TIMELINE_MAX", str(TIMELINE_MAX))
+)
+
+
+class Verdict(NamedTuple):
+    """An event's verdict against its job's state, as `_ENQUEUE_LUA` writes it: "kind|previous|repeat of"."""
+
+    kind: str  # new, repeat or stale
+    previous: str = ""
+    repeat_of: str = ""
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Verdict | None:
+        """The verdict stored in an entry, or None when it has none (no job state: not a job event)."""
+        if not raw:
+            return None
+        kind, previous, repeat_of = (raw.decode() if isinstance(raw, bytes) else raw).split("|", 2)
+        return cls(kind, previous, repeat_of)
+
+    @property
+    def skipped(self) -> str:
+        """Why handlers skip the event ('' for a transition they are told about)."""
+        return {"repeat": f"repeat of {self.repeat_of}", "stale": "stale"}.get(self.kind, "")
+
+
+class Enqueued(NamedTuple):
+    """What `Enqueuer.add` did: appended (`new`) or found the id already there, the entry, and the verdict."""
+
+    new: bool
+    entry_id: str
+    #: For a job event appended now; None otherwise.
+    verdict: Verdict | None = None
 
 
 class Lua:
@@ -129,16 +183,19 @@ class Enqueuer:
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._script = Lua(_ENQUEUE_LUA)
-        self._pending: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]] = []
+        self._pending: list[tuple[list[Any], asyncio.Future[Enqueued]]] = []
         self._in_flight = 0
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def add(
         self, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
-    ) -> tuple[bool, str]:
+    ) -> Enqueued:
         """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id). With `event`, the
-        job's state judges it first (see `_ENQUEUE_LUA`)."""
+        job's state judges it first (see `_ENQUEUE_LUA`). A caller that stops waiting (a deadline) leaves its
+        write in the batch: it may still be applied, and a retry with the same `webhook_id` finds it."""
         status = event.status if event is not None else None
         job_id = event.job_id if event is not None else ""
+        at, clock = event.observed if event is not None else (0.0, "")
         keys = self._keys
         args: list[Any] = [
             keys.seen(webhook_id),
@@ -148,19 +205,24 @@ class Enqueuer:
             keys.jobs,
             self._ttl,
             status or "",
-            event.observed_at if event else 0,
+            at,
+            clock,
+            status_rank(status or ""),
             event.source if event else "",
             job_id,
             self._state_ttl,
             webhook_id,
+            f"{time.time():.3f}",
         ]
         for name, value in fields.items():
             args += (name, value)
-        future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Enqueued] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._flush())
+            flusher = asyncio.get_running_loop().create_task(self._flush())
+            self._flushers.add(flusher)  # a reference, so the task is not collected mid-flight
+            flusher.add_done_callback(self._flushers.discard)
         return await future
 
     async def _flush(self) -> None:
@@ -173,7 +235,7 @@ class Enqueuer:
         finally:
             self._in_flight -= 1
 
-    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[tuple[bool, str]]]]) -> None:
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Enqueued]]]) -> None:
         try:
             replies = await self._script.run(self._client, [(args[:5], args[5:]) for args, _ in batch])
         except Exception as exc:  # connection refused, timeout, ...: every caller gets a 503
@@ -187,4 +249,5 @@ class Enqueuer:
             if isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
-                future.set_result((reply[0] == 1, text(reply[1])))
+                verdict = Verdict.parse(reply[2]) if len(reply) > 2 else None
+                future.set_result(Enqueued(reply[0] == 1, text(reply[1]), verdict))

@@ -23,6 +23,7 @@ from typing import Any, Final
 import msgspec
 import redis.asyncio as redis
 
+from processor.enqueue import Verdict
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.models import Event, FineTuningJob
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
@@ -36,23 +37,36 @@ _WAIT_S: Final = 10.0
 
 
 class Transition(msgspec.Struct):
+    """One event of a job's timeline, as judged at enqueue (`enqueue._ENQUEUE_LUA`)."""
+
     status: str
+    #: When the job reached the status, by the event's clock (see `Event.observed`).
     at: float
     source: str
     event: str
     previous: str = ""
+    #: `new` (a transition), `repeat` (of `repeat_of`) or `stale`; empty in timelines written before verdicts.
+    verdict: str = ""
+    repeat_of: str = ""
+    #: When we received it (our clock).
+    received: float = 0.0
+
+    @property
+    def skipped(self) -> str:
+        """Why handlers skip this event ('' when it is a transition they are told about)."""
+        return Verdict(self.verdict, self.previous, self.repeat_of).skipped
 
 
-def judge(event: Event, verdict: bytes) -> Event:
+def judge(event: Event, raw_verdict: bytes) -> Event:
     """The event with the verdict its entry got at enqueue: `previous_status`, `stale`, `repeat_of`."""
-    if not verdict:
+    verdict = Verdict.parse(raw_verdict)
+    if verdict is None:
         return event
-    kind, previous, repeat_of = verdict.decode().split("|", 2)
     return msgspec.structs.replace(
         event,
-        previous_status=previous or None,
-        stale=kind == "stale",
-        repeat_of=repeat_of if kind == "repeat" else None,
+        previous_status=verdict.previous or None,
+        stale=verdict.kind == "stale",
+        repeat_of=verdict.repeat_of if verdict.kind == "repeat" else None,
     )
 
 

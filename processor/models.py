@@ -22,12 +22,31 @@ from msgspec import Meta, Struct
 
 #: Statuses the API documents. Others (e.g. `paused`) are accepted and carried as they are.
 KNOWN_STATUSES: Final = frozenset({"validating_files", "queued", "running", "succeeded", "failed", "cancelled"})
+#: Where each status sits in a job's life. A job only moves forward through these ranks, except that
+#: `running` and `paused` share one (a job may be paused and resumed). Statuses not listed (a new one the
+#: API adds) have no rank: they are judged by arrival, never as stale (see `status_rank`).
+STATUS_RANK: Final = {
+    "validating_files": 1,
+    "queued": 2,
+    "running": 3,
+    "paused": 3,
+    "succeeded": 4,
+    "failed": 4,
+    "cancelled": 4,
+}
+#: The rank of the statuses a job never leaves.
+TERMINAL_RANK: Final = 4
+#: The rank of a status we do not know.
+UNRANKED: Final = 0
 #: Statuses a job never leaves.
-TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATUSES: Final = frozenset(s for s, rank in STATUS_RANK.items() if rank == TERMINAL_RANK)
 #: Prefix of every fine-tuning event type: `fine_tuning.job.<status>`.
 JOB_EVENT_PREFIX: Final = "fine_tuning.job."
 
 Auto = Literal["auto"]
+#: Which clock an event's time comes from: the API's (`created_at`, `finished_at`) or ours (when we received it).
+#: Times from different clocks are never compared: a few seconds of skew would reorder a job's statuses.
+Clock = Literal["api", "local"]
 T = TypeVar("T")
 
 
@@ -241,12 +260,15 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
                 )
 
     @property
-    def observed_at(self) -> float:
-        """When the job reached this status, as far as we know: when it finished, when the webhook says, or
-        when we learned it (a job object does not say when it entered a non-terminal status)."""
+    def observed(self) -> tuple[float, Clock]:
+        """When the job reached this status as far as we know, and by which clock: when it finished or when the
+        webhook says (the API's clock), or when we learned it (ours: a job object does not say when it entered
+        a non-terminal status)."""
         if self.job is not None and self.job.finished_at and self.job.status in TERMINAL_STATUSES:
-            return float(self.job.finished_at)
-        return float(self.created_at) if self.source == "webhook" else self.received_at
+            return float(self.job.finished_at), "api"
+        if self.source == "webhook":
+            return float(self.created_at), "api"
+        return self.received_at, "local"
 
     def envelope(self) -> Envelope:
         """The thin webhook envelope that announces this event (as `ftjobs send --thin` posts it)."""
@@ -256,6 +278,11 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
             created_at=self.created_at,
             data=EventData(self.job_id),
         )
+
+
+def status_rank(status: str) -> int:
+    """The status's place in a job's life (`STATUS_RANK`), or `UNRANKED` for a status we do not know."""
+    return STATUS_RANK.get(status, UNRANKED)
 
 
 _body_decoder: Final[msgspec.json.Decoder[Body]] = msgspec.json.Decoder(Body)

@@ -79,8 +79,14 @@ def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(f"{args.job_id}")
     for step in timeline:
+        if step.skipped:
+            print(
+                f"  {human_time(step.received or step.at):<22} {step.status:<34} via {step.source:<8} {step.event}"
+                f"  (skipped: {step.skipped})"
+            )
+            continue
         arrow = f"{step.previous or '(new)'} → {step.status}"
-        print(f"  {human_time(step.at):<22} {arrow:<34} via {step.source:<8} {step.event}")
+        print(f"  {human_time(step.received or step.at):<22} {arrow:<34} via {step.source:<8} {step.event}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Outgoing HTTP (handlers, API clients): one request, its outcome mapped onto the worker's retry policy.
 
 429 → `RetryLater` after `Retry-After`; 5xx, timeouts and connection errors → `RetryLater`; other
-non-success statuses → `PermanentFailure` with the target's answer. Messages name the target by a label
+non-success statuses → `PermanentFailure` with the target's answer. A timeout after the request was sent is
+an unknown outcome (the target may have acted): it is retried like any timeout, and the retry carries the
+same `Idempotency-Key`, so a target that deduplicates on it acts once. Messages name the target by a label
 (`slack`, `http:eval-after-train`), never by URL: webhook URLs and query strings carry secrets.
 """
 
@@ -34,7 +36,7 @@ async def request(
     url: str,
     *,
     ok: Collection[int] = (),
-    timeout_s: float = 10.0,
+    timeout_s: float,
     **kwargs: Any,
 ) -> tuple[int, str]:
     """Send one request; return (status, body) on success (any 2xx, or a status in `ok`), else raise."""
@@ -43,8 +45,10 @@ async def request(
             body = await resp.text(errors="replace")
             status = resp.status
             headers = resp.headers
-    except TimeoutError:
-        raise RetryLater(f"{label}: no answer within {timeout_s} s") from None
+    except aiohttp.ConnectionTimeoutError:
+        raise RetryLater(f"{label}: could not connect within {timeout_s} s") from None
+    except TimeoutError:  # sent, maybe acted on: the retry carries the same Idempotency-Key
+        raise RetryLater(f"{label}: no answer within {timeout_s} s (outcome unknown; retried)") from None
     except aiohttp.ClientError as exc:
         raise RetryLater(f"{label}: {type(exc).__name__}") from None
     if status in ok or (not ok and 200 <= status < 300):

@@ -62,7 +62,7 @@ class Poller:
             quiet = last_status is None and not openai.poll_backfill and job.created_at < int(started)
             if not quiet:
                 event = _event(job)
-                new, _ = await self.enqueuer.add(
+                new, *_ = await self.enqueuer.add(
                     event.id, self.streams.keys.events, {RECORD_FIELD: encode_event(event)}, event
                 )
                 emitted += new

@@ -4,7 +4,7 @@ The handler only reads the request and calls the pure core (`signatures.verify`,
 one middleware turns every `RequestError` into a JSON answer with its status. A 2xx is sent only after
 Redis acknowledged the write; when it cannot, the answer is 503 with `Retry-After` and the sender retries.
 
-    200 accepted · 200 duplicate · 200 quarantined · 400 not JSON · 401 signature · 408 body too slow
+    200 accepted · 200 duplicate · 200 quarantined · 200 ignored · 400 not JSON · 401 signature · 408 body too slow
     413 too large · 415 content type · 503 Redis unavailable
 """
 
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from processor import metrics, signatures
-from processor.enqueue import Enqueuer
+from processor.enqueue import Enqueued, Enqueuer
 from processor.errors import (
     BodyTimeoutError,
     NotJSONError,
@@ -32,7 +32,7 @@ from processor.errors import (
     UnavailableError,
     UnsupportedMediaError,
 )
-from processor.models import Event, decode_body, encode_event
+from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
 from processor.settings import Settings, explain
 from processor.stream import RECORD_FIELD, Keys, Streams, connect
 
@@ -44,6 +44,8 @@ ENQUEUER: Final = web.AppKey("enqueuer", Enqueuer)
 SIGNING_KEYS: Final = web.AppKey("signing_keys", list[bytes])
 
 _json: Final = msgspec.json.Encoder()
+#: `/readyz` answers within this long, even when Redis stalls.
+READY_TIMEOUT_S: Final = 1.0
 
 
 def reply(http_status: int, /, **body: Any) -> web.Response:
@@ -103,9 +105,20 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return await _quarantine(request, webhook_id, body, explain(exc))
     except msgspec.DecodeError as exc:
         raise NotJSONError(f"body is not valid JSON: {exc}") from None
+    if isinstance(decoded, Envelope) and not _accepted_type(decoded.type, settings.accept_event_types):
+        metrics.REQUESTS.labels("ignored").inc()
+        log.info("event_ignored", webhook_id=webhook_id, event_type=decoded.type)
+        return reply(
+            200,
+            status="ignored",
+            webhook_id=webhook_id,
+            event_type=decoded.type,
+            message="not a fine-tuning job event; nothing was enqueued (list it in receiver.accept_event_types "
+            "to accept it)",
+        )
     event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
-    keys = request.app[STREAMS].keys
-    new, entry_id = await _enqueue(request, webhook_id, keys.events, {RECORD_FIELD: encode_event(event)}, event)
+    fields = {RECORD_FIELD: encode_event(event)}
+    new, entry_id, verdict = await _enqueue(request, webhook_id, request.app[STREAMS].keys.events, fields, event)
     metrics.REQUESTS.labels("accepted" if new else "duplicate").inc()
     if not new:
         return reply(
@@ -116,14 +129,23 @@ async def receive_webhook(request: web.Request) -> web.Response:
             message="this webhook-id was already accepted; nothing was enqueued",
         )
     log.debug("event_accepted", webhook_id=webhook_id, job_id=event.job_id, event_type=event.type)
-    return reply(
-        200,
-        status="accepted",
-        webhook_id=webhook_id,
-        entry_id=entry_id,
-        job_id=event.job_id,
-        event_type=event.type,
-    )
+    answer: dict[str, Any] = {
+        "status": "accepted",
+        "webhook_id": webhook_id,
+        "entry_id": entry_id,
+        "job_id": event.job_id,
+        "event_type": event.type,
+    }
+    if verdict is not None and verdict.skipped:  # stored, but handlers will skip it: say so to whoever sent it
+        answer["skipped"] = verdict.skipped
+        answer["message"] = f"stored; handlers skip it ({verdict.skipped}), unless a rule asks for such events"
+    return reply(200, **answer)
+
+
+def _accepted_type(event_type: str, extra: list[str]) -> bool:
+    """Fine-tuning job events, and the other types the receiver is told to accept (one OpenAI endpoint may be
+    subscribed to batch, response and eval events too)."""
+    return event_type.startswith(JOB_EVENT_PREFIX) or event_type in extra
 
 
 async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error: str) -> web.Response:
@@ -135,7 +157,7 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
         b"received_at": f"{time.time():.3f}".encode(),
     }
     keys = request.app[STREAMS].keys
-    new, entry_id = await _enqueue(request, webhook_id, keys.quarantine, fields)
+    new, entry_id, _ = await _enqueue(request, webhook_id, keys.quarantine, fields)
     metrics.REQUESTS.labels("quarantined" if new else "duplicate").inc()
     log.warning("event_quarantined", webhook_id=webhook_id, error=error)
     return reply(
@@ -149,11 +171,21 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
 
 async def _enqueue(
     request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
-) -> tuple[bool, str]:
+) -> Enqueued:
+    """Store the event, or raise `UnavailableError` (503) when Redis refuses or does not answer in time."""
+    settings = request.app[SETTINGS]
+    deadline_s = settings.receiver.enqueue_timeout_s
     try:
-        await request.app[STREAMS].ensure_groups(h.name for h in request.app[SETTINGS].handlers)
-        with metrics.ENQUEUE_SECONDS.time():
-            return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
+        async with asyncio.timeout(deadline_s):  # a stalled Redis must not hold the sender past its own timeout
+            await request.app[STREAMS].ensure_groups(h.name for h in settings.handlers)
+            with metrics.ENQUEUE_SECONDS.time():
+                return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
+    except TimeoutError:  # before OSError, its base class: the write may have been applied after all
+        log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
+        raise UnavailableError(
+            f"the queue did not answer within {deadline_s} s; the event may or may not be stored: retry "
+            "(a retried webhook-id is never enqueued twice)"
+        ) from None
     except (RedisError, OSError) as exc:
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)
         raise UnavailableError("the queue is unavailable; nothing was stored, retry later") from None
@@ -174,8 +206,11 @@ async def readyz(request: web.Request) -> web.Response:
     streams = request.app[STREAMS]
     groups = [h.name for h in request.app[SETTINGS].handlers]
     try:
-        await streams.client.ping()
-        missing = await streams.missing_groups(groups)
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await streams.client.ping()
+            missing = await streams.missing_groups(groups)
+    except TimeoutError:  # before OSError, its base class
+        return reply(503, status="unavailable", message=f"redis did not answer within {READY_TIMEOUT_S} s")
     except (RedisError, OSError) as exc:
         return reply(503, status="unavailable", message=f"redis is unreachable: {type(exc).__name__}")
     if missing:

@@ -143,10 +143,11 @@ async def running_worker(
     block_s = settings.worker.block_ms / 1000
     client = connect(url, socket_timeout=block_s + 10)
     keys = Keys(settings.redis.prefix)
-    for handler in handlers:
+    for handler, spec in zip(handlers, settings.handlers, strict=True):
         setup = getattr(handler, "setup", None)
         if setup is not None:
-            await setup(HandlerContext(redis=client, key_prefix=keys.handler_state(handler.name)))
+            prefix = keys.handler_state(handler.name)
+            await setup(HandlerContext(redis=client, key_prefix=prefix, timeout_s=spec.timeout_s))
     api = OpenAIClient(settings.openai) if settings.openai.api_key and settings.openai.hydrate else None
     if api is not None:
         await api.__aenter__()

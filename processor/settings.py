@@ -16,13 +16,20 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from processor.errors import ConfigError
 from processor.routing import Rule
+
+#: Numbers that must be positive, or at least zero, and a TCP port.
+Positive = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegative = Annotated[float, Meta(ge=0)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
 
 _VAR: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PATH_IN_ERROR: Final = re.compile(r"^(.*) - at (`key` in )?`\$(.*)`$")
@@ -34,20 +41,27 @@ class _Config(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ReceiverSettings(_Config):
     host: str = "0.0.0.0"
-    port: int = 8080
+    port: Port = 8080
     path: str = "/webhooks/openai"
     #: Standard Webhooks secrets (`whsec_...`); several during a rotation.
     secrets: list[str] = []
     #: Development only: accept unsigned requests. Logs a loud warning at start.
     verify_signatures: bool = True
-    tolerance_s: int = 300
+    #: How far a `webhook-timestamp` may be from our clock (replay protection).
+    tolerance_s: PositiveInt = 300
     max_body_bytes: int = 256 * 1024
     #: A client that has not sent its whole body by then gets 408 (slow-body clients hold no worker).
-    body_timeout_s: float = 10.0
+    body_timeout_s: Positive = 10.0
+    #: A request whose write Redis has not confirmed by then gets 503 + `Retry-After` (the write may still be
+    #: applied; the sender's retry is then a duplicate). Keeps answers fast when Redis stalls.
+    enqueue_timeout_s: Positive = 1.0
     #: How long a `webhook-id` is remembered; OpenAI retries for up to 72 h.
     dedupe_window_s: int = 96 * 3600
     #: Up to this many concurrent enqueues share one Redis round trip.
-    max_batch: int = 256
+    max_batch: PositiveInt = 256
+    #: Event types to enqueue besides `fine_tuning.job.*` (e.g. `batch.completed`); any other is answered
+    #: 200 `ignored` and never enqueued.
+    accept_event_types: list[str] = []
 
 
 class RedisSettings(_Config):
@@ -63,15 +77,15 @@ class RedisSettings(_Config):
 
 class WorkerSettings(_Config):
     #: A pending entry idle longer than this is taken over from a consumer presumed dead.
-    lease_s: float = 30.0
+    lease_s: Positive = 30.0
     #: On SIGTERM, in-flight handlers get this long to finish before they are cut off (and left pending).
-    grace_s: float = 20.0
+    grace_s: NonNegative = 20.0
     #: An entry taken over this many times (its consumer died each time: it may crash the worker) is
     #: dead-lettered instead of delivered again.
-    max_takeovers: int = 5
-    batch_size: int = 64
-    block_ms: int = 1000
-    trim_interval_s: float = 60.0
+    max_takeovers: PositiveInt = 5
+    batch_size: PositiveInt = 64
+    block_ms: PositiveInt = 1000
+    trim_interval_s: Positive = 60.0
 
 
 class OpenAISettings(_Config):
@@ -80,21 +94,21 @@ class OpenAISettings(_Config):
     base_url: str = "https://api.openai.com/v1"
     organization: str = ""
     project: str = ""
-    timeout_s: float = 10.0
+    timeout_s: Positive = 10.0
     #: Retries of one API call on 429/5xx/timeouts before the caller sees the failure.
-    max_retries: int = 2
+    max_retries: NonNegativeInt = 2
     #: Fetch the full job for thin webhooks (once per event, shared by every handler).
     hydrate: bool = True
     #: While the API is down, an event waiting for its job is tried again after this long.
-    hydrate_retry_s: float = 5.0
+    hydrate_retry_s: Positive = 5.0
     #: Poll the API for status changes every N seconds (0: off). The only way to see queued/running.
-    poll_interval_s: float = 0.0
+    poll_interval_s: NonNegative = 0.0
     #: On the poller's first start, announce jobs that already exist (true) or only later changes (false).
     poll_backfill: bool = False
     #: Only poll jobs with these metadata values (`metadata[k]=v` filter).
     poll_metadata: dict[str, str] = {}
     #: Pages of 100 jobs read per poll.
-    poll_max_pages: int = 2
+    poll_max_pages: PositiveInt = 2
 
 
 class LogSettings(_Config):
@@ -109,21 +123,32 @@ class HandlerSpec(_Config):
     name: str
     type: str
     when: Rule = msgspec.field(default_factory=Rule)
-    max_attempts: int = 5
-    timeout_s: float = 30.0
-    backoff_s: float = 1.0
-    backoff_max_s: float = 600.0
-    concurrency: int = 8
+    max_attempts: PositiveInt = 5
+    #: How long one call may take: the handler's outgoing request (HTTP, Slack, SMTP) gives up after this
+    #: long, and the worker cuts the call off at twice that (`call_limit_s`). A request that timed out after
+    #: it was sent may have acted: it is retried with the same `Idempotency-Key`.
+    timeout_s: Positive = 10.0
+    backoff_s: NonNegative = 1.0
+    backoff_max_s: NonNegative = 600.0
+    concurrency: PositiveInt = 8
     #: Calls per minute across all workers (0: no limit); calls over it wait for the next minute.
-    rate_limit_per_min: int = 0
+    rate_limit_per_min: NonNegativeInt = 0
     #: Open the circuit after this many consecutive failures (0: no breaker) ...
-    breaker_threshold: int = 0
+    breaker_threshold: NonNegativeInt = 0
     #: ... for this long, then let one probe call through.
-    breaker_cooldown_s: float = 60.0
+    breaker_cooldown_s: Positive = 60.0
     #: The handler type's own keys, validated by its `Options` struct when the handler is built.
     options: dict[str, Any] = {}
 
+    @property
+    def call_limit_s(self) -> float:
+        """The worker's limit on one call: twice the handler's own timeout, room for it to report the timeout
+        itself (a hung handler that ignores `timeout_s`, or SMTP's several steps, are still cut off)."""
+        return CALL_LIMIT_FACTOR * self.timeout_s
 
+
+#: How many times its `timeout_s` the worker lets a handler call run.
+CALL_LIMIT_FACTOR: Final = 2.0
 COMMON_HANDLER_KEYS: Final = frozenset(HandlerSpec.__struct_fields__) - {"options"}
 
 
@@ -184,6 +209,10 @@ class Settings(_Config):
             raise ConfigError("receiver.dedupe_window_s: must cover OpenAI's 72 h retry horizon (>= 259200)")
         if not self.receiver.path.startswith("/"):
             raise ConfigError("receiver.path: must start with '/'")
+        if self.openai.poll_interval_s > 0 and not self.openai.api_key:
+            raise ConfigError("openai.poll_interval_s: polling needs an API key: set OPENAI_API_KEY or openai.api_key")
+        if self.openai.poll_interval_s > 0 and not self.openai.hydrate:
+            raise ConfigError("openai.poll_interval_s: polling needs openai.hydrate = true")
 
 
 def convert(raw: Any, type_: type[Any], root: str = "") -> Any:

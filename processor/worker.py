@@ -218,7 +218,7 @@ class Runner:
         started = time.perf_counter()
         self._in_flight.add(entry_id)
         try:
-            async with asyncio.timeout(self.spec.timeout_s):  # no extra task per call, unlike wait_for
+            async with asyncio.timeout(self.spec.call_limit_s):  # no extra task per call, unlike wait_for
                 await self.handler(delivery)
         except Exception as exc:  # the handler's own bug counts as a transient failure
             if self.guard.active and await self.guard.record(ok=False):
@@ -226,7 +226,11 @@ class Runner:
             if isinstance(exc, PermanentFailure):
                 await self._dead_letter(entry, f"permanent failure: {exc}", attempt)
                 return False
-            reason = f"timed out after {self.spec.timeout_s} s" if isinstance(exc, TimeoutError) else _describe(exc)
+            reason = (
+                f"cut off after {self.spec.call_limit_s} s (twice timeout_s)"
+                if isinstance(exc, TimeoutError)
+                else _describe(exc)
+            )
             if attempt >= self.spec.max_attempts:
                 await self._dead_letter(entry, reason, attempt)
             else:

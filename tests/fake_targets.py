@@ -35,6 +35,10 @@ def block_kit_problem(message: dict[str, Any]) -> str:
                 texts = [block["text"]] if "text" in block else block.get("fields", [])
                 if not texts or any(t["type"] not in ("mrkdwn", "plain_text") or len(t["text"]) > 3000 for t in texts):
                     return "section text must be mrkdwn/plain_text of at most 3000 characters"
+                if any(not t["text"].strip() for t in texts):
+                    return "section text must not be empty"
+                if any(len(t["text"]) > 2000 for t in block.get("fields", [])):
+                    return "a section field takes at most 2000 characters"
     return ""
 
 

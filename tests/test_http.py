@@ -214,9 +214,11 @@ async def test_presets_send_what_each_target_documents(rig: Any, aiohttp_server:
     assert all(s["headers"]["Idempotency-Key"].endswith(":wh_pipe") for s in seen)
 
 
-async def test_airflow_duplicate_run_counts_as_done(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+async def test_airflow_duplicate_run_counts_as_done(
+    rig: Any, aiohttp_server: Callable[..., Any], rclient: Any, prefix: str
+) -> None:
     """Airflow refuses a second run with the same id (409): the trigger happened, so that is success."""
-    from handlers.base import Delivery
+    from handlers.base import Delivery, HandlerContext
     from handlers.http import HttpHandler, HttpOptions
     from processor.models import Event, decode_job
 
@@ -230,7 +232,7 @@ async def test_airflow_duplicate_run_counts_as_done(rig: Any, aiohttp_server: Ca
         password="secret",
     )
     handler = HttpHandler("af", options)
-    await handler.setup(None)  # type: ignore[arg-type]
+    await handler.setup(HandlerContext(redis=rclient, key_prefix=f"{prefix}:h:af"))
     try:
         event = Event.from_body(decode_job(sample(SUCCEEDED)), webhook_id="wh_x", received_at=time.time())
         delivery = Delivery(event=event, handler="af", attempt=1, idempotency_key="af:wh_x")

@@ -214,10 +214,12 @@ async def test_poller_and_webhook_give_three_transitions_and_one_notification(
         assert [e.source for e in delivered] == ["poll", "poll", "poll"]
         assert len(await r.delivered("done")) == 1
         timeline = await JobState(r.rclient, Keys(prefix), 3600).timeline(JOB_ID)
-        assert [(t.status, t.source) for t in timeline] == [
-            ("queued", "poll"),
-            ("running", "poll"),
-            ("succeeded", "poll"),
+        assert [(t.status, t.source, t.skipped) for t in timeline] == [
+            ("queued", "poll", ""),
+            ("running", "poll", ""),
+            ("succeeded", "poll", ""),
+            ("succeeded", "webhook", f"repeat of poll:{JOB_ID}:succeeded"),
+            ("running", "push", "stale"),
         ]
         # The webhook was judged a repeat of the poll, the late `running` push stale: the verdict is in each entry.
         verdicts = [f[b"v"].decode() for _, f in await r.rclient.xrange(f"{prefix}:events")]

@@ -81,6 +81,12 @@ def test_missing_variable_names_key_and_variable(tmp_path: Path) -> None:
         ('[[handlers]]\nname = "a"\ntype = "log"\n[[handlers]]\nname = "a"\ntype = "log"\n', "names must be unique"),
         ('[[handlers]]\ntype = "log"\n', "handlers[0]: Object missing required field `name`"),
         ("[receiver]\ndedupe_window_s = 60\n", "receiver.dedupe_window_s"),
+        ("[receiver]\nport = 99999\n", "receiver.port: Expected `int` <= 65535"),
+        ("[receiver]\ntolerance_s = 0\n", "receiver.tolerance_s: Expected `int` >= 1"),
+        ("[receiver]\nenqueue_timeout_s = 0\n", "receiver.enqueue_timeout_s: Expected `float` > 0.0"),
+        ("[worker]\nlease_s = -1\n", "worker.lease_s: Expected `float` > 0.0"),
+        ('[[handlers]]\nname = "a"\ntype = "log"\ntimeout_s = 0\n', "handlers[0].timeout_s: Expected `float` > 0.0"),
+        ("[openai]\npoll_interval_s = 60\n", "openai.poll_interval_s: polling needs an API key"),
         ("not toml = = 1", "is not valid TOML"),
     ],
 )

@@ -75,6 +75,36 @@ async def test_user_text_cannot_mention_or_link(rig: Any, aiohttp_server: Callab
         assert "a &amp; b" in body
 
 
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{% for i in range(400) %}{{ job.id }} {% endfor %}", "cut"),  # ~12,000 characters
+        ("{% if false %}never{% endif %}  ", "absent"),  # renders empty (or blank)
+    ],
+)
+async def test_text_block_is_cut_to_block_kits_limit_and_never_empty(
+    rig: Any, aiohttp_server: Callable[..., Any], template: str, expected: str
+) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))  # refuses (400) what Slack would refuse
+    handler = {"name": "slack", "type": "slack", "webhook_url": str(server.make_url("/hook")), "text": template}
+    async with rig([handler]) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def posted() -> bool:
+            return len(seen) == 1
+
+        await eventually(posted)
+        await eventually(r.settled)
+        assert await r.dead("slack") == []
+        sections = [b for b in seen[0]["json"]["attachments"][0]["blocks"] if b["type"] == "section" and "text" in b]
+        texts_ = [b["text"]["text"] for b in sections]
+        if expected == "cut":
+            assert len(texts_[0]) == 3000 and texts_[0].endswith("…")
+        else:
+            assert all(t.strip() for t in texts_) and not any("never" in t for t in texts_)
+
+
 async def test_redelivery_does_not_post_twice(rig: Any, aiohttp_server: Callable[..., Any], prefix: str) -> None:
     seen: Recorder = []
     server = await aiohttp_server(slack_app(seen))
@@ -184,6 +214,9 @@ async def test_web_api_errors(rig: Any, aiohttp_server: Callable[..., Any]) -> N
         ({"token": "t"}, "channel is required"),
         ({"webhook_url": "https://x", "text": "{{ job.id"}, "template syntax error"),
         ({"webhook_url": "https://x", "text": "{{ job.nope }}"}, "template fails on a sample"),
+        ({"webhook_url": "not a url"}, "webhook_url: an http:// or https:// URL is required"),
+        ({"webhook_url": "https://"}, "webhook_url: an http:// or https:// URL is required"),
+        ({"token": "t", "channel": "c", "api_url": "slack.com/api"}, "api_url: an http:// or https:// URL"),
     ],
 )
 def test_bad_options_are_config_errors(options: dict[str, str], message: str) -> None:

@@ -152,7 +152,7 @@ async def test_hung_handler_is_cut_off_by_its_timeout(rig: Any, redis_url: str, 
             return len(await r.dead("hung")) == 1
 
         await eventually(dead)
-        assert (await r.dead("hung"))[0][b"error"] == b"timed out after 0.2 s"
+        assert (await r.dead("hung"))[0][b"error"] == b"cut off after 0.4 s (twice timeout_s)"
 
 
 async def test_undecodable_record_is_dead_lettered_not_retried(rig: Any, redis_url: str, prefix: str) -> None:
