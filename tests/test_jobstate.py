@@ -63,6 +63,7 @@ async def test_late_non_terminal_status_after_the_end_is_stale(rig: Any, redis_u
 
 # --- the property -------------------------------------------------------------------------------------------
 
+
 #: A job's life: optional early stages, maybe a pause and resume, then exactly one terminal status.
 def _life(early: set[str], ran: bool, paused: bool, end: str) -> list[str]:
     stages = [s for s in ("validating_files", "queued") if s in early]
@@ -164,4 +165,3 @@ def test_verdict_parse_round_trip() -> None:
     assert Verdict.parse("repeat|succeeded|wh_1").skipped == "repeat of wh_1"  # type: ignore[union-attr]
     assert Verdict.parse(b"stale|failed|").skipped == "stale"  # type: ignore[union-attr]
     assert Verdict.parse(b"new||").skipped == ""  # type: ignore[union-attr]
-
