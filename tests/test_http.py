@@ -315,3 +315,44 @@ async def test_rate_limit_defers_without_counting_attempts(
         assert await r.dead("h") == []  # deferred, not failed (max_attempts = 1)
         [(_, due)] = await r.rclient.zrange(f"{prefix}:retry:h", 0, -1, withscores=True)
         assert 0 < due - time.time() <= 60
+
+
+async def test_the_handlers_timeout_governs_the_request_and_a_timeout_is_retried_with_the_same_key(
+    rig: Any, aiohttp_server: Callable[..., Any]
+) -> None:
+    """`timeout_s` in the `[[handlers]]` table is the request's own limit (not only the worker's): a target that
+    does not answer in time is an unknown outcome, retried with the same `Idempotency-Key`."""
+    import asyncio
+
+    seen: Recorder = []
+    released = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append({"headers": dict(request.headers)})
+        await released.wait()  # answers only when the test ends
+        return web.Response(text="too late")
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    server = await aiohttp_server(app)
+    handler = {
+        "name": "eval",
+        "type": "http",
+        "url": str(server.make_url("/slow")),
+        "timeout_s": 0.3,
+        "max_attempts": 2,
+        "backoff_s": 0.01,
+    }
+    try:
+        async with rig([handler]) as r:
+            await r.post(compact(sample(SUCCEEDED)), "wh_slow")
+
+            async def dead() -> bool:
+                return len(await r.dead("eval")) == 1
+
+            await eventually(dead)
+            [letter] = await r.dead("eval")
+            assert letter[b"error"].endswith(b"http:eval: no answer within 0.3 s (outcome unknown; retried)")
+            assert [s["headers"]["Idempotency-Key"] for s in seen] == ["eval:wh_slow"] * 2
+    finally:
+        released.set()

@@ -227,3 +227,73 @@ async def test_metrics_count_outcomes(client: TestClient) -> None:
     assert count(after, "accepted") == count(before, "accepted") + 1
     assert count(after, "invalid_signature") == count(before, "invalid_signature") + 1
     assert "ftjobs_enqueue_seconds_bucket" in after
+
+
+def _batch_event(event_id: str = "evt_b1") -> bytes:
+    """An event of another kind that the same OpenAI endpoint may be subscribed to."""
+    doc = {"object": "event", "id": event_id, "type": "batch.completed", "created_at": 1750000000}
+    return msgspec.json.encode(doc | {"data": {"id": "batch_123"}})
+
+
+async def test_events_that_are_not_about_fine_tuning_are_ignored(
+    client: TestClient, rclient: redis.Redis, prefix: str
+) -> None:
+    body = _batch_event()
+    resp = await client.post(PATH, data=body, headers=signed(body))
+    answer = await resp.json()
+    assert resp.status == 200 and answer["status"] == "ignored" and answer["event_type"] == "batch.completed"
+    assert "accept_event_types" in answer["message"]
+    assert await _events(rclient, prefix) == []
+    assert [k async for k in rclient.scan_iter(match=f"{prefix}:job*")] == []  # no job state either
+
+
+async def test_listed_event_types_are_accepted_without_job_state(
+    aiohttp_client: Client, make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    settings = make_settings(receiver={"accept_event_types": ["batch.completed"]})
+    client = await aiohttp_client(create_app(settings, redis_url))
+    body = _batch_event()
+    resp = await client.post(PATH, data=body, headers=signed(body))
+    assert resp.status == 200 and (await resp.json())["status"] == "accepted"
+    [(_, fields)] = await _events(rclient, prefix)
+    assert b"v" not in fields  # not judged against any job
+    assert [k async for k in rclient.scan_iter(match=f"{prefix}:job*")] == []
+
+
+async def test_stalled_redis_answers_503_within_the_enqueue_deadline(
+    aiohttp_client: Client, make_settings: Callable[..., Settings], tmp_path: Any
+) -> None:
+    """SIGSTOP, not kill: the socket stays open and nothing answers. The sender gets a 503 that says the write
+    may have been applied, instead of its own timeout; /readyz answers too."""
+    import asyncio
+    import os
+    import signal
+
+    import aiohttp
+
+    from processor.embedded import EmbeddedValkey
+
+    server = EmbeddedValkey(tmp_path / "stalled")
+    server.start()
+    assert server.pid is not None
+    try:
+        settings = make_settings(redis={"url": server.url}, receiver={"enqueue_timeout_s": 0.3})
+        client = await aiohttp_client(create_app(settings, server.url))
+        body = compact(sample("fine_tuning_job.succeeded.json"))
+        assert (await client.post(PATH, data=body, headers=signed(body))).status == 200
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            # A sender that gives up after 4 s, as many do (the old path took 5 s per stalled batch, in turn).
+            patience = aiohttp.ClientTimeout(total=4)
+            answers = await asyncio.gather(
+                *(client.post(PATH, data=body, headers=signed(body), timeout=patience) for _ in range(6))
+            )
+            for resp in answers:
+                assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
+                assert "may or may not be stored" in (await resp.json())["message"]
+            ready = await client.get("/readyz", timeout=patience)
+            assert ready.status == 503 and "did not answer" in (await ready.json())["message"]
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        server.stop()
