@@ -71,8 +71,14 @@ class RedisSettings(_Config):
     prefix: str = "ftjobs"
     #: Where the embedded Valkey keeps its append-only file and socket.
     data_dir: str = ".ftjobs"
-    #: Acknowledged events are kept this long for replay and inspection, then trimmed.
-    retention_s: int = 7 * 24 * 3600
+    #: Acknowledged events, job state and the jobs index are kept this long for replay and inspection.
+    retention_s: PositiveInt = 7 * 24 * 3600
+    #: Dead letters and quarantined bodies are kept this long (operators need time to look at them) ...
+    dead_letter_retention_s: PositiveInt = 30 * 24 * 3600
+    #: ... and at most this many per stream (each handler's dead letters; the quarantine), oldest dropped first.
+    max_dead_letters: PositiveInt = 100_000
+    #: A consumer (a worker process) idle this long and holding nothing is removed from its groups.
+    idle_consumer_s: PositiveInt = 24 * 3600
 
 
 class WorkerSettings(_Config):
