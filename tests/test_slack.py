@@ -37,7 +37,7 @@ def live_tokens(message: dict[str, Any]) -> list[str]:
     in the fallback text and in every mrkdwn text of the blocks."""
     mrkdwn = [message["text"]]
     for block in message["attachments"][0]["blocks"]:
-        parts = [block.get("text")] + block.get("fields", []) + block.get("elements", [])
+        parts = [block.get("text"), *block.get("fields", []), *block.get("elements", [])]
         mrkdwn += [part["text"] for part in parts if part and part["type"] == "mrkdwn"]
     return [token for text in mrkdwn for token in re.findall(r"<([^<>]*)>", text)]
 
