@@ -125,8 +125,10 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
 JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length=128)]
 #: A job status (`running`, or a new one such as `paused`): short, and kept as sent.
 Status = Annotated[str, Meta(min_length=1, max_length=64)]
-#: An event id or type in a webhook envelope.
-EnvelopeText = Annotated[str, Meta(max_length=128)]
+#: An event id in a webhook envelope.
+EnvelopeId = Annotated[str, Meta(max_length=128)]
+#: An event type; `fine_tuning.job.` (16 characters) plus a status of at most 64.
+EventType = Annotated[str, Meta(max_length=80)]
 
 
 class FineTuningJob(Struct, tag_field="object", tag="fine_tuning.job", omit_defaults=True):
@@ -180,8 +182,8 @@ class Envelope(Struct, tag_field="object", tag="event"):
     `object: "event"` is optional on the wire; `decode_body` accepts it present or absent.
     """
 
-    id: EnvelopeText
-    type: EnvelopeText
+    id: EnvelopeId
+    type: EventType
     created_at: int
     data: EventData
 
