@@ -4,10 +4,16 @@ Subject and body come from templates (good defaults per status). Recipients may 
 (`"{{ metadata.owner }}"` emails the job's owner; a missing key renders empty and is skipped). Header
 values are single-line by construction: CR/LF in job data is removed, and configured addresses with line
 breaks are refused at start. The password never appears in logs or dead letters.
+
+Job metadata is written by anyone who can start a fine-tuning job, so a recipient rendered from a template
+must be exactly one bare address (`local@domain`: no display name, brackets, separators, quotes, spaces or
+control characters, no `%`/`!` routing), and, with `allowed_domains`, its domain must be listed. SMTP RCPT
+gets exactly the checked addresses, never a re-parse of the headers.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
@@ -62,16 +68,48 @@ class EmailOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     from_addr: str
     to: list[str]
     cc: list[str] = []
+    #: Domains a recipient rendered from a template may have (exact, case-insensitive: `example.com` does not
+    #: admit `sub.example.com`). Empty: any domain, so whoever writes job metadata picks the recipient.
+    allowed_domains: list[str] = []
     subject: str = DEFAULT_SUBJECT
     text: str = DEFAULT_TEXT
     html: str = DEFAULT_HTML
 
 
+_ATOM: Final = r"[A-Za-z0-9#$&'*+=?^_`{}~-]+"
+_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: A bare address in its common unquoted form: a dot-atom local part without `%`, `!`, `/` or `|` (routing
+#: and delivery-to-program tricks some relays still honour), `@`, and a DNS domain name.
+_BARE_ADDRESS: Final = re.compile(rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>(?:{_LABEL}\.)*{_LABEL})")
+_DOMAIN: Final = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
+
+
+def bare_address(value: str) -> tuple[str, str] | None:
+    """`(address, lower-cased domain)` when `value` is exactly one bare address (at most 254 characters, a
+    local part of at most 64); None for anything else: a display name, `<>`, `,`, `;`, spaces, quotes,
+    comments, control characters and NUL, several `@`, an IP literal."""
+    match = _BARE_ADDRESS.fullmatch(value)
+    if match is None or len(value) > 254 or len(match["local"]) > 64:
+        return None
+    return value, match["domain"].lower()
+
+
+def _is_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
 def _check_address(value: str, where: str) -> None:
-    if "{{" in value:
+    if _is_template(value):
         return  # a template: checked per message
     if any(c in value for c in "\r\n") or "@" not in parseaddr(value)[1]:
         raise ConfigError(f"{where}: {value!r} is not a single email address")
+
+
+def _check_domains(domains: list[str]) -> frozenset[str]:
+    for i, domain in enumerate(domains):
+        if not _DOMAIN.fullmatch(domain):
+            raise ConfigError(f"allowed_domains[{i}]: {domain!r} is not a domain name (no '@', no wildcards)")
+    return frozenset(d.lower() for d in domains)
 
 
 class EmailHandler:
@@ -87,6 +125,7 @@ class EmailHandler:
                 _check_address(value, f"{field}[{i}]")
         if not options.to:
             raise ConfigError("to: at least one recipient is required")
+        self.allowed_domains = _check_domains(options.allowed_domains)
         self.name = name
         self.options = options
         self.subject = Template(options.subject, "header", f"{name}.subject")
@@ -102,32 +141,49 @@ class EmailHandler:
     async def setup(self, context: HandlerContext) -> None:
         self.timeout_s = context.timeout_s  # each SMTP step's limit
 
-    def message(self, delivery: Delivery) -> EmailMessage:
-        """The email for one delivery (multipart/alternative: text, then HTML)."""
+    def message(self, delivery: Delivery) -> tuple[EmailMessage, list[str]]:
+        """The email for one delivery (multipart/alternative: text, then HTML), and its envelope recipients."""
         event = delivery.event
-        to = _addresses(self.to, event)
+        to = self._addresses(self.to, event)
         if not to:
             raise PermanentFailure(f"email:{self.name}: no recipient (the `to` templates rendered empty)")
         msg = EmailMessage()
         msg["Subject"] = self.subject.render(event)
         msg["From"] = self.options.from_addr
         msg["To"] = ", ".join(to)
-        if cc := _addresses(self.cc, event):
+        if cc := self._addresses(self.cc, event):
             msg["Cc"] = ", ".join(cc)
         msg["Date"] = formatdate(localtime=False)
         msg["Message-ID"] = make_msgid(domain=parseaddr(self.options.from_addr)[1].rpartition("@")[2] or None)
         msg["X-Ftjobs-Idempotency-Key"] = delivery.idempotency_key
         msg.set_content(self.text.render(event))
         msg.add_alternative(self.html.render(event), subtype="html")
-        return msg
+        return msg, [parseaddr(value)[1] for value in to + cc]
+
+    def _addresses(self, templates: list[Template], event: Event) -> list[str]:
+        """Rendered `to`/`cc` entries; one rendered from job data must be a bare address in an allowed domain."""
+        out = []
+        for template in templates:
+            value = template.render(event).strip()
+            if not value:
+                continue
+            if _is_template(template.source):
+                checked = bare_address(value)
+                if checked is None:
+                    raise PermanentFailure(f"email:{self.name}: recipient {value[:100]!r} is not one bare address")
+                if self.allowed_domains and checked[1] not in self.allowed_domains:
+                    raise PermanentFailure(f"email:{self.name}: recipient {value!r} is outside allowed_domains")
+            out.append(value)
+        return out
 
     async def __call__(self, delivery: Delivery) -> None:
         options = self.options
-        message = self.message(delivery)
+        message, recipients = self.message(delivery)
         port = options.port or {"none": 25, "starttls": 587, "tls": 465}[options.security]
         try:
             await aiosmtplib.send(
                 message,
+                recipients=recipients,
                 hostname=options.host,
                 port=port,
                 username=options.username or None,
@@ -147,15 +203,3 @@ class EmailHandler:
             raise (PermanentFailure(what) if exc.code >= 500 else RetryLater(what)) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise RetryLater(f"email:{self.name}: {type(exc).__name__}") from None
-
-
-def _addresses(templates: list[Template], event: Event) -> list[str]:
-    out = []
-    for template in templates:
-        value = template.render(event).strip()
-        if not value:
-            continue
-        if "@" not in parseaddr(value)[1] or "," in value:
-            raise PermanentFailure(f"rendered recipient {value!r} is not a single email address")
-        out.append(value)
-    return out

@@ -17,7 +17,7 @@ import msgspec
 import redis.asyncio as redis
 
 from handlers.base import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
-from handlers.templates import Template, context, slack_escape
+from handlers.templates import Template, context, slack_escape, slack_link
 from processor import outbound
 from processor.models import Event
 
@@ -139,7 +139,7 @@ class SlackHandler:
         ctx = context(event)
         job, status = ctx["job"], ctx["status"]
         title = f"{ctx['emoji']} Fine-tuning job {status}"
-        facts = [f"*Job*\n<{ctx['dashboard_url']}|{slack_escape(job.id)}>"]
+        facts = [f"*Job*\n{slack_link(ctx['dashboard_url'], job.id)}"]
         if job.model:
             facts.append(f"*Base model*\n{slack_escape(job.model)}")
         if job.fine_tuned_model:

@@ -21,6 +21,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import jinja2
 import msgspec
@@ -46,6 +47,13 @@ STATUS_COLOR: Final = {"succeeded": "#2eb886", "failed": "#d40e0d", "cancelled":
 def slack_escape(text: str) -> str:
     """Slack's three control characters, escaped as its docs require (also defuses `<!channel>`)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_link(url: str, label: str) -> str:
+    """A Slack link `<url|label>` whose parts cannot end it early: the URL with `|` and the three control
+    characters percent-quoted (it is a URL, so they stay meaningful), the label escaped."""
+    target = url.replace("&", "%26").replace("<", "%3C").replace(">", "%3E").replace("|", "%7C")
+    return f"<{target}|{slack_escape(label)}>"
 
 
 def header_safe(text: str) -> str:
@@ -130,7 +138,8 @@ def context(event: Event, now: float | None = None) -> dict[str, Any]:
         "duration": human_duration(end - job.created_at) if job.created_at else "",
         "trained_tokens": human_tokens(job.trained_tokens),
         "finished": human_time(job.finished_at),
-        "dashboard_url": DASHBOARD_URL.format(job_id=job.id),
+        # Quoted: the id is sender data, and the URL lands inside Slack links and HTML attributes.
+        "dashboard_url": DASHBOARD_URL.format(job_id=quote(job.id, safe="")),
         "error": error,
         # A missing key reads as empty (`{{ metadata.owner }}`), so templates can use optional metadata.
         "metadata": defaultdict(str, job.metadata or {}),

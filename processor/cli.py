@@ -237,7 +237,11 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     url = args.url or f"http://127.0.0.1:{settings.receiver.port}{settings.receiver.path}"
 
     async def post() -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+        # Not following redirects: they would carry the signed request somewhere else.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=body, headers=headers, allow_redirects=False) as resp,
+        ):
             return resp.status, await resp.text()
 
     try:

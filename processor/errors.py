@@ -5,6 +5,7 @@
     ├── RequestError                a webhook request we refuse; carries the HTTP status and a short code
     │   ├── SignatureError          401: missing header, bad signature, timestamp outside tolerance
     │   ├── NotJSONError            400: the body is not JSON
+    │   ├── WebhookIdError          400: a signed webhook-id outside its grammar (or too long)
     │   ├── BodyTimeoutError        408: the body arrived too slowly
     │   ├── PayloadTooLargeError    413: the body is over the limit
     │   ├── UnsupportedMediaError   415: the content type is not JSON
@@ -48,6 +49,11 @@ class SignatureError(RequestError):
 class NotJSONError(RequestError):
     status = HTTPStatus.BAD_REQUEST
     code = "invalid_json"
+
+
+class WebhookIdError(RequestError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_webhook_id"
 
 
 class BodyTimeoutError(RequestError):

@@ -139,6 +139,15 @@ class Integration(Struct, omit_defaults=True):
 MetadataKey = Annotated[str, Meta(max_length=64)]
 MetadataValue = Annotated[str, Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
+#: A job id: OpenAI's are `ftjob-` + alphanumerics. Other senders may use `_ . : -` too, but never `/`, `%`,
+#: `?`, `#` or a leading dot, so an id is one URL path segment and never `.` or `..` (no path traversal).
+JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length=128)]
+#: A job status (`running`, or a new one such as `paused`): short, and kept as sent.
+Status = Annotated[str, Meta(min_length=1, max_length=64)]
+#: An event id in a webhook envelope.
+EnvelopeId = Annotated[str, Meta(max_length=128)]
+#: An event type; `fine_tuning.job.` (16 characters) plus a status of at most 64.
+EventType = Annotated[str, Meta(max_length=80)]
 
 
 class FineTuningJob(Struct, tag_field="object", tag="fine_tuning.job", omit_defaults=True):
@@ -148,10 +157,10 @@ class FineTuningJob(Struct, tag_field="object", tag="fine_tuning.job", omit_defa
     the undocumented fields the live API sends (`user_provided_suffix`, `usage_metrics`, ...) are kept.
     """
 
-    id: str
+    id: JobId
     created_at: int
     model: str
-    status: str
+    status: Status
     organization_id: str = ""
     training_file: str = ""
     validation_file: str | None = None
@@ -183,7 +192,7 @@ class FineTuningJob(Struct, tag_field="object", tag="fine_tuning.job", omit_defa
 
 
 class EventData(Struct):
-    id: str
+    id: JobId
 
 
 class Envelope(Struct, tag_field="object", tag="event"):
@@ -192,8 +201,8 @@ class Envelope(Struct, tag_field="object", tag="event"):
     `object: "event"` is optional on the wire; `decode_body` accepts it present or absent.
     """
 
-    id: str
-    type: str
+    id: EnvelopeId
+    type: EventType
     created_at: int
     data: EventData
 
@@ -296,17 +305,30 @@ def decode_body(raw: bytes) -> Body:
     """Decode a webhook body: an `Envelope` or a `FineTuningJob`, told apart by `object`.
 
     Raises `msgspec.DecodeError` for malformed JSON and its subclass `msgspec.ValidationError` for JSON
-    that does not match the schema (the message carries the JSON path).
+    that does not match the schema (the message carries the JSON path), or that our msgpack record cannot
+    hold (an integer beyond 64 bits).
     """
     try:
-        return _body_decoder.decode(raw)
+        body: Body = _body_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         # `object` is optional on OpenAI's envelope: a body without it can only be an envelope.
-        if str(exc) == "Object missing required field `object`":
-            return _strict_utf8(_envelope_decoder.decode, raw)
-        raise
+        if str(exc) != "Object missing required field `object`":
+            raise
+        body = _strict_utf8(_envelope_decoder.decode, raw)
     except UnicodeDecodeError as exc:
         raise _not_utf8(exc) from None
+    _check_storable(body)
+    return body
+
+
+def _check_storable(body: Body) -> None:
+    """JSON integers have no size limit and msgspec decodes them all, but msgpack (the stream record) holds 64
+    bits at most, here and in fields typed `Any` (`usage_metrics`). Encoding the body once (about 1 µs)
+    finds such an integer before the event is built, so it is a schema mismatch, not a failed write."""
+    try:
+        _event_encoder.encode(body)
+    except OverflowError:
+        raise msgspec.ValidationError("an integer is out of range (more than 64 bits)") from None
 
 
 def decode_job(raw: bytes) -> FineTuningJob:

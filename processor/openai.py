@@ -3,6 +3,8 @@
 Retrieve a job, list jobs (pagination, `metadata[k]=v` filter), list a job's events. 429 and 5xx are
 retried (honouring `Retry-After`, else exponential backoff), bounded by `max_retries` and a per-request
 timeout; 401/403 raise `OpenAIAuthError` naming what is wrong, never the key; 404 raises `JobNotFound`.
+Redirects are never followed (they would carry the key to wherever they point): a 3xx is an `OpenAIError`
+naming its target. Job ids are URL-quoted into paths, so an id is always one path segment.
 API reference: https://platform.openai.com/docs/api-reference/fine-tuning
 """
 
@@ -12,6 +14,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -19,6 +22,7 @@ from msgspec import Struct
 
 from processor.errors import FtjobsError
 from processor.models import FineTuningJob
+from processor.outbound import redirect_target
 from processor.outbound import retry_after as _retry_after
 from processor.settings import OpenAISettings
 
@@ -104,7 +108,7 @@ class OpenAIClient:
 
     async def retrieve_job(self, job_id: str) -> FineTuningJob:
         """`GET /fine_tuning/jobs/{id}`."""
-        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{job_id}", {}))
+        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{_segment(job_id)}", {}))
 
     async def list_jobs(
         self, *, limit: int = 20, after: str | None = None, metadata: Mapping[str, str] | None = None
@@ -133,24 +137,28 @@ class OpenAIClient:
     async def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> EventPage:
         """One page of `GET /fine_tuning/jobs/{id}/events`."""
         params = {"limit": str(limit)} | ({"after": after} if after else {})
-        return _decode(_event_page_decoder, await self._get(f"/fine_tuning/jobs/{job_id}/events", params))
+        return _decode(_event_page_decoder, await self._get(f"/fine_tuning/jobs/{_segment(job_id)}/events", params))
 
     async def _get(self, path: str, params: dict[str, str]) -> bytes:
         assert self._session is not None, "use `async with OpenAIClient(...)`"
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
-        what = f"GET {path}"
+        what, url = f"GET {path}", self._base + path
         for attempt in range(self.settings.max_retries + 1):
             retry_after: float | None = None
             try:
-                async with self._session.get(self._base + path, params=params, timeout=timeout) as resp:
+                async with self._session.get(url, params=params, timeout=timeout, allow_redirects=False) as resp:
                     body = await resp.read()
                     status = resp.status
                     retry_after = _retry_after(resp.headers)
+                    location = resp.headers.get("Location", "")
             except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = OpenAIError(f"{what}: {type(exc).__name__ or 'timeout'}")
             else:
                 if status == 200:
                     return body
+                if 300 <= status < 400:
+                    where = redirect_target(location, url)
+                    raise OpenAIError(f"{what}: redirected ({status}) to {where}; check openai.base_url")
                 message = _error_message(body)
                 if status in (401, 403):
                     raise OpenAIAuthError(
@@ -167,6 +175,17 @@ class OpenAIClient:
             delay = retry_after if retry_after is not None else random.uniform(0, 0.5 * 2**attempt)
             await asyncio.sleep(min(delay, self.settings.timeout_s))
         raise AssertionError("unreachable")
+
+
+def _segment(job_id: str) -> str:
+    """A job id as exactly one URL path segment: `/`, `%`, `?`, `#` and the rest quoted.
+
+    `.` and `..` stay dot segments even when quoted (URLs are normalised), so they are refused as
+    `JobNotFound`; decoded job ids can be neither (their schema), this holds for ids from anywhere else too.
+    """
+    if not job_id.strip("."):
+        raise JobNotFound(f"{job_id!r} is not a job id")
+    return quote(job_id, safe="")
 
 
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:

@@ -5,6 +5,10 @@ non-success statuses → `PermanentFailure` with the target's answer. A timeout 
 an unknown outcome (the target may have acted): it is retried like any timeout, and the retry carries the
 same `Idempotency-Key`, so a target that deduplicates on it acts once. Messages name the target by a label
 (`slack`, `http:eval-after-train`), never by URL: webhook URLs and query strings carry secrets.
+
+Redirects are never followed: following one re-sends the request, with its token headers and form body, to
+wherever the target points (another host), and turns a POST into a GET that "succeeds" without delivering.
+A 3xx is a `PermanentFailure` that names where it pointed (`redirect_target`), so the URL can be fixed.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from processor.errors import PermanentFailure, RetryLater
 
 #: Longest slice of a target's error body carried into a dead letter.
 _BODY_EXCERPT = 300
+#: Longest redirect target carried into a message.
+_LOCATION_EXCERPT = 200
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -40,8 +47,9 @@ async def request(
     **kwargs: Any,
 ) -> tuple[int, str]:
     """Send one request; return (status, body) on success (any 2xx, or a status in `ok`), else raise."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        async with session.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout_s), **kwargs) as resp:
+        async with session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs) as resp:
             body = await resp.text(errors="replace")
             status = resp.status
             headers = resp.headers
@@ -53,9 +61,36 @@ async def request(
         raise RetryLater(f"{label}: {type(exc).__name__}") from None
     if status in ok or (not ok and 200 <= status < 300):
         return status, body
+    if 300 <= status < 400:
+        where = redirect_target(headers.get("Location", ""), url)
+        raise PermanentFailure(f"{label}: redirected ({status}) to {where}; redirects are not followed")
     excerpt = body[:_BODY_EXCERPT].strip()
     if status == 429:
         raise RetryLater(f"{label}: rate limited (429) {excerpt}", after=retry_after(headers))
     if status >= 500 or status == 408:
         raise RetryLater(f"{label}: server error {status} {excerpt}", after=retry_after(headers))
     raise PermanentFailure(f"{label}: refused with {status} {excerpt}")
+
+
+def redirect_target(location: str, ours: str) -> str:
+    """Where a redirect pointed, safe for a log line or a dead letter.
+
+    The `Location` is the target's text, and it may repeat our own URL's secrets (a Slack webhook's path is
+    its credential; `http://` → `https://` keeps the path). So: scheme, host and port, and the path with
+    every segment that also occurs in our URL's path or query replaced by `…`; never user info, query or
+    fragment. Anything but printable ASCII is escaped, and the result is cut at 200 characters.
+    """
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        base = URL(ours)
+        target = base.join(URL(location))
+        secret = {part for part in base.raw_path.split("/") if part}
+        secret |= {value for value in base.raw_query_string.replace("&", "=").split("=") if value}
+        path = "/".join("…" if part in secret else part for part in target.raw_path.split("/"))
+        shown = f"{target.scheme}://{target.raw_host or ''}"
+        shown += f":{target.explicit_port}" if target.explicit_port is not None else ""
+        shown += path
+    except ValueError:
+        return "an unreadable Location"
+    return "".join(c if "!" <= c <= "~" or c == "…" else f"\\u{ord(c):04x}" for c in shown)[:_LOCATION_EXCERPT]

@@ -99,6 +99,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         webhook_id = signatures.verify(request.headers, body, signing_keys, tolerance_s=settings.tolerance_s)
     else:
         webhook_id = request.headers.get(signatures.ID_HEADER) or f"unsigned_{uuid.uuid4().hex}"
+    signatures.check_webhook_id(webhook_id)
     try:
         decoded = decode_body(body)
     except msgspec.ValidationError as exc:

@@ -14,18 +14,24 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets as _secrets
 import time
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from processor.errors import ConfigError, SignatureError
+from processor.errors import ConfigError, SignatureError, WebhookIdError
 
 SECRET_PREFIX: Final = "whsec_"
 DEFAULT_TOLERANCE_S: Final = 300
 ID_HEADER: Final = "webhook-id"
 TIMESTAMP_HEADER: Final = "webhook-timestamp"
 SIGNATURE_HEADER: Final = "webhook-signature"
+#: Longest `webhook-id` accepted (OpenAI's `wh_…` ids have 35 characters, Standard Webhooks' `msg_…` 31).
+MAX_ID_LENGTH: Final = 128
+#: What a `webhook-id` may contain. Ids ftjobs makes itself (`poll:…`, `…:replayed`) contain `:`, which this
+#: excludes, so no sender can pick an id that collides with one of them.
+_ID_CHARACTERS: Final = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def parse_secret(secret: str) -> bytes:
@@ -71,6 +77,19 @@ def signed_headers(keys: Iterable[bytes], msg_id: str, body: bytes, timestamp: i
         TIMESTAMP_HEADER: ts,
         SIGNATURE_HEADER: " ".join(sign(key, msg_id, ts, body) for key in keys),
     }
+
+
+def check_webhook_id(msg_id: str) -> str:
+    """Return `msg_id` if it can serve as a dedupe id: 1 to 128 of `A-Z a-z 0-9 _ . -`; else `WebhookIdError` (400).
+
+    Called on a verified (or, with verification off, a received) id: the id namespace is ours to keep, and
+    a stranger's request is already refused by the signature check.
+    """
+    if len(msg_id) > MAX_ID_LENGTH:
+        raise WebhookIdError(f"webhook-id has {len(msg_id)} characters; at most {MAX_ID_LENGTH} are accepted")
+    if not _ID_CHARACTERS.fullmatch(msg_id):
+        raise WebhookIdError("webhook-id may contain only letters, digits, '_', '.' and '-'")
+    return msg_id
 
 
 def verify(

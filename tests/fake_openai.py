@@ -2,7 +2,8 @@
 
 Jobs live in `api.jobs` (id → JSON dict) and can be changed between calls. `api.failures[job_id]` is a list
 of statuses to answer before the real one (e.g. [429, 500]); `api.delay_s` slows every answer.
-Every request is counted in `api.calls` by path.
+Every request is counted in `api.calls` by its path as sent (still percent-encoded, without the query); a
+request to any other path is counted too and answered 404, as the API answers an unknown URL.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ class FakeOpenAI:
         app.router.add_get("/v1/fine_tuning/jobs", self.list_jobs)
         app.router.add_get("/v1/fine_tuning/jobs/{job_id}", self.retrieve)
         app.router.add_get("/v1/fine_tuning/jobs/{job_id}/events", self.events)
+        app.router.add_route("*", "/{tail:.*}", self.elsewhere)
         return app
 
+    async def elsewhere(self, request: web.Request) -> web.Response:
+        self.calls[request.rel_url.raw_path] += 1
+        self.headers.append(dict(request.headers))
+        message = f"Invalid URL ({request.method} {request.raw_path})"
+        return web.json_response({"error": {"message": message, "code": None}}, status=404)
+
     async def _gate(self, request: web.Request, key: str) -> web.Response | None:
-        self.calls[request.path] += 1
+        self.calls[request.rel_url.raw_path] += 1
         self.headers.append(dict(request.headers))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

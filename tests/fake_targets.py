@@ -143,3 +143,28 @@ def pipelines_app(seen: Recorder) -> web.Application:
     app.router.add_post("/api/v4/projects/{project}/trigger/pipeline", gitlab_trigger)
     app.router.add_post("/api/v1/dags/{dag_id}/dagRuns", airflow_dag_run)
     return app
+
+
+def redirect_app(location: Callable[[], str], status: int = 307) -> web.Application:
+    """A target that answers every request, on any path and with any method, with a redirect to `location()`."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, headers={"Location": location()})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    return app
+
+
+def catch_all_app(seen: Recorder) -> web.Application:
+    """The host a redirect points to: records every request on any path and answers 200."""
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append({"method": request.method, "path": request.raw_path, "headers": dict(request.headers)})
+        seen[-1]["body"] = await request.read()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    return app

@@ -10,7 +10,7 @@ from typing import Any
 
 from processor.deadletters import DeadLetters
 from processor.stream import Keys, Streams
-from tests.conftest import ROOT, compact, eventually, sample, sink
+from tests.conftest import ROOT, compact, eventually, sample, signed, sink
 
 
 def ftjobs(config: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -107,3 +107,33 @@ async def test_quarantine_replay_after_an_upgrade(rig: Any, redis_url: str, pref
 
         await eventually(delivered)
         assert len(await letters.quarantined()) == 1  # the unreadable one stays
+
+
+async def test_a_sender_cannot_take_the_id_a_quarantine_replay_will_use(rig: Any, redis_url: str, prefix: str) -> None:
+    """Replays enqueue under `<webhook-id>:replayed`. A sender who could send that id first would make the
+    replay a "duplicate", and the quarantined body would be deleted without ever being delivered."""
+    async with rig([sink("a", redis_url, prefix)]) as r:
+        # A body an older version could not read but this one can (as after an upgrade).
+        await r.rclient.xadd(
+            f"{prefix}:quarantine",
+            {
+                b"body": compact(sample("fine_tuning_job.failed.json")),
+                b"error": b"old decoder",
+                b"webhook_id": b"wh_old",
+                b"received_at": str(time.time()).encode(),
+            },
+        )
+        decoy = compact(sample("fine_tuning_job.succeeded.json"))
+        resp = await r.client.post("/webhooks/openai", data=decoy, headers=signed(decoy, "wh_old:replayed"))
+        assert resp.status == 400 and (await resp.json())["error"] == "invalid_webhook_id"
+        letters = DeadLetters(Streams(r.rclient, Keys(prefix)))
+        [item] = await letters.quarantined()
+        outcomes = dict(await letters.replay_quarantined([item.id], ["a"]))
+        assert outcomes == {item.id: "enqueued as fine_tuning.job.failed for ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"}
+
+        async def delivered() -> bool:
+            return len(await r.delivered("a")) == 1
+
+        await eventually(delivered)
+        [event] = await r.delivered("a")
+        assert event.job_id == "ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import ssl
+import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -22,10 +23,16 @@ PASSWORD = "smtp-pass-9f3a"
 
 
 class Inbox:
-    """An aiosmtpd handler keeping every message it accepts."""
+    """An aiosmtpd handler keeping every message it accepts, and every address given to RCPT."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
+        self.rcpts: list[str] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        self.rcpts.append(address)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
@@ -131,6 +138,71 @@ async def test_metadata_cannot_inject_headers_or_html(rig: Any, smtp: tuple[Inbo
     assert "<script>" not in html and "&lt;script&gt;" in html
 
 
+def failed_job(owner: str) -> bytes:
+    """A failed job of its own (one notification per job and status) whose owner is `owner`."""
+    doc = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
+    doc["id"] = f"ftjob-{uuid.uuid4().hex}"
+    doc["metadata"] = {"owner": owner}
+    return msgspec.json.encode(doc)
+
+
+OWNER_PAYLOADS = [
+    "<attacker@evil.example> x@example.com",
+    "Attacker <attacker@evil.example>, x@example.com",
+    "attacker@evil.example, x@example.com",
+    "attacker@evil.example,x@example.com",
+    "attacker,x@example.com",
+    "attacker@evil.example;x@example.com",
+    "attacker@evil.example x@example.com",
+    "attacker@evil.example\x00@example.com",
+    "attacker@evil.example\t@example.com",
+    '"attacker@evil.example"@example.com',
+    "attacker%evil.example@example.com",
+    "attacker(@evil.example)x@example.com",
+]
+
+
+async def test_a_recipient_from_job_data_must_be_one_bare_address(rig: Any, smtp: tuple[Inbox, int]) -> None:
+    """Every payload passes the routing glob `*@example.com`; none may reach RCPT. Each event is dead-lettered
+    saying why, and a plain owner address still gets its mail."""
+    inbox, port = smtp
+    mail = handler(
+        port, to=["ml-team@example.com", "{{ metadata.owner }}"], when={"metadata": {"owner": "*@example.com"}}
+    )
+    async with rig([mail]) as r:
+        for owner in OWNER_PAYLOADS:
+            await r.post(failed_job(owner))
+        await r.post(failed_job("owner.name+ft@example.com"))
+
+        async def settled() -> bool:
+            return len(await r.dead("mail")) == len(OWNER_PAYLOADS) and len(inbox.messages) == 1
+
+        await eventually(settled)
+        errors = [fields[b"error"].decode() for fields in await r.dead("mail")]
+    assert inbox.rcpts == ["ml-team@example.com", "owner.name+ft@example.com"]
+    assert all("is not one bare address" in error for error in errors), errors
+    assert not any("\x00" in error for error in errors)
+
+
+async def test_allowed_domains_limit_recipients_from_job_data(rig: Any, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    mail = handler(
+        port, to=["{{ metadata.owner }}"], allowed_domains=["Example.com"], when={"metadata": {"owner": "*@*"}}
+    )
+    async with rig([mail]) as r:
+        for owner in ("eve@evil.example", "bob@sub.example.com", "mallory@example.com.evil.example"):
+            await r.post(failed_job(owner))
+        await r.post(failed_job("Alice@EXAMPLE.COM"))
+
+        async def settled() -> bool:
+            return len(await r.dead("mail")) == 3 and len(inbox.messages) == 1
+
+        await eventually(settled)
+        errors = [fields[b"error"].decode() for fields in await r.dead("mail")]
+    assert inbox.rcpts == ["Alice@EXAMPLE.COM"]
+    assert all("is outside allowed_domains" in error for error in errors), errors
+
+
 @pytest.mark.parametrize("smtp", ["starttls"], indirect=True)
 async def test_starttls_with_auth(rig: Any, smtp: tuple[Inbox, int], ca: tuple[trustme.CA, Path]) -> None:
     inbox, port = smtp
@@ -192,6 +264,8 @@ async def test_unreachable_server_is_retried(rig: Any) -> None:
         ({"to": ["not an address"]}, r"to\[0\]: .not an address. is not a single email address"),
         ({"to": []}, "at least one recipient"),
         ({"subject": "{% if %}"}, "template syntax error"),
+        ({"allowed_domains": ["*.example.com"]}, r"allowed_domains\[0\]: .\*.example.com. is not a domain name"),
+        ({"allowed_domains": ["example.com", "x@example.com"]}, r"allowed_domains\[1\]"),
     ],
 )
 def test_bad_options_are_config_errors(options: dict[str, Any], message: str) -> None:

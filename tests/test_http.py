@@ -14,7 +14,7 @@ from aiohttp import web
 from processor import signatures
 from processor.stream import Keys, Streams
 from tests.conftest import SECRET, build_fails, compact, eventually, sample
-from tests.fake_targets import Recorder, pipelines_app
+from tests.fake_targets import Recorder, catch_all_app, pipelines_app, redirect_app
 
 SUCCEEDED = "fine_tuning_job.succeeded.json"
 
@@ -104,6 +104,43 @@ async def test_default_body_carries_the_event_and_job(rig: Any, aiohttp_server: 
     body = msgspec.json.decode(seen[0]["body"])
     assert body["type"] == "fine_tuning.job.succeeded" and body["status"] == "succeeded"
     assert body["job"]["fine_tuned_model"].startswith("ft:gpt-4.1-mini")
+
+
+@pytest.mark.parametrize("status", [307, 308, 302, 301])
+async def test_a_redirect_is_not_followed_and_carries_no_secret_elsewhere(
+    rig: Any, aiohttp_server: Callable[..., Any], status: int
+) -> None:
+    """A cross-origin redirect would re-send the API key header and the GitLab token (in the form body) to
+    the other host. It is a permanent failure naming where it pointed; the other host receives nothing."""
+    elsewhere: Recorder = []
+    other = await aiohttp_server(catch_all_app(elsewhere))
+    target = await aiohttp_server(redirect_app(lambda: str(other.make_url("/collect?via=redirect")), status=status))
+    generic = {
+        "name": "generic",
+        "type": "http",
+        "url": str(target.make_url("/hook?key=query-secret-123")),
+        "headers": {"X-Api-Key": "api-key-secret-456"},
+    }
+    gitlab = {
+        "name": "gitlab",
+        "type": "http",
+        "preset": "gitlab_pipeline",
+        "project": "acme/evals",
+        "token": "glptt-secret-789",
+        "api_url": str(target.make_url("")).rstrip("/"),
+    }
+    async with rig([generic, gitlab]) as r:
+        await r.post(compact(sample(SUCCEEDED)))
+
+        async def both_dead() -> bool:
+            return len(await r.dead("generic")) == len(await r.dead("gitlab")) == 1
+
+        await eventually(both_dead)
+        errors = [(await r.dead(name))[0][b"error"].decode() for name in ("generic", "gitlab")]
+    assert elsewhere == []
+    for error in errors:
+        assert f"redirected ({status}) to http://127.0.0.1:{other.port}/collect; redirects are not followed" in error
+        assert not any(secret in error for secret in ("query-secret-123", "api-key-secret-456", "glptt-secret-789"))
 
 
 async def test_success_policy_and_permanent_failure(rig: Any, aiohttp_server: Callable[..., Any]) -> None:

@@ -6,6 +6,8 @@ import re
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processor.models import (
     Envelope,
@@ -17,6 +19,8 @@ from processor.models import (
     encode_event,
 )
 from tests.conftest import sample
+
+SUCCEEDED_JOB = "fine_tuning_job.succeeded.json"
 
 
 @pytest.mark.parametrize("status", ["succeeded", "failed", "running"])
@@ -156,3 +160,37 @@ def test_invalid_utf8_inside_strings_is_a_decode_error(raw: bytes) -> None:
     """Found by the fuzzer: msgspec raises UnicodeDecodeError for these, which must not become a 500."""
     with pytest.raises(msgspec.DecodeError, match="not valid UTF-8"):
         decode_body(raw)
+
+
+_SENDER_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["..", ".", "../../files", "a/b", "ftjob-1?x=1#y", "ftjob-%2e%2e", "-x", "ftjob-abc"]),
+    st.integers(0, 80).map(lambda n: "fine_tuning.job." + "s" * n),
+    st.integers(0, 300).map(lambda n: "x" * n),
+)
+_SENDER_INT = st.one_of(st.integers(), st.integers(min_value=2**63 - 2, max_value=2**64 + 2), st.just(10**30))
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(
+    thin=st.booleans(),
+    changes=st.dictionaries(
+        st.sampled_from(["id", "status", "created_at", "finished_at", "trained_tokens", "usage_metrics", "type"]),
+        st.one_of(_SENDER_TEXT, _SENDER_INT, st.dictionaries(st.text(max_size=5), _SENDER_INT, max_size=2)),
+        max_size=3,
+    ),
+)
+def test_whatever_decodes_can_be_stored_and_fetched_by_its_id(thin: bool, changes: dict[str, object]) -> None:
+    """A signed body either fails to decode (→ quarantine) or becomes an event we can store (msgpack takes
+    64-bit integers) and whose job id is one bounded URL path segment; never an error of another kind."""
+    doc = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json" if thin else SUCCEEDED_JOB))
+    for key, value in changes.items():
+        (doc["data"] if thin and key == "id" else doc)[key] = value
+    try:
+        body = decode_body(msgspec.json.encode(doc))
+    except msgspec.DecodeError:
+        return
+    event = Event.from_body(body, webhook_id="wh_fuzz", received_at=0.0)
+    assert decode_event(encode_event(event)) == event
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", event.job_id)
+    assert 1 <= len(event.status or "x") <= 64

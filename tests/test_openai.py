@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from processor.settings import OpenAISettings, Settings
 from processor.stream import Keys, Streams
 from tests.conftest import compact, eventually, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
+from tests.fake_targets import Recorder, catch_all_app, redirect_app
 
 SUCCEEDED = "fine_tuning_job.succeeded.json"
 JOB_ID = "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
@@ -119,6 +121,28 @@ async def test_client_timeouts_are_bounded(api: tuple[FakeOpenAI, str]) -> None:
     assert fake.calls[f"/v1/fine_tuning/jobs/{JOB_ID}"] == 2
 
 
+async def test_client_puts_a_job_id_in_one_path_segment(api: tuple[FakeOpenAI, str]) -> None:
+    fake, url = api
+    async with OpenAIClient(OpenAISettings(**openai_table(url))) as client:
+        with pytest.raises(JobNotFound, match=re.escape("Could not find fine-tune job: ftjob-a/../../files")):
+            await client.retrieve_job("ftjob-a/../../files?purpose=x#y")
+        for dots in (".", ".."):
+            with pytest.raises(JobNotFound, match="is not a job id"):
+                await client.list_events(dots)
+    assert dict(fake.calls) == {"/v1/fine_tuning/jobs/ftjob-a%2F..%2F..%2Ffiles%3Fpurpose=x%23y": 1}
+
+
+async def test_client_does_not_follow_a_redirect(aiohttp_server: Callable[..., Any]) -> None:
+    elsewhere: Recorder = []
+    other = await aiohttp_server(catch_all_app(elsewhere))
+    api = await aiohttp_server(redirect_app(lambda: str(other.make_url("/v1/steal")), status=307))
+    async with OpenAIClient(OpenAISettings(**openai_table(str(api.make_url("/v1"))))) as client:
+        with pytest.raises(OpenAIError) as info:
+            await client.retrieve_job(JOB_ID)
+    assert elsewhere == []
+    assert f"redirected (307) to http://127.0.0.1:{other.port}/…/steal; check openai.base_url" in str(info.value)
+
+
 # Hydration
 
 
@@ -153,6 +177,25 @@ async def test_missing_job_is_dead_lettered_with_the_reason(
 
         await eventually(dead)
         assert b"job ftjob-gone not found" in (await r.dead("a"))[0][b"error"]
+
+
+async def test_a_job_id_that_leaves_its_path_is_quarantined_and_never_fetched(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc()
+    async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
+        for job_id in ("../../files", "..", "ftjob-1/../../../models", "ftjob-1?x=1", "ftjob-%2e%2e", "x" * 129):
+            answer = await r.post(thin(job_id))
+            assert answer["status"] == "quarantined" and "id: Expected `str`" in answer["message"], job_id
+        await r.post(thin())
+
+        async def delivered() -> bool:
+            return len(await r.delivered("a")) == 1
+
+        await eventually(delivered)
+        await eventually(r.settled)
+    assert dict(fake.calls) == {f"/v1/fine_tuning/jobs/{JOB_ID}": 1}
 
 
 async def test_api_outage_delays_only_the_thin_event(

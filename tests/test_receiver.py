@@ -86,6 +86,86 @@ async def test_signed_but_off_schema_is_quarantined(client: TestClient, rclient:
     assert b"created_at: Expected `int`, got `str`" in fields[b"error"]
 
 
+def _job(**changes: Any) -> bytes:
+    doc: dict[str, Any] = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
+    return msgspec.json.encode(doc | changes)
+
+
+def _envelope(**changes: Any) -> bytes:
+    doc: dict[str, Any] = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json"))
+    return msgspec.json.encode(doc | changes)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_job(created_at=10**30), "an integer is out of range (more than 64 bits)"),
+        (_job(finished_at=-(10**19)), "an integer is out of range (more than 64 bits)"),
+        (_job(usage_metrics={"tokens": 2**64}), "an integer is out of range (more than 64 bits)"),
+        (_envelope(created_at=int("9" * 400)), "an integer is out of range (more than 64 bits)"),
+        (_job(id="x" * 129), "id: Expected `str` of length <= 128"),
+        (_job(id="x" * 200_000), "id: Expected `str` of length <= 128"),
+        (_job(id="../../files"), "id: Expected `str` matching regex"),
+        (_job(status="s" * 65), "status: Expected `str` of length <= 64"),
+        (_job(status=""), "status: Expected `str` of length >= 1"),
+        (_envelope(data={"id": "ftjob-a/b"}), "data.id: Expected `str` matching regex"),
+        (_envelope(type="fine_tuning.job." + "x" * 65), "type: Expected `str` of length <= 80"),
+        (_envelope(id="evt_" + "x" * 125), "id: Expected `str` of length <= 128"),
+    ],
+    ids=lambda v: v[:40].decode(errors="replace") if isinstance(v, bytes) else v[:20],
+)
+async def test_signed_bodies_beyond_our_limits_are_quarantined(
+    client: TestClient, rclient: redis.Redis, prefix: str, body: bytes, message: str
+) -> None:
+    """A huge integer (msgpack holds 64 bits) or an oversized or path-like id is a schema mismatch: 200
+    quarantined, never a 500 the sender would retry for 72 h."""
+    resp = await client.post(PATH, data=body, headers=signed(body))
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    assert answer["status"] == "quarantined" and message in answer["message"]
+    assert await _events(rclient, prefix) == []
+    [(_, fields)] = await rclient.xrange(f"{prefix}:quarantine")
+    assert fields[b"body"] == body
+
+
+@pytest.mark.parametrize(
+    ("webhook_id", "message"),
+    [
+        ("poll:ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD:failed", "webhook-id may contain only letters, digits"),
+        ("wh_1:replayed", "webhook-id may contain only letters, digits"),
+        ("wh 1", "webhook-id may contain only letters, digits"),
+        ("wh/../1", "webhook-id may contain only letters, digits"),
+        ("w" * 8000, "webhook-id has 8000 characters; at most 128 are accepted"),
+    ],
+    ids=lambda v: v[:24],
+)
+async def test_webhook_ids_outside_their_grammar_are_refused(
+    client: TestClient, rclient: redis.Redis, prefix: str, webhook_id: str, message: str
+) -> None:
+    """Internal ids (`poll:…`, `…:replayed`) contain `:`, so no header can collide with one; ids are bounded."""
+    body = compact(sample("fine_tuning_job.failed.json"))
+    resp = await client.post(PATH, data=body, headers=signed(body, webhook_id))
+    assert resp.status == 400
+    answer = await resp.json()
+    assert answer["error"] == "invalid_webhook_id" and message in answer["message"]
+    unsigned = await client.post(PATH, data=body, headers=signed(body, webhook_id) | {"webhook-signature": "v1,AA"})
+    assert unsigned.status == 401  # a stranger learns nothing more than "not signed"
+    assert await _events(rclient, prefix) == []
+    assert await rclient.xlen(f"{prefix}:quarantine") == 0
+    assert [key async for key in rclient.scan_iter(match=f"{prefix}:seen:*")] == []
+
+
+async def test_webhook_ids_are_accepted_up_to_128_characters(client: TestClient) -> None:
+    body = compact(sample("fine_tuning_job.failed.json"))
+    usual = ["wh_685342e6c53c8190a1be43f081506c52", "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W", "a.b-C_9" * 18 + "xy"]
+    for webhook_id in usual:
+        resp = await client.post(PATH, data=body, headers=signed(body, webhook_id))
+        assert resp.status == 200 and (await resp.json())["webhook_id"] == webhook_id
+    resp = await client.post(PATH, data=body, headers=signed(body, "w" * 129))
+    assert resp.status == 400
+    assert (await resp.json())["message"] == "webhook-id has 129 characters; at most 128 are accepted"
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "status", "error", "message"),
     [
@@ -197,6 +277,11 @@ async def test_unsigned_mode_accepts_without_headers(
     body = compact(sample("fine_tuning_job.running.json"))
     resp = await client.post(PATH, data=body, headers={"content-type": "application/json"})
     assert resp.status == 200 and (await resp.json())["status"] == "accepted"
+    assert len(await _events(rclient, prefix)) == 1
+    # Without verification the id namespace is still kept.
+    poll_id = {"content-type": "application/json", "webhook-id": "poll:ftjob-1:running"}
+    resp = await client.post(PATH, data=body, headers=poll_id)
+    assert resp.status == 400 and (await resp.json())["error"] == "invalid_webhook_id"
     assert len(await _events(rclient, prefix)) == 1
 
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import pytest
+import redis.asyncio as redis
 import structlog
 
-from processor.models import Event, decode_event, encode_event
+from handlers.base import Delivery, HandlerContext
+from handlers.slack import SlackHandler, SlackOptions
+from processor.models import Event, decode_event, decode_job, encode_event
 from tests.conftest import build_fails, compact, eventually, sample
-from tests.fake_targets import Recorder, slack_app
+from tests.fake_targets import Recorder, catch_all_app, redirect_app, slack_app
 
 HOOK_SECRET_PATH = "T000/B000/s3cr3tHookPart"
 
@@ -24,6 +30,16 @@ def failed_with_metadata(**metadata: str) -> bytes:
 
 def texts(message: dict[str, Any]) -> str:
     return msgspec.json.encode(message).decode()
+
+
+def live_tokens(message: dict[str, Any]) -> list[str]:
+    """Everything Slack would act on in a message: each `<...>` (a link, or a mention such as `<!channel>`)
+    in the fallback text and in every mrkdwn text of the blocks."""
+    mrkdwn = [message["text"]]
+    for block in message["attachments"][0]["blocks"]:
+        parts = [block.get("text"), *block.get("fields", []), *block.get("elements", [])]
+        mrkdwn += [part["text"] for part in parts if part and part["type"] == "mrkdwn"]
+    return [token for text in mrkdwn for token in re.findall(r"<([^<>]*)>", text)]
 
 
 async def test_failed_job_posts_a_block_kit_message(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
@@ -73,6 +89,69 @@ async def test_user_text_cannot_mention_or_link(rig: Any, aiohttp_server: Callab
         assert "<!channel>" not in body and "<https://evil" not in body
         assert "&lt;!channel&gt;" in body and "&lt;https://evil.example|click&gt;" in body
         assert "a &amp; b" in body
+
+
+async def test_error_text_cannot_mention_or_link(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    doc = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
+    doc["error"] = {"code": "<!here>", "message": "<!channel> see <https://evil.example|the fix> & retry"}
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": str(server.make_url("/hook"))}]) as r:
+        await r.post(msgspec.json.encode(doc))
+
+        async def posted() -> bool:
+            return len(seen) == 1
+
+        await eventually(posted)
+    message = seen[0]["json"]
+    job_id = doc["id"]
+    # The one live token in the whole message is our own dashboard link.
+    assert live_tokens(message) == [f"https://platform.openai.com/finetune/{job_id}|{job_id}"]
+    assert "&lt;!channel&gt; see &lt;https://evil.example|the fix&gt; &amp; retry" in texts(message)
+
+
+async def test_job_id_cannot_mention_or_link(
+    rig: Any, aiohttp_server: Callable[..., Any], rclient: redis.Redis, prefix: str
+) -> None:
+    """Such an id is quarantined at the receiver (its schema); and an event carrying one anyway (built by
+    another producer or a plug-in) still cannot put a mention or a link of its own into the message."""
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    bad_id = "ftjob-x><!channel>|<https://evil.example|click>&"
+    job = msgspec.structs.replace(decode_job(sample("fine_tuning_job.failed.json")), id=bad_id)
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": str(server.make_url("/hook"))}]) as r:
+        answer = await r.post(msgspec.json.encode(job))
+        assert answer["status"] == "quarantined" and "(id: Expected `str` matching regex" in answer["message"]
+    handler = SlackHandler("slack", SlackOptions(webhook_url=str(server.make_url("/hook"))))
+    await handler.setup(HandlerContext(redis=rclient, key_prefix=f"{prefix}:h:slack"))
+    try:
+        event = Event.from_body(job, webhook_id="wh_other_producer", received_at=time.time())
+        await handler(Delivery(event=event, handler="slack", attempt=1, idempotency_key="slack:wh_other_producer"))
+    finally:
+        await handler.close()
+    [request] = seen
+    label = "ftjob-x&gt;&lt;!channel&gt;|&lt;https://evil.example|click&gt;&amp;"
+    assert live_tokens(request["json"]) == [f"https://platform.openai.com/finetune/{quote(bad_id, safe='')}|{label}"]
+
+
+async def test_redirect_is_dead_lettered_and_not_followed(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    elsewhere: Recorder = []
+    other = await aiohttp_server(catch_all_app(elsewhere))
+    server = await aiohttp_server(redirect_app(lambda: str(other.make_url("/collect")), status=302))
+    url = str(server.make_url(f"/hook/{HOOK_SECRET_PATH}"))
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": url}]) as r:
+        with structlog.testing.capture_logs() as logs:
+            await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+            async def dead() -> bool:
+                return len(await r.dead("slack")) == 1
+
+            await eventually(dead)
+        error = (await r.dead("slack"))[0][b"error"].decode()
+    assert elsewhere == []
+    assert f"redirected (302) to {other.make_url('/collect')}; redirects are not followed" in error
+    assert not [line for line in logs if line["event"] == "event_delivered"]
+    assert HOOK_SECRET_PATH not in error and HOOK_SECRET_PATH not in repr(logs)
 
 
 @pytest.mark.parametrize(
@@ -224,8 +303,6 @@ def test_bad_options_are_config_errors(options: dict[str, str], message: str) ->
 
 
 def test_thin_event_message_still_reads_well() -> None:
-    from handlers.slack import SlackHandler, SlackOptions
-
     handler = SlackHandler("s", SlackOptions(webhook_url="https://x"))
     event = Event(
         id="wh", type="fine_tuning.job.cancelled", job_id="ftjob-1", source="webhook", created_at=1, received_at=2.0
