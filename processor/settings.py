@@ -44,6 +44,13 @@ class ReceiverSettings(_Config):
     max_body_bytes: int = 256 * 1024
     #: A client that has not sent its whole body by then gets 408 (slow-body clients hold no worker).
     body_timeout_s: float = 10.0
+    #: An idle keep-alive connection is closed after this long, and so is one that has not sent a complete
+    #: request head by then. Behind a proxy that pools connections, keep its upstream idle timeout below this.
+    idle_timeout_s: float = 15.0
+    #: Serve `GET /metrics` on its own port instead of the webhook port (0: on the webhook port) ...
+    metrics_port: int = 0
+    #: ... listening on this address (loopback: scrape it from the host, a sidecar, or an SSH tunnel).
+    metrics_host: str = "127.0.0.1"
     #: How long a `webhook-id` is remembered; OpenAI retries for up to 72 h.
     dedupe_window_s: int = 96 * 3600
     #: Up to this many concurrent enqueues share one Redis round trip.
@@ -184,6 +191,10 @@ class Settings(_Config):
             raise ConfigError("receiver.dedupe_window_s: must cover OpenAI's 72 h retry horizon (>= 259200)")
         if not self.receiver.path.startswith("/"):
             raise ConfigError("receiver.path: must start with '/'")
+        if self.receiver.idle_timeout_s <= 0:
+            raise ConfigError("receiver.idle_timeout_s: must be > 0")
+        if self.receiver.metrics_port and self.receiver.metrics_port == self.receiver.port:
+            raise ConfigError("receiver.metrics_port: must differ from receiver.port (0 serves /metrics on it)")
 
 
 def convert(raw: Any, type_: type[Any], root: str = "") -> Any:

@@ -81,6 +81,8 @@ def test_missing_variable_names_key_and_variable(tmp_path: Path) -> None:
         ('[[handlers]]\nname = "a"\ntype = "log"\n[[handlers]]\nname = "a"\ntype = "log"\n', "names must be unique"),
         ('[[handlers]]\ntype = "log"\n', "handlers[0]: Object missing required field `name`"),
         ("[receiver]\ndedupe_window_s = 60\n", "receiver.dedupe_window_s"),
+        ("[receiver]\nidle_timeout_s = 0\n", "receiver.idle_timeout_s: must be > 0"),
+        ("[receiver]\nport = 9000\nmetrics_port = 9000\n", "receiver.metrics_port: must differ"),
         ("not toml = = 1", "is not valid TOML"),
     ],
 )
