@@ -15,6 +15,8 @@ import logging
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -344,6 +346,33 @@ async def test_idle_and_slow_header_connections_are_closed(
     finally:
         pacer.cancel()
         writer.close()
+
+
+def test_the_running_receiver_uses_the_same_server_options(
+    procs: Callable[..., Proc], tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """`ftjobs receive` (web.run_app) serves with the options the tests' servers use, and /metrics apart."""
+    port, metrics_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "ftjobs.toml",
+        receiver={"port": port, "idle_timeout_s": 0.5, "metrics_port": metrics_port},
+        redis={"url": redis_url, "prefix": prefix},
+    )
+    receiver = procs(["receive"], tmp_path, base_env(FTJOBS_CONFIG=str(config), OPENAI_WEBHOOK_SECRET=SECRET), "rx")
+    wait_for(http_ready(port), 20, "receiver")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert sock.recv(1) == b""  # closed by the server after idle_timeout_s (a timeout here fails)
+    packed = gzip.compress(GOOD_BODY)
+    status, answer = send_raw(
+        port, [(k.encode(), v.encode()) for k, v in signed(packed).items()] + [(b"content-encoding", b"gzip")], packed
+    )
+    assert status == 415 and "gzip" in answer["message"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        assert b'ftjobs_requests_total{outcome="unsupported_media_type"} 1.0' in resp.read()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert info.value.code == 404
+    assert receiver.stop() == 0
 
 
 def test_replays_are_duplicates_and_late_captures_are_refused(
