@@ -12,6 +12,7 @@ import gzip
 import http.client
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -523,6 +524,9 @@ async def test_secrets_never_appear_in_logs_errors_or_responses(
             )
             out, _ = await done.communicate()
             outputs.append(out.decode())
+            if args[:2] == ["dlq", "show"]:  # the whole dead letter, event and error, really printed
+                letters = [json.loads(doc) for doc in re.findall(r"^\{$.*?^\}$", out.decode(), re.M | re.S)]
+                assert letters and all(x["event"]["job_id"] and x["error"] for x in letters), out.decode()
     finally:
         await asyncio.to_thread(serve.stop)
     outputs.append(serve.output())
