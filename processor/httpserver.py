@@ -4,8 +4,9 @@
 from there, so the server that is tested is the server that runs.
 
 * `auto_decompress=False`: aiohttp would otherwise inflate `Content-Encoding: gzip/deflate` bodies in the
-  protocol layer, before the size limit and the signature (a 200 KB gzip bomb cost ~450 ms of CPU). Standard
-  Webhooks signs the bytes as sent, so the receiver answers any encoding but identity with 415 instead.
+  protocol layer, before the size limit and the signature: a 200 KB gzip bomb cost ~230 ms of CPU even when
+  answered 415 unread, against ~1.5 ms with it off. Standard Webhooks signs the bytes as sent, so the
+  receiver answers any encoding but identity with 415 instead.
 * `keepalive_timeout` = `receiver.idle_timeout_s`: an idle keep-alive connection is closed after it, and so is a
   connection that has not sent a complete request head by then (aiohttp arms the same timer at connect and
   after each response), which bounds slow-header clients too. Slow bodies are bounded by `body_timeout_s`.
