@@ -58,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, metavar="N", help="N receiver processes sharing the port (SO_REUSEPORT)"
     )
     p = add("work", "only the workers: deliver queued events to the configured handlers", cmd_work)
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, on receiver.metrics_host (default 127.0.0.1)",
+    )
     p = add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
     p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
     p = add("poll", "poll the OpenAI API for job status changes (queued, running, ...) and enqueue them", cmd_poll)
@@ -145,7 +150,7 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     service.build_handlers(settings)
     if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port)
+        prometheus_client.start_http_server(args.metrics_port, addr=settings.receiver.metrics_host)
     service.run_async(service.work_until_signal(settings, service.redis_url(settings)))
     return 0
 

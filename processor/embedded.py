@@ -2,7 +2,8 @@
 
 It listens only on a unix socket inside the data directory (no TCP port, nothing exposed), keeps an
 append-only file with `appendfsync always` (an event acknowledged to a sender is on disk), and stops with
-the process that started it. Other `ftjobs` commands on the same data directory attach to its socket.
+the process that started it. The data directory is private (0700, its files 0600): the AOF holds every
+event body, job metadata included. Other `ftjobs` commands on the same data directory attach to its socket.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def _answers(path: Path) -> bool:
         return False
 
 
+def make_private(data_dir: Path) -> None:
+    """Owner-only access to the data directory and everything in it (files left by older versions too)."""
+    data_dir.chmod(0o700)
+    for path in data_dir.rglob("*"):
+        if path.is_symlink() or path.is_socket():
+            continue
+        path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 class EmbeddedValkey:
     """Start with `start()`, stop with `stop()`; `url` is what redis-py connects to."""
 
@@ -77,10 +87,11 @@ class EmbeddedValkey:
         """Launch the server and wait until it answers PING."""
         if len(str(self.socket)) > _MAX_SOCKET_PATH:
             raise ConfigError(f"redis.data_dir: the socket path {self.socket} is too long for a unix socket")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if _answers(self.socket):
             raise ConfigError(f"an embedded server is already running on {self.data_dir} (another `ftjobs serve`?)")
         self.socket.unlink(missing_ok=True)
+        make_private(self.data_dir)
         args = [
             str(server_binary()),
             "--port",
@@ -102,7 +113,8 @@ class EmbeddedValkey:
             "--logfile",
             str(self.data_dir / "valkey.log"),
         ]
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        # umask 077: the AOF, its manifest and the log are created 0600, new directories 0700.
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         deadline = time.monotonic() + timeout_s
         while not _answers(self.socket):
             if self._process.poll() is not None:

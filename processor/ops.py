@@ -116,7 +116,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{letter.id}  {what}  attempts={letter.attempts}  {letter.error[:100]}")
             print(f"{len(letters)} dead letter(s) for {args.handler}")
         elif args.action == "show":
-            for letter in await dead.get(args.handler, _ids(args, [])):
+            for letter in await dead.get(args.handler, _ids(args, [x.id for x in letters])):
                 print(msgspec.json.format(msgspec.json.encode(letter)).decode())
         elif args.action == "replay":
             new = await dead.replay(args.handler, _ids(args, [x.id for x in letters]))
@@ -141,7 +141,7 @@ def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{item.id}  webhook_id={item.webhook_id}  {item.error[:120]}")
             print(f"{len(items)} quarantined")
         elif args.action == "show":
-            wanted = set(_ids(args, []))
+            wanted = set(_ids(args, [i.id for i in items]))
             for item in (i for i in items if i.id in wanted):
                 print(f"{item.id} webhook_id={item.webhook_id}\nerror: {item.error}")
                 print(item.body.decode(errors="replace"))

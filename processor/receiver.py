@@ -5,20 +5,22 @@ one middleware turns every `RequestError` into a JSON answer with its status. A 
 Redis acknowledged the write; when it cannot, the answer is 503 with `Retry-After` and the sender retries.
 
     200 accepted · 200 duplicate · 200 quarantined · 200 ignored · 400 not JSON · 401 signature · 408 body too slow
-    413 too large · 415 content type · 503 Redis unavailable
+    413 too large · 415 content type or encoding · 503 Redis unavailable
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -32,6 +34,7 @@ from processor.errors import (
     UnavailableError,
     UnsupportedMediaError,
 )
+from processor.httpserver import SERVER_OPTIONS, server_options
 from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
 from processor.settings import Settings, explain
 from processor.stream import RECORD_FIELD, Keys, Streams, connect
@@ -71,8 +74,10 @@ async def errors_middleware(
         if exc.status < 400:
             raise
         return reply(exc.status, error=exc.reason.lower().replace(" ", "_"), message=exc.reason)
-    except Exception:
-        log.exception("request_failed", path=request.path)
+    except Exception as exc:  # a bug: count it, and log one line (a traceback per request floods the logs)
+        metrics.REQUESTS.labels("internal_error").inc()
+        where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)[-1:]]
+        log.error("request_failed", path=request.path, error=type(exc).__name__, at=",".join(where))
         return reply(
             500,
             error="internal_error",
@@ -83,6 +88,12 @@ async def errors_middleware(
 async def receive_webhook(request: web.Request) -> web.Response:
     """POST {receiver.path}: verify → decode → dedupe + enqueue → answer."""
     settings = request.app[SETTINGS].receiver
+    encodings = [e.strip().lower() for e in request.headers.getall(hdrs.CONTENT_ENCODING, [])]
+    if any(e not in ("", "identity") for e in encodings):  # the server never inflates: httpserver.py
+        raise UnsupportedMediaError(
+            f"content encoding {','.join(encodings)[:40]!r} is not accepted; send the body uncompressed "
+            "(its signature is over the bytes as sent)"
+        )
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLargeError(f"body is {request.content_length} bytes; the limit is {settings.max_body_bytes}")
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
@@ -224,6 +235,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     receiver = settings.receiver
     app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=[errors_middleware])
     app[SETTINGS] = settings
+    app[SERVER_OPTIONS] = server_options(receiver)
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -248,5 +260,8 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app.router.add_post(receiver.path, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    if receiver.metrics_port:
+        app.cleanup_ctx.append(metrics.listener(receiver.metrics_host, receiver.metrics_port, metrics_endpoint))
+    else:
+        app.router.add_get("/metrics", metrics_endpoint)
     return app

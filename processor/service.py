@@ -23,6 +23,7 @@ from handlers import registry
 from handlers.base import Handler, HandlerContext
 from processor import embedded, signatures
 from processor.errors import ConfigError
+from processor.httpserver import SERVER_OPTIONS
 from processor.jobstate import JobState, Preparer
 from processor.logs import redact
 from processor.openai import OpenAIClient
@@ -255,8 +256,20 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
 
 def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> None:
-    """Serve `app` until SIGTERM/SIGINT (aiohttp then runs the app's cleanup: workers stop gracefully)."""
-    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=new_loop(), reuse_port=reuse_port)
+    """Serve `app` until SIGTERM/SIGINT (aiohttp then runs the app's cleanup: workers stop gracefully).
+
+    The server options (no decompression, timeouts, header limits) are the ones `create_app` put on the app.
+    """
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        loop=new_loop(),
+        reuse_port=reuse_port,
+        **app[SERVER_OPTIONS],
+    )
 
 
 def run_receivers(count: int, make_app: Callable[[], web.Application], host: str, port: int) -> None:

@@ -55,6 +55,13 @@ class ReceiverSettings(_Config):
     #: A request whose write Redis has not confirmed by then gets 503 + `Retry-After` (the write may still be
     #: applied; the sender's retry is then a duplicate). Keeps answers fast when Redis stalls.
     enqueue_timeout_s: Positive = 1.0
+    #: An idle keep-alive connection is closed after this long, and so is one that has not sent a complete
+    #: request head by then. Behind a proxy that pools connections, keep its upstream idle timeout below this.
+    idle_timeout_s: Positive = 15.0
+    #: Serve `GET /metrics` on its own port instead of the webhook port (0: on the webhook port) ...
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    #: ... listening on this address (loopback: scrape it from the host, a sidecar, or an SSH tunnel).
+    metrics_host: str = "127.0.0.1"
     #: How long a `webhook-id` is remembered; OpenAI retries for up to 72 h.
     dedupe_window_s: int = 96 * 3600
     #: Up to this many concurrent enqueues share one Redis round trip.
@@ -219,6 +226,8 @@ class Settings(_Config):
             raise ConfigError("openai.poll_interval_s: polling needs an API key: set OPENAI_API_KEY or openai.api_key")
         if self.openai.poll_interval_s > 0 and not self.openai.hydrate:
             raise ConfigError("openai.poll_interval_s: polling needs openai.hydrate = true")
+        if self.receiver.metrics_port and self.receiver.metrics_port == self.receiver.port:
+            raise ConfigError("receiver.metrics_port: must differ from receiver.port (0 serves /metrics on it)")
 
 
 def convert(raw: Any, type_: type[Any], root: str = "") -> Any:

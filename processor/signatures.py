@@ -32,6 +32,15 @@ MAX_ID_LENGTH: Final = 128
 #: What a `webhook-id` may contain. Ids ftjobs makes itself (`poll:…`, `…:replayed`) contain `:`, which this
 #: excludes, so no sender can pick an id that collides with one of them.
 _ID_CHARACTERS: Final = re.compile(r"[A-Za-z0-9_.-]+")
+#: Header grammar, checked before anything is parsed or hashed: ASCII only (a byte over 0x7F arrives as a
+#: surrogate-escaped character and must never reach `int()` or `.encode()`), and bounded, so a stranger's
+#: header costs a regex match. 256 characters of id and 4 KiB of signatures (~80 `v1,` values during a
+#: rotation) are far above what any sender uses; OpenAI's ids are `wh_` + 32 hex digits.
+MAX_ID_CHARS: Final = 256
+MAX_SIGNATURE_CHARS: Final = 4096
+_ID: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
+_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
+_SIGNATURE: Final = re.compile(rf"[\x20-\x7e]{{1,{MAX_SIGNATURE_CHARS}}}")
 
 
 def parse_secret(secret: str) -> bytes:
@@ -103,8 +112,10 @@ def verify(
     """Check a delivery's signature and return its `webhook-id`.
 
     `headers` must look names up case-insensitively (aiohttp's `request.headers` does). Any `v1,` value
-    signed by any key passes (several keys during a rotation). Raises `SignatureError` saying what was
-    wrong; the message never contains a secret or the expected signature.
+    signed by any key passes (several keys during a rotation); each is compared with `hmac.compare_digest`,
+    never `==`, so the time taken says nothing about how much of a guess was right. Raises `SignatureError`
+    saying what was wrong (a header outside the grammar included); the message never contains a secret or
+    the expected signature.
     """
     msg_id = headers.get(ID_HEADER)
     timestamp = headers.get(TIMESTAMP_HEADER)
@@ -117,10 +128,13 @@ def verify(
     if missing:
         raise SignatureError(f"missing header: {', '.join(missing)}")
     assert msg_id is not None and timestamp is not None and signature is not None
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise SignatureError("webhook-timestamp is not an integer (unix seconds)") from None
+    if not _ID.fullmatch(msg_id):
+        raise SignatureError(f"webhook-id must be 1 to {MAX_ID_CHARS} visible ASCII characters")
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise SignatureError("webhook-timestamp is not an integer (unix seconds, at most 12 digits)")
+    if not _SIGNATURE.fullmatch(signature):
+        raise SignatureError(f"webhook-signature must be at most {MAX_SIGNATURE_CHARS} printable ASCII characters")
+    sent_at = int(timestamp)
     clock = time.time() if now is None else now
     if clock - sent_at > tolerance_s:
         raise SignatureError(f"webhook-timestamp is more than {tolerance_s} s old")

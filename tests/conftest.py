@@ -21,12 +21,14 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as redis
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from handlers import registry
 from processor import signatures
 from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
+from processor.httpserver import SERVER_OPTIONS
 from processor.models import Event, decode_event
 from processor.receiver import create_app
 from processor.service import running_worker
@@ -102,6 +104,25 @@ def make_settings(redis_url: str, prefix: str, tmp_path: Path, rclient: redis.Re
         if handlers is not None:
             raw["handlers"] = handlers
         return Settings.from_raw(raw, env={})
+
+    return make
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
+    """pytest-aiohttp's client factory, serving a receiver app with the server options `ftjobs` runs it with.
+
+    `create_app` stores them on the app (no decompression, idle timeout, header limits); without this the
+    tests would exercise aiohttp's defaults instead of the production server.
+    """
+
+    async def make(app: Any, **kwargs: Any) -> TestClient:
+        if isinstance(app, web.Application) and SERVER_OPTIONS in app:
+            server = TestServer(app)  # its constructor ignores server options; start_server takes them
+            await server.start_server(**app[SERVER_OPTIONS])
+            app = server
+        client: TestClient = await aiohttp_client(app, **kwargs)  # closing the client closes the server
+        return client
 
     return make
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +99,39 @@ def test_compose_file_services_run_real_commands() -> None:
         args = parser.parse_args(service["command"])  # exits (fails the test) on an unknown command
         assert args.command in COMMANDS
         assert "healthcheck" in service
-        assert service["environment"]["REDIS_URL"].startswith("redis://valkey:")
+        # Valkey requires a password, and REDIS_URL carries it.
+        assert service["environment"]["REDIS_URL"].startswith("redis://:${VALKEY_PASSWORD:?")
+        assert service["environment"]["REDIS_URL"].endswith("@valkey:6379/0")
     health = services["worker"]["healthcheck"]["test"]
     assert health[1] == "ftjobs" and parser.parse_args(health[2:]).command == "status"
+
+
+def test_deployment_files_are_locked_down() -> None:
+    """Valkey has a password, third-party images are pinned at a full version, the image runs as a numeric user."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    valkey = compose["services"]["valkey"]
+    command = valkey["command"]
+    assert command[command.index("--requirepass") + 1].startswith("${VALKEY_PASSWORD:?")
+    assert "$$VALKEY_PASSWORD" in valkey["healthcheck"]["test"][1]  # the health check authenticates too
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    images = [valkey["image"], *re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)]
+    for image in images:
+        assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", image), image
+    [user] = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
+    assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), user  # uid:gid, neither of them root
+
+
+def test_dependency_floors_exclude_known_vulnerable_releases() -> None:
+    """aiohttp < 3.14.1 (request smuggling, decompression bombs) and jinja2 < 3.1.6 (sandbox escapes)."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "aiohttp>=3.14.1" in dependencies and "jinja2>=3.1.6" in dependencies
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
 def test_compose_file_validates() -> None:
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "OPENAI_WEBHOOK_SECRET": "whsec_eA=="},
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "OPENAI_WEBHOOK_SECRET": "whsec_eA==", "VALKEY_PASSWORD": "0f"},
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -126,3 +127,15 @@ def test_worker_serves_metrics(
             return False
 
     wait_for(scraped, what="metrics endpoint")
+    assert listening_on(port) == ["127.0.0.1"]  # loopback unless receiver.metrics_host says otherwise
+
+
+def listening_on(port: int) -> list[str]:
+    """The IPv4 addresses a local TCP port listens on, from the kernel's socket table."""
+    addresses = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+            addresses.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses

@@ -41,6 +41,32 @@ def test_starts_durable_and_private(server: embedded.EmbeddedValkey) -> None:
     assert embedded.is_running(server.data_dir)
 
 
+def test_data_directory_and_files_are_private(tmp_path: Path) -> None:
+    """The AOF holds every event: 0700 for the directory, 0600 for files, including ones from older versions."""
+    data = tmp_path / "data"
+    (data / "appendonlydir").mkdir(parents=True, mode=0o755)
+    data.chmod(0o755)
+    (data / "appendonlydir" / "old.aof").write_bytes(b"")
+    (data / "appendonlydir" / "old.aof").chmod(0o644)
+    valkey = embedded.EmbeddedValkey(data)
+    valkey.start()
+    try:
+        client = redis.Redis.from_url(valkey.url)
+        client.xadd("s", {"k": "v"})  # something in the AOF
+        client.close()
+        modes = {
+            str(p.relative_to(data)): stat.S_IMODE(p.stat().st_mode)
+            for p in [data, *data.rglob("*")]
+            if not p.is_socket()
+        }
+    finally:
+        valkey.stop()
+    assert any(name.endswith(".aof") and name != "appendonlydir/old.aof" for name in modes), modes
+    assert "valkey.log" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o700 if (data / name).is_dir() else 0o600)}
+    assert not wrong, wrong
+
+
 def test_data_survives_a_restart(tmp_path: Path) -> None:
     first = embedded.EmbeddedValkey(tmp_path / "data")
     first.start()

@@ -6,9 +6,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 import redis.asyncio as redis
+import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from processor.models import FineTuningJob, decode_event
@@ -133,9 +136,9 @@ async def test_signed_bodies_beyond_our_limits_are_quarantined(
     [
         ("poll:ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD:failed", "webhook-id may contain only letters, digits"),
         ("wh_1:replayed", "webhook-id may contain only letters, digits"),
-        ("wh 1", "webhook-id may contain only letters, digits"),
+        ("wh|1", "webhook-id may contain only letters, digits"),
         ("wh/../1", "webhook-id may contain only letters, digits"),
-        ("w" * 8000, "webhook-id has 8000 characters; at most 128 are accepted"),
+        ("w" * 200, "webhook-id has 200 characters; at most 128 are accepted"),  # over 256: a 401 (signatures)
     ],
     ids=lambda v: v[:24],
 )
@@ -382,3 +385,49 @@ async def test_stalled_redis_answers_503_within_the_enqueue_deadline(
             os.kill(server.pid, signal.SIGCONT)
     finally:
         server.stop()
+
+
+def _count(text: str, outcome: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'ftjobs_requests_total{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_an_internal_error_is_counted_and_logged_in_one_line(
+    aiohttp_client: Client, make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    """A bug behind the middleware: a JSON 500, `internal_error` in the metrics, one log line, no traceback."""
+    app = create_app(make_settings(), redis_url)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise OverflowError("int too large to convert to float")
+
+    app.router.add_get("/broken", broken)
+    client = await aiohttp_client(app)
+    before = await (await client.get("/metrics")).text()
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.get("/broken")
+    assert resp.status == 500 and (await resp.json())["error"] == "internal_error"
+    after = await (await client.get("/metrics")).text()
+    assert _count(after, "internal_error") == _count(before, "internal_error") + 1
+    [line] = [entry for entry in logs if entry["event"] == "request_failed"]
+    assert line["error"] == "OverflowError" and line["at"].startswith("test_receiver.py:")
+    assert "exc_info" not in line and "int too large" not in str(line)
+
+
+async def test_metrics_on_their_own_listener(
+    aiohttp_client: Client, make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    """With `metrics_port` set, `/metrics` leaves the webhook port and is served on loopback by default."""
+    port = free_port()
+    settings = make_settings(receiver={"metrics_port": port})
+    assert settings.receiver.metrics_host == "127.0.0.1"
+    client = await aiohttp_client(create_app(settings, redis_url))
+    assert (await client.get("/metrics")).status == 404
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        assert resp.status == 200 and "ftjobs_requests_total" in await resp.text()
+    await client.close()  # the listener closes with the app
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics"):
+            pass

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import http.client
 import json
+import logging
+import re
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +28,12 @@ import msgspec
 import pytest
 import redis
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from processor import signatures
+from processor.httpserver import SERVER_OPTIONS
 from processor.receiver import create_app
 from processor.settings import Settings
 from tests.conftest import SECRET, compact, free_port, sample, signed
@@ -42,7 +51,7 @@ def live_receiver(make_settings: Callable[..., Settings], redis_url: str) -> Ite
     port = free_port()
     app = create_app(make_settings(receiver={"body_timeout_s": 0.5}), redis_url)
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, **app[SERVER_OPTIONS])
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -78,6 +87,35 @@ def bodies(draw: st.DrawFn) -> bytes:
 
 
 header_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40)
+#: Header values as bytes on the wire: any byte 0-255 (aiohttp's client refuses to send most of them, so the
+#: fuzz writes raw requests), long digit strings (an int() overflow), and values beyond every length limit.
+header_bytes = st.one_of(
+    header_text.map(str.encode),
+    st.binary(min_size=1, max_size=64),
+    st.lists(st.integers(0x20, 0x7E) | st.integers(0x80, 0xFF), min_size=1, max_size=64).map(bytes),
+    st.text("0123456789", min_size=1, max_size=500).map(str.encode),
+    st.sampled_from([b"9" * 13, b"9" * 400, b"\xff", b"wh_\xff", b"v1,\xff", b"v1," + b"A" * 5000, b"A" * 9000]),
+)
+header_names = st.sampled_from(
+    ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-encoding", "x-fuzz"]
+)
+
+
+def send_raw(port: int, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST `body` with exactly these header lines (duplicates and any bytes kept) and read the first answer."""
+    head = b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += b"Content-Length: %d\r\n" % len(body)
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        # Refused before everything was sent? The answer is still in the socket.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(head + b"\r\n" + body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        raw = resp.read()
+    is_json = resp.getheader("content-type", "").startswith("application/json")
+    answer: dict[str, Any] = json.loads(raw) if is_json else {}
+    return resp.status, answer
 
 
 def fuzz_case(port: int, case: dict[str, Any], counters: dict[str, int]) -> None:
@@ -88,7 +126,7 @@ def fuzz_case(port: int, case: dict[str, Any], counters: dict[str, int]) -> None
     if case["content_type"] is not None:
         headers["content-type"] = case["content_type"]
     msg_id = case["webhook_id"]
-    if signing == "valid":
+    if signing in ("valid", "garbage"):
         headers |= signatures.signed_headers([key], msg_id, body, timestamp=now + case["skew"])
     elif signing == "wrong_key":
         headers |= signatures.signed_headers([b"another key entirely"], msg_id, body, timestamp=now)
@@ -96,23 +134,39 @@ def fuzz_case(port: int, case: dict[str, Any], counters: dict[str, int]) -> None
         headers |= signatures.signed_headers([key], msg_id, body + b" ", timestamp=now)
     elif signing == "stale":
         headers |= signatures.signed_headers([key], msg_id, body, timestamp=now - 301 - case["skew"] ** 2)
-    elif signing == "garbage":
-        headers |= {"webhook-id": msg_id, "webhook-timestamp": case["garbage"], "webhook-signature": case["garbage"]}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("POST", "/webhooks/openai", body=body, headers=headers)
-        resp = conn.getresponse()
-        status, answer = resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+    lines = [(name.encode(), value.encode()) for name, value in headers.items()]
+    intact = True
+    if signing == "garbage":  # a signed request with some of its three headers replaced by fuzz
+        intact = all(headers[name].encode() == value for name, value in case["garbage"].items())
+        lines = [(name, case["garbage"].get(name.decode(), value)) for name, value in lines]
+    # Extra lines come after the real ones: duplicated names, any bytes (a CR or LF ends the line early).
+    lines += [(name.encode(), value) for name, value in case["extra"]]
+    status, answer = send_raw(port, lines, body)
+    assert status < 500, (status, answer)
     assert status in DOCUMENTED, (status, answer)
-    assert ("status" in answer) if status == 200 else (answer["error"] and answer["message"])
-    verified = signing == "valid" and abs(case["skew"]) <= 300
+    if answer:
+        assert ("status" in answer) if status == 200 else (answer["error"] and answer["message"])
+    else:  # only aiohttp's own parser refuses without JSON: a malformed head
+        assert status == 400
+    verified = signing in ("valid", "garbage") and intact and abs(case["skew"]) <= 300
     if status == 200:
         assert verified, "an unsigned or mis-signed request was accepted"
         counters[answer["status"]] += 1
     elif status == 401:
         assert not verified
+
+
+def known_500(header: str, value: bytes) -> dict[str, Any]:
+    """A signed request with one header replaced: each of these was a 500 with a traceback once."""
+    return {
+        "body": GOOD_BODY,
+        "content_type": "application/json",
+        "signing": "garbage",
+        "webhook_id": f"wh_{uuid.uuid4().hex}",
+        "skew": 0,
+        "garbage": {header: value},
+        "extra": [],
+    }
 
 
 @pytest.mark.parametrize("examples", [300, pytest.param(100_000, marks=pytest.mark.slow)])
@@ -129,6 +183,8 @@ def test_fuzzed_requests_get_documented_answers_and_nothing_unsigned_gets_in(
                 "content_type": st.sampled_from(
                     [
                         "application/json",
+                        "application/json",
+                        "application/json",
                         "application/json; charset=utf-8",
                         "text/plain",
                         "",
@@ -137,16 +193,24 @@ def test_fuzzed_requests_get_documented_answers_and_nothing_unsigned_gets_in(
                         "multipart/form-data",
                     ]
                 ),
-                "signing": st.sampled_from(["valid", "valid", "none", "wrong_key", "tampered", "stale", "garbage"]),
+                "signing": st.sampled_from(
+                    ["valid", "valid", "none", "wrong_key", "tampered", "stale", "garbage", "garbage", "garbage"]
+                ),
                 "webhook_id": st.one_of(
                     st.builds(lambda: f"wh_{uuid.uuid4().hex}"), header_text, st.just("wh_fixed_for_duplicates")
                 ),
                 # Clear of the ±300 s boundary, where a second passing between signing and checking decides.
                 "skew": st.integers(-400, 400).filter(lambda s: not 297 <= abs(s) <= 303),
-                "garbage": header_text,
+                "garbage": st.dictionaries(
+                    st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature"]), header_bytes, min_size=1
+                ),
+                "extra": st.lists(st.tuples(header_names, header_bytes), max_size=3),
             }
         )
     )
+    @example(case=known_500("webhook-timestamp", b"9" * 400))  # the three that were 500s, always tried
+    @example(case=known_500("webhook-id", b"wh_\xff"))
+    @example(case=known_500("webhook-signature", b"v1,\xff"))
     def run(case: dict[str, Any]) -> None:
         fuzz_case(live_receiver, case, counters)
 
@@ -190,6 +254,127 @@ def test_slow_body_client_times_out(live_receiver: int) -> None:
     head = b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     answer = raw_exchange(live_receiver, head, b'{"a":', wait_s=5)  # then nothing: body_timeout_s is 0.5
     assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+
+
+def gzip_bomb(inflated_bytes: int) -> bytes:
+    """A gzip stream of zeros: ~1000x smaller than what it inflates to."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 20)
+    parts = [packer.compress(chunk) for _ in range(inflated_bytes >> 20)]
+    return b"".join([*parts, packer.flush()])
+
+
+async def raw_request(client: TestClient, request: bytes) -> bytes:
+    """Write a request as raw bytes and read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
+async def test_compressed_bodies_are_refused_and_never_inflated(
+    aiohttp_client: Callable[..., Any],
+    make_settings: Callable[..., Settings],
+    redis_url: str,
+    rclient: Any,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(), redis_url))
+    bomb = gzip_bomb(200 << 20)  # 200 MiB of zeros in ~200 KB, under the body limit
+    resp = await client.post("/webhooks/openai", data=bomb, headers=signed(bomb) | {"content-encoding": "gzip"})
+    answer = await resp.json()
+    assert resp.status == 415 and answer["error"] == "unsupported_media_type" and "gzip" in answer["message"]
+    # Correctly signed, over the compressed bytes or over the JSON inside: refused either way.
+    packed = gzip.compress(GOOD_BODY)
+    for encoding, signed_over in (("gzip", packed), ("gzip", GOOD_BODY), ("deflate", packed), ("br", packed)):
+        resp = await client.post(
+            "/webhooks/openai", data=packed, headers=signed(signed_over) | {"content-encoding": encoding}
+        )
+        assert resp.status == 415, (encoding, await resp.text())
+    resp = await client.post("/webhooks/openai", data=GOOD_BODY, headers=signed(GOOD_BODY, content_encoding="identity"))
+    assert (await resp.json())["status"] == "accepted"
+    assert await rclient.xlen(f"{prefix}:events") == 1
+    # The body is never run through a decoder: one that is not gzip at all draws no decoder error either
+    # (with aiohttp's default, inflating it fails in the protocol layer and logs a traceback).
+    junk = b"not gzip at all " * 100
+    head = "".join(f"{k}: {v}\r\n" for k, v in signed(junk).items())
+    with caplog.at_level(logging.DEBUG, logger="aiohttp"):
+        answer_bytes = await raw_request(
+            client,
+            f"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{head}"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(junk)}\r\n\r\n".encode()
+            + junk,
+        )
+    assert answer_bytes.startswith(b"HTTP/1.1 415")
+    decoder_errors = [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= logging.WARNING]
+    assert not decoder_errors, caplog.text
+
+
+async def test_idle_and_slow_header_connections_are_closed(
+    aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    """`idle_timeout_s` closes a silent connection, an idle keep-alive one, and one trickling its head."""
+    client = await aiohttp_client(create_app(make_settings(receiver={"idle_timeout_s": 0.3}), redis_url))
+
+    async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+        return await asyncio.wait_for(reader.read(), 30)  # EOF, or the test fails after 30 s
+
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    assert await closed_by_server(reader) == b""  # connected, never sent a byte
+    writer.close()
+
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await closed_by_server(reader)  # answered, then closed once idle
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" not in answer
+    writer.close()
+
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\n")
+
+    async def trickle() -> None:  # one header byte at a time, never finishing the head
+        with contextlib.suppress(ConnectionError):
+            while not reader.at_eof():
+                writer.write(b"X")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+
+    pacer = asyncio.create_task(trickle())
+    try:
+        assert await closed_by_server(reader) == b""
+    finally:
+        pacer.cancel()
+        writer.close()
+
+
+def test_the_running_receiver_uses_the_same_server_options(
+    procs: Callable[..., Proc], tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """`ftjobs receive` (web.run_app) serves with the options the tests' servers use, and /metrics apart."""
+    port, metrics_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "ftjobs.toml",
+        receiver={"port": port, "idle_timeout_s": 0.5, "metrics_port": metrics_port},
+        redis={"url": redis_url, "prefix": prefix},
+    )
+    receiver = procs(["receive"], tmp_path, base_env(FTJOBS_CONFIG=str(config), OPENAI_WEBHOOK_SECRET=SECRET), "rx")
+    wait_for(http_ready(port), 20, "receiver")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert sock.recv(1) == b""  # closed by the server after idle_timeout_s (a timeout here fails)
+    packed = gzip.compress(GOOD_BODY)
+    status, answer = send_raw(
+        port, [(k.encode(), v.encode()) for k, v in signed(packed).items()] + [(b"content-encoding", b"gzip")], packed
+    )
+    assert status == 415 and "gzip" in answer["message"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        assert b'ftjobs_requests_total{outcome="unsupported_media_type"} 1.0' in resp.read()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert info.value.code == 404
+    assert receiver.stop() == 0
 
 
 def test_replays_are_duplicates_and_late_captures_are_refused(
@@ -340,6 +525,9 @@ async def test_secrets_never_appear_in_logs_errors_or_responses(
             )
             out, _ = await done.communicate()
             outputs.append(out.decode())
+            if args[:2] == ["dlq", "show"]:  # the whole dead letter, event and error, really printed
+                letters = [json.loads(doc) for doc in re.findall(r"^\{$.*?^\}$", out.decode(), re.M | re.S)]
+                assert letters and all(x["event"]["job_id"] and x["error"] for x in letters), out.decode()
     finally:
         await asyncio.to_thread(serve.stop)
     outputs.append(serve.output())

@@ -87,6 +87,8 @@ def test_missing_variable_names_key_and_variable(tmp_path: Path) -> None:
         ("[worker]\nlease_s = -1\n", "worker.lease_s: Expected `float` > 0.0"),
         ('[[handlers]]\nname = "a"\ntype = "log"\ntimeout_s = 0\n', "handlers[0].timeout_s: Expected `float` > 0.0"),
         ("[openai]\npoll_interval_s = 60\n", "openai.poll_interval_s: polling needs an API key"),
+        ("[receiver]\nidle_timeout_s = 0\n", "receiver.idle_timeout_s: Expected `float` > 0.0"),
+        ("[receiver]\nport = 9000\nmetrics_port = 9000\n", "receiver.metrics_port: must differ"),
         ("not toml = = 1", "is not valid TOML"),
     ],
 )

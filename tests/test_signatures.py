@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import time
 from datetime import UTC
 
@@ -82,7 +83,7 @@ def _headers(body: bytes = b"{}", ts: int | None = None, **override: str) -> dic
         (lambda h: h.update({"webhook-timestamp": "soon"}), "not an integer"),
         (lambda h: h.update({"webhook-signature": "v2,abc"}), "no v1 signature"),
         (lambda h: h.update({"webhook-signature": "v1,AAAA"}), "does not match"),
-        (lambda h: h.update({"webhook-signature": "v1,ünïcode"}), "does not match"),
+        (lambda h: h.update({"webhook-signature": "v1,ünïcode"}), "printable ASCII"),
         (lambda h: h.update({"webhook-id": "wh_2"}), "does not match"),
     ],
 )
@@ -91,6 +92,58 @@ def test_rejects_say_what_is_wrong(mutate: object, message: str) -> None:
     mutate(headers)  # type: ignore[operator]
     with pytest.raises(SignatureError, match=message):
         signatures.verify(headers, b"{}", [KEY])
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "message"),
+    [
+        ("webhook-timestamp", "9" * 400, "at most 12 digits"),  # int() would take it, then overflow
+        ("webhook-timestamp", "1_800_000_000", "not an integer"),  # int() accepts underscores ...
+        ("webhook-timestamp", "+1800000000", "not an integer"),  # ... a sign ...
+        ("webhook-timestamp", "\u0661\u0668\u0660\u0660", "not an integer"),  # ... and non-ASCII digits
+        ("webhook-id", "wh_\udcff", "visible ASCII"),  # a 0xFF byte, as aiohttp hands it over
+        ("webhook-id", "wh_é", "visible ASCII"),
+        ("webhook-id", "wh 1", "visible ASCII"),
+        ("webhook-id", "w" * 257, "visible ASCII"),
+        ("webhook-signature", "v1,\udcff", "printable ASCII"),
+        ("webhook-signature", "v1,\x00", "printable ASCII"),
+        ("webhook-signature", "v1,A " * 1000, "printable ASCII"),
+    ],
+)
+def test_headers_outside_the_grammar_are_rejected_before_parsing(header: str, value: str, message: str) -> None:
+    """The cases that raised OverflowError / UnicodeEncodeError (a 500) are plain signature errors (a 401)."""
+    with pytest.raises(SignatureError, match=message):
+        signatures.verify(_headers() | {header: value}, b"{}", [KEY])
+
+
+def test_headers_at_the_grammar_limits_verify() -> None:
+    msg_id = "w" * signatures.MAX_ID_CHARS
+    headers = signatures.signed_headers([KEY], msg_id, b"{}")
+    headers["webhook-signature"] = " ".join(["v1,AAAA"] * 500 + [headers["webhook-signature"]])
+    assert len(headers["webhook-signature"]) <= signatures.MAX_SIGNATURE_CHARS
+    assert signatures.verify(headers, b"{}", [KEY]) == msg_id
+
+
+def test_every_candidate_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each (key, candidate) pair goes through `hmac.compare_digest`; a plain `==` would leak timing."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    other = signatures.parse_secret(signatures.generate_secret())
+    wrong = ["v1," + base64.b64encode(bytes([n]) * 32).decode() for n in range(3)]
+    headers = _headers(**{"webhook-signature": " ".join(wrong)})
+    with pytest.raises(SignatureError, match="does not match"):
+        signatures.verify(headers, b"{}", [other, KEY])
+    assert len(calls) == 2 * 3 and {b for _, b in calls} == {w[3:].encode() for w in wrong}
+    calls.clear()
+    good = _headers()
+    assert signatures.verify(good, b"{}", [other, KEY]) == "wh_1"
+    assert calls[-1] == (good["webhook-signature"][3:].encode(),) * 2  # the match itself was found by it
 
 
 def test_tampered_body_is_rejected() -> None:

@@ -1,0 +1,45 @@
+"""How the receiver's HTTP server runs: the aiohttp server options ftjobs sets on purpose, in one place.
+
+`create_app` stores them on the app (`SERVER_OPTIONS`); `service.run_http` and the tests' servers read them
+from there, so the server that is tested is the server that runs.
+
+* `auto_decompress=False`: aiohttp would otherwise inflate `Content-Encoding: gzip/deflate` bodies in the
+  protocol layer, before the size limit and the signature: a 200 KB gzip bomb cost ~230 ms of CPU even when
+  answered 415 unread, against ~1.5 ms with it off. Standard Webhooks signs the bytes as sent, so the
+  receiver answers any encoding but identity with 415 instead.
+* `keepalive_timeout` = `receiver.idle_timeout_s`: an idle keep-alive connection is closed after it, and so is a
+  connection that has not sent a complete request head by then (aiohttp arms the same timer at connect and
+  after each response), which bounds slow-header clients too. Slow bodies are bounded by `body_timeout_s`.
+* Header limits: a request line or one header over 8190 bytes, or more than 64 headers, is a 400 from aiohttp
+  before any handler runs (Standard Webhooks headers are well under 1 KiB; `signatures` caps them lower still).
+
+Connection counts and request rates are not capped here: that is the reverse proxy's job (see the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+
+from processor.settings import ReceiverSettings
+
+SERVER_OPTIONS: Final = web.AppKey("server_options", dict[str, Any])
+MAX_LINE_BYTES: Final = 8190
+MAX_FIELD_BYTES: Final = 8190
+MAX_HEADERS: Final = 64
+
+
+def server_options(receiver: ReceiverSettings) -> dict[str, Any]:
+    """Keyword arguments for `web.run_app` / `web.AppRunner` / aiohttp's `TestServer`.
+
+    Only options every supported aiohttp accepts: an unknown one makes aiohttp drop all of them (with a
+    warning), decompression included.
+    """
+    return {
+        "auto_decompress": False,
+        "keepalive_timeout": receiver.idle_timeout_s,
+        "max_line_size": MAX_LINE_BYTES,
+        "max_field_size": MAX_FIELD_BYTES,
+        "max_headers": MAX_HEADERS,
+    }
