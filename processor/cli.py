@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="set a metadata pair (repeatable)",
     )
+    p = add("dashboard", "serve the web dashboard alone (at /ui/; needs [dashboard] token off loopback)", cmd_dashboard)
+    p.add_argument("--host", help="address to listen on (default: dashboard.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default: dashboard.port, 8081)")
     return parser
 
 
@@ -152,6 +155,19 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=settings.receiver.metrics_host)
     service.run_async(service.work_until_signal(settings, service.redis_url(settings)))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    import structlog
+
+    from processor import dashboard  # imported here: `ftjobs --help` stays fast
+
+    host, port = args.host or settings.dashboard.host, args.port or settings.dashboard.port
+    settings = dashboard.with_token(settings, host)
+    url = service.redis_url(settings)
+    structlog.get_logger().info("dashboard_listening", url=f"http://{host}:{port}/ui/")
+    service.run_http(dashboard.standalone_app(settings, url), host, port)
     return 0
 
 

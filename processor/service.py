@@ -194,6 +194,10 @@ def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Applica
                 yield
 
         app.cleanup_ctx.append(worker_ctx)
+    if settings.dashboard.token:
+        from processor import dashboard  # imported only when served: `ftjobs --help` stays fast
+
+        dashboard.mount(app, settings, url)
     return app
 
 

@@ -130,6 +130,23 @@ class LogSettings(_Config):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class DashboardSettings(_Config):
+    """The web dashboard (`/ui/` on `serve` and `receive`, or `ftjobs dashboard` on its own)."""
+
+    #: The operators' token (`Authorization: Bearer`, or the login form). Empty: `serve` and `receive` serve
+    #: no dashboard, and `ftjobs dashboard` serves one only on a loopback address, with a local token.
+    token: str = ""
+    #: Where `ftjobs dashboard` listens (`--host`, `--port` override them).
+    host: str = "127.0.0.1"
+    port: Port = 8081
+    #: How long a login lasts (the signed session cookie's lifetime).
+    session_s: PositiveInt = 12 * 3600
+
+
+#: A dashboard token shorter than this is refused: it is the only thing between the network and replay/drop.
+MIN_DASHBOARD_TOKEN: Final = 16
+
+
 class HandlerSpec(_Config):
     """The keys every `[[handlers]]` table shares; the rest are the handler type's own options."""
 
@@ -171,6 +188,7 @@ class Settings(_Config):
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     openai: OpenAISettings = msgspec.field(default_factory=OpenAISettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
+    dashboard: DashboardSettings = msgspec.field(default_factory=DashboardSettings)
     handlers: list[HandlerSpec] = msgspec.field(default_factory=lambda: [HandlerSpec(name="log", type="log")])
     #: The file these settings came from, if any (for messages).
     source: str = ""
@@ -226,6 +244,10 @@ class Settings(_Config):
             raise ConfigError("openai.poll_interval_s: polling needs an API key: set OPENAI_API_KEY or openai.api_key")
         if self.openai.poll_interval_s > 0 and not self.openai.hydrate:
             raise ConfigError("openai.poll_interval_s: polling needs openai.hydrate = true")
+        if self.dashboard.token and len(self.dashboard.token) < MIN_DASHBOARD_TOKEN:
+            raise ConfigError(
+                f"dashboard.token: must be at least {MIN_DASHBOARD_TOKEN} characters (e.g. openssl rand -hex 32)"
+            )
         if self.receiver.metrics_port and self.receiver.metrics_port == self.receiver.port:
             raise ConfigError("receiver.metrics_port: must differ from receiver.port (0 serves /metrics on it)")
 
