@@ -53,14 +53,22 @@ def environment() -> jinja2.Environment:
     env.filters["iso"] = lambda ts: datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
     env.filters["utc"] = lambda ts: datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     env.filters["ago"] = _ago
-    env.filters["duration"] = human_duration
+    env.filters["duration"] = _span
     env.filters["short"] = lambda s, n=120: s if len(s) <= n else s[: n - 1] + "…"
     return env
 
 
+def _span(seconds: float) -> str:
+    """`human_duration`, in days and hours beyond two days (`388d 5h`, not `9317h 01m`)."""
+    if seconds >= 2 * 86400:
+        days, rest = divmod(int(seconds), 86400)
+        return f"{days}d {rest // 3600}h"
+    return human_duration(seconds)
+
+
 def _ago(ts: float) -> str:
     delta = time.time() - ts
-    return f"{human_duration(delta)} ago" if delta >= 0 else f"in {human_duration(-delta)}"
+    return f"{_span(delta)} ago" if delta >= 0 else f"in {_span(-delta)}"
 
 
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
