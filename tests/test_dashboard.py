@@ -182,7 +182,7 @@ async def test_job_page_shows_each_handlers_delivery_state(dash: Any, redis_url:
         rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", first)}
         assert rows == {"ok": "done", "only-success": "skipped", "flaky": "retrying", "broken": "dead"}
         assert "status &#39;failed&#39; is not one of [&#39;succeeded&#39;]" in first
-        assert "RetryLater: sink flaky fails attempt 1" in first and "next <time" in first
+        assert "RetryLater: sink flaky fails attempt 1" in first and 'next <span class="when"><time' in first
         assert "/ui/dead/broken/" in first
         repeat = page[page.index('id="event-') : page.index(f'id="event-{answer["entry_id"]}"')]
         assert "skipped: repeat of wh_states" in repeat
