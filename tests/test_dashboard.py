@@ -283,3 +283,22 @@ def test_dashboard_command(tmp_path: Path, redis_url: str, prefix: str, procs: C
     assert _get(f"http://127.0.0.1:{port}/ui/", {"Authorization": f"Bearer {token}"}) == 200
     assert proc.stop() == 0
     assert "using_local_dashboard_token" in proc.output() and token not in proc.output()
+
+
+async def test_odd_input_gets_a_page_not_a_500(dash: Any, redis_url: str, prefix: str) -> None:
+    async with dash([sink("a", redis_url, prefix)]) as d:
+        cases = {
+            "/ui/dead/a/99999999999999999999-0": 404,
+            "/ui/dead/a/1-0": 404,
+            "/ui/dead/nope": 404,
+            "/ui/jobs/%3Cscript%3E": 404,
+            "/ui/quarantine/x": 404,
+            "/ui/search?q=%3Cscript%3Ealert(1)%3C/script%3E": 404,
+            "/ui/static/nope.js": 404,
+        }
+        for path, status in cases.items():
+            page = await d.page(path, status)
+            assert "<script>alert" not in page
+        for form in ({"id": "1-0\r\nx"}, {"id": "99999999999999999999-0"}, {}):
+            resp = await d.client.post("/ui/dead/a/replay", data=form, headers=d.bearer, allow_redirects=False)
+            assert resp.status == 400, form
