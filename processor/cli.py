@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = add("work", "only the workers: deliver queued events to the configured handlers", cmd_work)
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /healthz on this port: 503 when a handler loop is stuck (worker.stuck_after_s)",
+    )
     p = add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
     p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
     p = add("poll", "poll the OpenAI API for job status changes (queued, running, ...) and enqueue them", cmd_poll)
@@ -146,8 +152,9 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     service.build_handlers(settings)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
-    service.run_async(service.work_until_signal(settings, service.redis_url(settings)))
-    return 0
+    return service.run_async(
+        service.work_until_signal(settings, service.redis_url(settings), health_port=args.health_port)
+    )
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:

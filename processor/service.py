@@ -24,13 +24,14 @@ from handlers.base import Handler, HandlerContext
 from processor import embedded, signatures
 from processor.errors import ConfigError
 from processor.jobstate import JobState, Preparer
+from processor.liveness import TaskDied, health_app, supervise
 from processor.logs import redact
 from processor.openai import OpenAIClient
 from processor.poller import Poller
 from processor.receiver import create_app
 from processor.settings import Settings
 from processor.stream import Keys, Streams, connect, text
-from processor.worker import Worker
+from processor.worker import Worker, WorkerFailed
 
 log = structlog.get_logger()
 
@@ -162,23 +163,26 @@ async def running_worker(
         if api is None:
             log.warning("poller_off", reason="set OPENAI_API_KEY (and openai.hydrate) to poll")
         else:
-            poller = asyncio.create_task(Poller(settings, Streams(client, keys), api).run(), name="poller")
+            polling = Poller(settings, Streams(client, keys), api)
+            poller = asyncio.create_task(supervise("poller", polling.run), name="poller")
     try:
         yield worker
     finally:
         if poller is not None:
             poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, TaskDied):
                 await poller
         worker.stop()
-        await task
-        for handler in handlers:
-            close = getattr(handler, "close", None)
-            if close is not None:
-                await close()
-        if api is not None:
-            await api.close()
-        await client.aclose()
+        try:
+            await task
+        finally:
+            for handler in handlers:
+                close = getattr(handler, "close", None)
+                if close is not None:
+                    await close()
+            if api is not None:
+                await api.close()
+            await client.aclose()
 
 
 def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Application:
@@ -203,13 +207,40 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def work_until_signal(settings: Settings, url: str) -> None:
-    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully."""
+async def work_until_signal(settings: Settings, url: str, *, health_port: int | None = None) -> int:
+    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully; the exit code (1 when a
+    task of the worker died for good). With `health_port`, serve `GET /healthz` there meanwhile."""
     handlers = build_handlers(settings)
     stop = _stop_on_signals()
-    async with running_worker(settings, url, handlers):
-        await stop.wait()
-        log.info("shutdown_requested", grace_s=settings.worker.grace_s)
+    try:
+        async with running_worker(settings, url, handlers) as worker, _health_server(worker, health_port):
+            stopping = asyncio.create_task(stop.wait())
+            finished = asyncio.create_task(worker.finished.wait())
+            await asyncio.wait([stopping, finished], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            finished.cancel()
+            if stop.is_set():
+                log.info("shutdown_requested", grace_s=settings.worker.grace_s)
+    except WorkerFailed as exc:
+        log.critical("worker_exiting", reason=str(exc))
+        return 1
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _health_server(worker: Worker, port: int | None) -> AsyncIterator[None]:
+    """Serve the worker's health endpoint on `port` (all interfaces) while the block runs; nothing when None."""
+    if port is None:
+        yield
+        return
+    runner = web.AppRunner(health_app(worker.progress, worker.consumer, lambda: worker.failure), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    log.info("health_endpoint", port=port, path="/healthz", stuck_after_s=worker.progress.stuck_after_s)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def poll_until_signal(settings: Settings, url: str, *, once: bool) -> int:

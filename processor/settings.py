@@ -72,6 +72,11 @@ class WorkerSettings(_Config):
     batch_size: int = 64
     block_ms: int = 1000
     trim_interval_s: float = 60.0
+    #: A finished call's ack is retried this long while Redis is away; then the worker exits non-zero.
+    ack_deadline_s: float = 120.0
+    #: `work --health-port` answers 503 when a handler loop made no turn for this long
+    #: (0: twice the longest handler `timeout_s`, plus `block_ms`, plus 30 s).
+    stuck_after_s: float = 0.0
 
 
 class OpenAISettings(_Config):
