@@ -187,7 +187,8 @@ class Runner:
                         for entry, event in items:
                             if halt.is_set():
                                 return
-                            if entry.id in self._lost:
+                            if entry.id in self._lost:  # another consumer runs it now: not here as well
+                                self._held.discard(entry.id)
                                 self._log.warning("entry_taken_over", entry_id=entry.id)
                                 continue
                             ack = await self._deliver(entry, event, attempts.get(entry.id, 0), entry.id in attempts)

@@ -364,3 +364,31 @@ async def enqueue_failed(rclient: redis.Redis, prefix: str, webhook_id: str, job
     record = encode_event(Event.from_body(job, webhook_id=webhook_id, received_at=time.time()))
     entry_id: bytes = await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
     return entry_id.decode()
+
+
+async def test_only_a_consumer_without_heartbeat_has_its_entries_taken_over(rclient: redis.Redis, prefix: str) -> None:
+    streams = Streams(rclient, Keys(prefix))
+    entry_id = await orphan_one(rclient, prefix, "wh_held")  # held by "dead-consumer", never acked
+    await streams.beat("dead-consumer", {"pid": 1}, ttl_s=60)  # ... which is alive after all
+
+    async def idle_past_lease() -> bool:
+        [row] = await rclient.xpending_range(f"{prefix}:events", "a", "-", "+", 1)
+        return bool(row["time_since_delivered"] > 50)
+
+    await eventually(idle_past_lease)
+    assert await streams.reclaim("a", "other", lease_s=0.05, count=10) == []
+    await streams.stop_beating("dead-consumer")  # now it is gone
+    [taken] = await streams.reclaim("a", "other", lease_s=0.05, count=10)
+    assert (taken.id, taken.orphaned) == (entry_id, 1)
+
+
+async def test_consumers_that_hold_nothing_are_forgotten(rclient: redis.Redis, prefix: str) -> None:
+    """Every worker start is a new consumer; those gone and holding nothing are deleted, so they stay few."""
+    streams = Streams(rclient, Keys(prefix))
+    await orphan_one(rclient, prefix, "wh_one")  # "dead-consumer" holds it
+    await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"x"})
+    [finished] = await streams.read_new("a", "finished-consumer", 10, None)
+    await streams.ack("a", [finished.id])
+    assert await streams.forget_consumers("a", idle_s=0) == 1
+    consumers = await rclient.xinfo_consumers(f"{prefix}:events", "a")
+    assert [(c["name"], c["pending"]) for c in consumers] == [(b"dead-consumer", 1)]
