@@ -67,7 +67,7 @@ local deleted = 0
 for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local c = {}
   for i = 1, #info, 2 do c[info[i]] = info[i + 1] end
-  if c['pending'] == 0 and c['idle'] > tonumber(ARGV[2]) then
+  if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[2]) then
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
     deleted = deleted + 1
   end
