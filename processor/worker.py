@@ -184,15 +184,20 @@ class Runner:
                 # `concurrency` lanes share one iterator of jobs: each job's events run in order in one lane.
                 try:
                     for items in jobs:
-                        for entry, event in items:
+                        for entry, about, event in items:
                             if halt.is_set():
                                 return
                             if entry.id in self._lost:  # another consumer runs it now: not here as well
                                 self._held.discard(entry.id)
                                 self._log.warning("entry_taken_over", entry_id=entry.id)
                                 continue
-                            ack = await self._deliver(entry, event, attempts.get(entry.id, 0), entry.id in attempts)
-                            self._held.discard(entry.id) if ack is None else await self._ack(ack)
+                            ack = await self._deliver(
+                                entry, about, event, attempts.get(entry.id, 0), entry.id in attempts
+                            )
+                            if ack is None:  # a retry or the DLQ took it
+                                self._held.discard(entry.id)
+                            else:
+                                await self._ack(ack)
                             self.progress.turn(self.group)
                 except BaseException:
                     halt.set()
@@ -206,9 +211,10 @@ class Runner:
         finally:
             self._held = set()
 
-    async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Prepared]]]:
-        """Decode, judge and hydrate the batch, grouped by job. Only events this handler will get are hydrated:
-        not another handler's replay, nor a repeat or stale event its rule skips (no API call for those)."""
+    async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Event | None, Prepared]]]:
+        """Decode, judge and hydrate the batch, grouped by job: each entry with its decoded event and what the
+        preparation made of it. Only events this handler will get are hydrated: not another handler's replay,
+        nor a repeat or stale event its rule skips (no API call for those)."""
         decoded: list[Event | None] = []
         for entry in entries:
             try:
@@ -218,10 +224,10 @@ class Runner:
         mine = [e is not None and (e.target is None or e.target == self.group) for e in decoded]
         hydrate = [m and e is not None and not self._skipped_by_verdict(e) for e, m in zip(decoded, mine, strict=True)]
         ready = iter(await self.preparer.prepare_many([e for e, h in zip(decoded, hydrate, strict=True) if h and e]))
-        by_job: dict[str, list[tuple[Entry, Prepared]]] = defaultdict(list)
+        by_job: dict[str, list[tuple[Entry, Event | None, Prepared]]] = defaultdict(list)
         for entry, event, is_mine, hydrated in zip(entries, decoded, mine, hydrate, strict=True):
             outcome: Prepared = None if event is None else (next(ready) if hydrated else event) if is_mine else _SKIP
-            by_job[event.job_id if event else entry.id].append((entry, outcome))
+            by_job[event.job_id if event else entry.id].append((entry, event, outcome))
         return by_job
 
     def _skipped_by_verdict(self, event: Event) -> bool:
@@ -262,8 +268,11 @@ class Runner:
                     await asyncio.sleep(delay)
             self._held.difference_update(a.entry_id for a in acks)
 
-    async def _deliver(self, entry: Entry, event: Prepared, failed_before: int, forget: bool) -> Ack | None:
-        """Handle one entry; an `Ack` when it is finished, None when a retry or the DLQ took it."""
+    async def _deliver(
+        self, entry: Entry, about: Event | None, event: Prepared, failed_before: int, forget: bool
+    ) -> Ack | None:
+        """Handle one entry (`about`: its decoded event, `event`: what the preparation made of it); an `Ack`
+        when it is finished, None when a retry or the DLQ took it."""
         entry_id = entry.id
         if event is None:
             await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
@@ -271,13 +280,10 @@ class Runner:
             return None
         if event is _SKIP:
             return Ack(entry_id, forget)  # a replay for another handler
-        assert isinstance(event, Event | BaseException)
-        source = event if isinstance(event, Event) else None
+        assert isinstance(event, Event | BaseException) and about is not None
+        # Every line about this entry (hydration failures and dead letters included) says which it is.
         with structlog.contextvars.bound_contextvars(
-            handler=self.group,
-            webhook_id=source.id if source else None,
-            job_id=source.job_id if source else None,
-            entry_id=entry_id,
+            handler=self.group, webhook_id=about.id, job_id=about.job_id, entry_id=entry_id
         ):
             return await self._route(entry, event, failed_before, forget)
 

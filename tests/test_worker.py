@@ -392,3 +392,28 @@ async def test_consumers_that_hold_nothing_are_forgotten(rclient: redis.Redis, p
     assert await streams.forget_consumers("a", idle_s=0) == 1
     consumers = await rclient.xinfo_consumers(f"{prefix}:events", "a")
     assert [(c["name"], c["pending"]) for c in consumers] == [(b"dead-consumer", 1)]
+
+
+async def test_hydration_failures_name_the_handler_job_and_webhook(
+    rig: Any, aiohttp_server: Callable[..., Any], redis_url: str, prefix: str
+) -> None:
+    fake = FakeOpenAI()
+    job = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
+    fake.jobs[job["id"]] = job
+    fake.failures[job["id"]] = [503]  # the API is away once for this one
+    url = str((await aiohttp_server(fake.app())).make_url("/v1"))
+    openai = {"api_key": KEY, "base_url": url, "timeout_s": 2.0, "max_retries": 0, "hydrate_retry_s": 0.1}
+    thin = {"object": "event", "type": "fine_tuning.job.succeeded", "created_at": 1}
+    async with rig([sink("a", redis_url, prefix)], openai=openai) as r:
+        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            await r.post(msgspec.json.encode(thin | {"id": "evt_gone", "data": {"id": "ftjob-gone"}}), "wh_gone")
+            await r.post(msgspec.json.encode(thin | {"id": "evt_late", "data": {"id": job["id"]}}), "wh_late")
+
+            async def both_done() -> bool:
+                return len(await r.dead("a")) == 1 and len(await r.delivered("a")) == 1
+
+            await eventually(both_done)
+    [dead] = [line for line in logs if line["event"] == "event_dead_lettered"]
+    assert (dead["handler"], dead["job_id"], dead["webhook_id"]) == ("a", "ftjob-gone", "wh_gone")
+    waiting = [line for line in logs if line["event"] == "event_not_prepared"]
+    assert waiting and {(w["handler"], w["job_id"], w["webhook_id"]) for w in waiting} == {("a", job["id"], "wh_late")}
