@@ -133,8 +133,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with service.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
             asyncio.run(service.check_persistence(url))
-        service.run_http(service.serve_app(settings, url, with_worker=True), host, port)
-    return 0
+        app = service.serve_app(settings, url, with_worker=True)
+        service.run_http(app, host, port)
+    return 1 if app[service.WORKER_FAILURE] else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:

@@ -185,18 +185,36 @@ async def running_worker(
             await client.aclose()
 
 
+#: Why the workers of a `serve` process died for good (empty while they did not).
+WORKER_FAILURE: Final = web.AppKey("worker_failure", list[str])
+
+
 def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Application:
-    """The receiver app, with the workers attached to its lifecycle when `with_worker`."""
+    """The receiver app, with the workers attached to its lifecycle when `with_worker`. When they die for
+    good, the process stops (SIGTERM to itself) and `app[WORKER_FAILURE]` says why, for a non-zero exit."""
     app = create_app(settings, url)
+    app[WORKER_FAILURE] = []
     if with_worker:
         handlers = build_handlers(settings)
 
         async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with running_worker(settings, url, handlers, with_poller=True):
-                yield
+            try:
+                async with running_worker(settings, url, handlers, with_poller=True) as worker:
+                    watcher = asyncio.create_task(_stop_process_when_failed(worker))
+                    yield
+                    watcher.cancel()
+            except WorkerFailed as exc:
+                app[WORKER_FAILURE].append(str(exc))
 
         app.cleanup_ctx.append(worker_ctx)
     return app
+
+
+async def _stop_process_when_failed(worker: Worker) -> None:
+    await worker.finished.wait()
+    if worker.failure:
+        log.critical("worker_exiting", reason=worker.failure)
+        signal.raise_signal(signal.SIGTERM)
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -538,8 +538,14 @@ async def test_a_worker_started_before_redis_works_once_redis_comes(
     assert worker.process.poll() is None
 
 
+@pytest.mark.parametrize("command", ["work", "serve"])
 async def test_a_worker_whose_acks_cannot_be_written_exits_non_zero(
-    tcp_valkey: Any, aiohttp_server: Callable[..., Any], tmp_path: Path, prefix: str, procs: Callable[..., Proc]
+    command: str,
+    tcp_valkey: Any,
+    aiohttp_server: Callable[..., Any],
+    tmp_path: Path,
+    prefix: str,
+    procs: Callable[..., Proc],
 ) -> None:
     """Redis stays away past `ack_deadline_s` after a call completed: the worker stops and exits 1, so its
     supervisor restarts it (the entry stays pending, and is sent again only after the lease)."""
@@ -549,6 +555,7 @@ async def test_a_worker_whose_acks_cannot_be_written_exits_non_zero(
     hook = str((await aiohttp_server(target.app())).make_url("/hook"))
     config = write_config(
         tmp_path / "ftjobs.toml",
+        receiver={"port": free_port(), "secrets": [SECRET]},
         redis={"url": url, "prefix": prefix},
         worker={"block_ms": 100, "ack_deadline_s": 1.0},
         handlers=[{"name": "pipe", "type": "http", "url": hook}],
@@ -556,7 +563,7 @@ async def test_a_worker_whose_acks_cannot_be_written_exits_non_zero(
     client = redis.Redis.from_url(url)
     await enqueue(client, prefix, ["pipe"], 1)
     await client.aclose()
-    worker = procs(["work"], tmp_path, base_env(FTJOBS_CONFIG=str(config)), "work")
+    worker = procs([command], tmp_path, base_env(FTJOBS_CONFIG=str(config)), command)
     await until(lambda: target.in_flight() == 1, 30)
     await asyncio.to_thread(kill)
     code = await asyncio.to_thread(worker.process.wait, 60)
