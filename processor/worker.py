@@ -70,6 +70,9 @@ class Ack(NamedTuple):
     forget: bool
     #: The event whose done-marker is set with the ack (an effectively-once handler succeeded); else "".
     done_event: str = ""
+    #: The handler was called: acknowledge before the lane goes on (else it may wait for the batch's end,
+    #: as handling it again after a crash has no side effect).
+    called: bool = False
 
 
 class Runner:
@@ -106,6 +109,8 @@ class Runner:
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         self._last_retry_check = 0.0
+        #: The last read returned entries (the stream may have more: no need to find the next due retry).
+        self._busy = False
         self._log = log.bind(handler=self.group)
         # The hot path's metric children, looked up once.
         self._delivered = metrics.DELIVERIES.labels(self.group, "delivered")
@@ -155,12 +160,17 @@ class Runner:
         seen_before = len(entries)
         if len(entries) < size:
             block = None if entries else await self._block_ms()
-            entries += await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+            new = await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+            self._busy = bool(new)
+            entries += new
         return entries, seen_before
 
     async def _block_ms(self) -> int | None:
-        """How long to wait for new entries: `block_ms`, but no later than the next due retry (None: not at all)."""
+        """How long to wait for new entries: `block_ms`, but no later than the next due retry (None: not at
+        all). While entries keep coming, the wait is short instead, which saves looking up the next retry."""
         block_s = self.settings.block_ms / 1000
+        if self._busy:
+            return int(min(block_s, _RETRY_CHECK_S) * 1000) or None
         due = await self.streams.next_due(self.group)
         if due is not None:
             next_check = self._last_retry_check + _RETRY_CHECK_S - time.monotonic()
@@ -196,8 +206,10 @@ class Runner:
                             )
                             if ack is None:  # a retry or the DLQ took it
                                 self._held.discard(entry.id)
-                            else:
+                            elif ack.called:
                                 await self._ack(ack)
+                            else:
+                                self._to_ack.append(ack)
                             self.progress.turn(self.group)
                 except BaseException:
                     halt.set()
@@ -208,8 +220,11 @@ class Runner:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
+            if self._to_ack:
+                await self._ack(self._to_ack[-1])
         finally:
             self._held = set()
+            self._to_ack = []
 
     async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Event | None, Prepared]]]:
         """Decode, judge and hydrate the batch, grouped by job: each entry with its decoded event and what the
@@ -235,9 +250,11 @@ class Runner:
         return event.target is None and (bool(event.repeat_of) or (event.stale and not self.spec.when.stale))
 
     async def _ack(self, ack: Ack) -> None:
-        """Acknowledge a finished entry before the lane goes on. Lanes finishing meanwhile join the next
-        write; while Redis is away the write is retried until `ack_deadline_s`, and no lane starts a call."""
-        self._to_ack.append(ack)
+        """Acknowledge a finished entry (and those waiting) before the lane goes on. Lanes finishing meanwhile
+        join the next write; while Redis is away the write is retried until `ack_deadline_s`, and no lane
+        starts a call."""
+        if ack not in self._to_ack:
+            self._to_ack.append(ack)
         async with self._ack_lock:
             if ack not in self._to_ack:  # written (with others) while this lane waited for the lock
                 return
@@ -283,7 +300,11 @@ class Runner:
         assert isinstance(event, Event | BaseException) and about is not None
         # Every line about this entry (hydration failures and dead letters included) says which it is.
         with structlog.contextvars.bound_contextvars(
-            handler=self.group, webhook_id=about.id, job_id=about.job_id, entry_id=entry_id
+            handler=self.group,
+            webhook_id=about.id,
+            job_id=about.job_id,
+            event_type=about.type,
+            attempt=failed_before + 1,
         ):
             return await self._route(entry, event, failed_before, forget)
 
@@ -312,10 +333,9 @@ class Runner:
         delivery = Delivery(
             event=event, handler=self.group, attempt=attempt, idempotency_key=f"{self.group}:{event.id}"
         )
-        with structlog.contextvars.bound_contextvars(event_type=event.type, attempt=attempt):
-            if not await self._call(entry, delivery):
-                return None
-        return Ack(entry_id, forget, event.id if self.once else "")
+        if not await self._call(entry, delivery):
+            return None
+        return Ack(entry_id, forget, event.id if self.once else "", called=True)
 
     def _skip_reason(self, event: Event, mismatch: str) -> tuple[str, str]:
         """The metric outcome (`repeat`, `stale`, `filtered`) and the logged reason of a skipped event."""
