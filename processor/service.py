@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -24,7 +24,7 @@ from handlers.base import Handler, HandlerContext
 from processor import embedded, signatures
 from processor.errors import ConfigError
 from processor.jobstate import JobState, Preparer
-from processor.liveness import TaskDied, health_app, supervise
+from processor.liveness import health_app
 from processor.logs import redact
 from processor.openai import OpenAIClient
 from processor.poller import Poller
@@ -154,24 +154,25 @@ async def running_worker(
     else:
         log.info("hydration_off", reason="no OPENAI_API_KEY" if settings.openai.hydrate else "openai.hydrate = false")
     preparer = Preparer(JobState(client, keys, settings.redis.retention_s), api, settings.openai.hydrate_retry_s)
-    worker = Worker(
-        handlers, settings.handlers, Streams(client, keys), settings.worker, settings.redis.retention_s, preparer
-    )
-    task = asyncio.create_task(worker.run(), name="worker")
-    poller = None
+    tasks: dict[str, Callable[[], Awaitable[None]]] = {}
     if with_poller and settings.openai.poll_interval_s > 0:
         if api is None:
             log.warning("poller_off", reason="set OPENAI_API_KEY (and openai.hydrate) to poll")
         else:
-            polling = Poller(settings, Streams(client, keys), api)
-            poller = asyncio.create_task(supervise("poller", polling.run), name="poller")
+            tasks["poller"] = Poller(settings, Streams(client, keys), api).run
+    worker = Worker(
+        handlers,
+        settings.handlers,
+        Streams(client, keys),
+        settings.worker,
+        settings.redis.retention_s,
+        preparer,
+        tasks=tasks,
+    )
+    task = asyncio.create_task(worker.run(), name="worker")
     try:
         yield worker
     finally:
-        if poller is not None:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TaskDied):
-                await poller
         worker.stop()
         try:
             await task

@@ -20,6 +20,7 @@ import secrets
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Final, NamedTuple
 
 import msgspec
@@ -431,8 +432,11 @@ class Worker:
         settings: WorkerSettings,
         retention_s: int,
         preparer: Preparer,
+        tasks: dict[str, Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
+        """`tasks`: more long-running tasks (the poller) supervised with the worker's own."""
         self.consumer = consumer_name()
+        self.tasks = tasks or {}
         self.streams = streams
         self.settings = settings
         self.retention_s = retention_s
@@ -472,6 +476,7 @@ class Worker:
             for r in self.runners
         ]
         helpers.append(asyncio.create_task(supervise("trimmer", self._trim_forever), name="trimmer"))
+        helpers += [asyncio.create_task(supervise(name, run), name=name) for name, run in self.tasks.items()]
         runners = [
             asyncio.create_task(supervise(f"runner:{r.group}", r.run), name=f"runner:{r.group}") for r in self.runners
         ]
