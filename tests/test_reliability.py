@@ -88,17 +88,18 @@ async def send_all(
     return results
 
 
-async def until(check: Callable[[], Any], within: float) -> None:
-    """Wait until `check()` (awaited when it is a coroutine) is true, or `within` seconds passed (the caller
-    asserts what it needs)."""
+async def until(check: Callable[[], Any], within: float) -> bool:
+    """Wait until `check()` (awaited when it is a coroutine) is true, or `within` seconds passed; whether it
+    became true (the caller asserts what it needs)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         result = check()
         if inspect.isawaitable(result):
             result = await result
         if result:
-            return
+            return True
         await asyncio.sleep(0.05)
+    return False
 
 
 async def logged(proc: Proc, event: str) -> bool:
@@ -354,7 +355,7 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
     try:
         while not sending.done():
             # Stop it once it is working: it logged its start and delivered something since (or the load ended).
-            await until(lambda w=worker: logged(w, "worker_started"), 60)
+            assert await until(lambda w=worker: logged(w, "worker_started"), 60)
             before = len(await counts(rclient, f"{prefix}:sink:all"))
 
             async def progressed(before: int = before) -> bool:
@@ -485,16 +486,16 @@ async def test_redis_away_after_calls_resends_nothing_and_starts_nothing_meanwhi
     async with redis.Redis.from_url(url) as client:
         await enqueue(client, prefix, ["pipe"], n)
     async with running_worker(settings, url, registry.build(settings.handlers)):
-        await until(lambda: target.in_flight() == 4, 30)
+        assert await until(lambda: target.in_flight() == 4, 30)
         await asyncio.to_thread(kill)
-        await until(lambda: target.completed >= 4, 30)  # they finished while it was down
+        assert await until(lambda: target.completed >= 4, 30)  # they finished while it was down
         await asyncio.to_thread(start)
         async with redis.Redis.from_url(url) as client:
 
             async def done() -> bool:
                 return len(target.counts) == n and await settled(client, prefix)
 
-            await until(done, 60)
+            assert await until(done, 60)
     resent = sum(c - 1 for c in target.counts.values())
     print(
         f"\nFIGURE redis-outage: {n} calls, Redis killed with 4 in flight and restarted: {resent} sent twice, "
@@ -517,7 +518,7 @@ async def test_a_worker_started_before_redis_works_once_redis_comes(
         handlers=[sink("a", url, prefix)],
     )
     worker = procs(["work"], tmp_path, base_env(FTJOBS_CONFIG=str(config)), "work")
-    await until(lambda: logged(worker, "redis_unavailable"), 30)
+    assert await until(lambda: logged(worker, "redis_unavailable"), 30)
     await asyncio.to_thread(start)
     client = redis.Redis.from_url(url)
     try:
@@ -525,14 +526,13 @@ async def test_a_worker_started_before_redis_works_once_redis_comes(
         async def group_made() -> bool:
             return await client.exists(f"{prefix}:events") and bool(await client.xinfo_groups(f"{prefix}:events"))
 
-        await until(group_made, 30)
+        assert await until(group_made, 30)
         await enqueue(client, prefix, ["a"], 1)
 
         async def delivered() -> bool:
             return bool(await client.llen(f"{prefix}:sink:a") == 1)
 
-        await until(delivered, 30)
-        assert await delivered()
+        assert await until(delivered, 30)
     finally:
         await client.aclose()
     assert worker.process.poll() is None
@@ -564,7 +564,7 @@ async def test_a_worker_whose_acks_cannot_be_written_exits_non_zero(
     await enqueue(client, prefix, ["pipe"], 1)
     await client.aclose()
     worker = procs([command], tmp_path, base_env(FTJOBS_CONFIG=str(config)), command)
-    await until(lambda: target.in_flight() == 1, 30)
+    assert await until(lambda: target.in_flight() == 1, 30)
     await asyncio.to_thread(kill)
     code = await asyncio.to_thread(worker.process.wait, 60)
     assert code == 1
