@@ -88,7 +88,9 @@ class Progress:
 class Heartbeat:
     """Writes `{p}:worker:{consumer}` every third of a lease while the worker runs; removes it at the end."""
 
-    def __init__(self, streams: Streams, consumer: str, handlers: list[str], progress: Progress, lease_s: float):
+    def __init__(
+        self, streams: Streams, consumer: str, handlers: list[str], progress: Progress, lease_s: float
+    ) -> None:
         self.streams = streams
         self.consumer = consumer
         self.progress = progress
