@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus metrics on this port, on receiver.metrics_host (default 127.0.0.1)",
     )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /healthz on this port: 503 when a handler loop is stuck (worker.stuck_after_s)",
+    )
     p = add("check-config", "validate the settings and handlers, and print what would run", cmd_check_config)
     p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
     p = add("poll", "poll the OpenAI API for job status changes (queued, running, ...) and enqueue them", cmd_poll)
@@ -135,8 +141,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with service.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
             asyncio.run(service.check_persistence(url))
-        service.run_http(service.serve_app(settings, url, with_worker=True), host, port)
-    return 0
+        app = service.serve_app(settings, url, with_worker=True)
+        service.run_http(app, host, port)
+    return 1 if app[service.WORKER_FAILURE] else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
@@ -154,8 +161,9 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     service.build_handlers(settings)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=settings.receiver.metrics_host)
-    service.run_async(service.work_until_signal(settings, service.redis_url(settings)))
-    return 0
+    return service.run_async(
+        service.work_until_signal(settings, service.redis_url(settings), health_port=args.health_port)
+    )
 
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -56,7 +57,21 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         lag = "-" if row["lag"] is None else row["lag"]
         guards = ", ".join(f"{k}={row[k]}" for k in ("circuit", "consecutive_failures", "rate") if k in row)
         print(f"{name:<24} {lag!s:>8} {row['pending']:>8} {row['retrying']:>9} {row['dead_letters']:>6}  {guards}")
+    print_workers(status["workers"])
     return 0
+
+
+def print_workers(workers: list[dict[str, str]]) -> None:
+    """The live workers (their heartbeats): consumer, host, pid, handlers and how long ago each last looped."""
+    print(f"workers: {len(workers)} live" + ("" if workers else " (none has a heartbeat: is `ftjobs work` running?)"))
+    now = time.time()
+    for worker in workers:
+        ago = now - float(worker.get("last_loop") or now)
+        stuck = f"  STUCK: {worker['stuck']}" if worker.get("stuck") else ""
+        print(
+            f"  {worker.get('consumer', '?'):<40} host={worker.get('host', '?')} pid={worker.get('pid', '?')} "
+            f"handlers={worker.get('handlers', '')} last loop {ago:.1f}s ago{stuck}"
+        )
 
 
 def _job_state(settings: Settings, client: redis.Redis) -> JobState:

@@ -18,6 +18,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from processor.enqueue import Enqueuer
+from processor.liveness import cancel_requested
 from processor.models import Event, FineTuningJob, encode_event
 from processor.openai import OpenAIClient, OpenAIError
 from processor.settings import Settings
@@ -74,7 +75,7 @@ class Poller:
         """Poll forever, every `poll_interval_s`; API and Redis outages are logged and waited out."""
         interval = self.settings.openai.poll_interval_s
         log.info("poller_started", interval_s=interval, backfill=self.settings.openai.poll_backfill)
-        while True:
+        while not cancel_requested():
             try:
                 await self.poll_once()
             except (OpenAIError, RedisError, OSError) as exc:

@@ -5,11 +5,9 @@ What bounds what:
 * the events stream: `Streams.trim` (entries older than `redis.retention_s` that every group acknowledged);
 * dedupe markers, job hashes, timelines, hydrated jobs, done markers: a TTL when written (the dedupe window,
   or the retention), and a timeline keeps its last `enqueue.TIMELINE_MAX` events;
-* the jobs index, the dead-letter streams, the quarantine stream and the consumers of workers that are gone:
-  nothing expires them by itself, so `sweep` trims them on the worker's trim interval.
-
-A consumer is forgotten only when it holds no pending entry: deleting one that does would drop its entries
-from the group's pending list, and they would never be delivered.
+* consumers of workers that are gone: `Streams.forget_consumers`, once they hold nothing;
+* the jobs index, the dead-letter streams and the quarantine stream: nothing expires them by itself, so
+  `sweep` trims them on the worker's trim interval.
 """
 
 from __future__ import annotations
@@ -20,10 +18,9 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
-from redis.exceptions import ResponseError
 
 from processor.settings import RedisSettings
-from processor.stream import Keys, text
+from processor.stream import Keys
 
 
 class Swept(msgspec.Struct, kw_only=True):
@@ -32,16 +29,15 @@ class Swept(msgspec.Struct, kw_only=True):
     jobs: int = 0
     dead_letters: int = 0
     quarantined: int = 0
-    consumers: int = 0
 
     def __bool__(self) -> bool:
-        return any((self.jobs, self.dead_letters, self.quarantined, self.consumers))
+        return any((self.jobs, self.dead_letters, self.quarantined))
 
 
 async def sweep(
     client: redis.Redis, keys: Keys, groups: Iterable[str], settings: RedisSettings, now: float | None = None
 ) -> Swept:
-    """Trim the jobs index, the dead-letter and quarantine streams, and idle consumers that hold nothing."""
+    """Trim the jobs index (jobs unchanged for the retention), the dead-letter and quarantine streams."""
     now = time.time() if now is None else now
     swept = Swept()
     swept.jobs = int(await client.zremrangebyscore(keys.jobs, "-inf", now - settings.retention_s))
@@ -50,8 +46,6 @@ async def sweep(
     for group in groups:
         swept.dead_letters += await _trim(client, keys.dlq(group), oldest, settings.max_dead_letters)
     swept.quarantined = await _trim(client, keys.quarantine, oldest, settings.max_dead_letters)
-    for group in groups:
-        swept.consumers += await _forget_idle_consumers(client, keys.events, group, settings.idle_consumer_s)
     return swept
 
 
@@ -60,17 +54,6 @@ async def _trim(client: redis.Redis, stream: str, min_id: str, max_len: int) -> 
     removed: int = await client.xtrim(stream, minid=min_id, approximate=False)
     removed += await client.xtrim(stream, maxlen=max_len, approximate=False)
     return removed
-
-
-async def _forget_idle_consumers(client: redis.Redis, stream: str, group: str, idle_s: float) -> int:
-    try:
-        consumers: Any = await client.xinfo_consumers(stream, group)
-    except ResponseError:  # no stream or no group yet
-        return 0
-    idle = [text(c["name"]) for c in consumers if c["pending"] == 0 and c["idle"] > idle_s * 1000]
-    for name in idle:
-        await client.xgroup_delconsumer(stream, group, name)
-    return len(idle)
 
 
 async def sizes(client: redis.Redis, keys: Keys, groups: Iterable[str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -25,13 +25,14 @@ from processor import embedded, signatures
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS
 from processor.jobstate import JobState, Preparer
+from processor.liveness import health_app
 from processor.logs import redact
 from processor.openai import OpenAIClient
 from processor.poller import Poller
 from processor.receiver import create_app
 from processor.settings import Settings
 from processor.stream import Keys, Streams, connect, text
-from processor.worker import Worker
+from processor.worker import Worker, WorkerFailed
 
 log = structlog.get_logger()
 
@@ -155,43 +156,58 @@ async def running_worker(
     else:
         log.info("hydration_off", reason="no OPENAI_API_KEY" if settings.openai.hydrate else "openai.hydrate = false")
     preparer = Preparer(JobState(client, keys, settings.redis.retention_s), api, settings.openai.hydrate_retry_s)
-    worker = Worker(
-        handlers, settings.handlers, Streams(client, keys), settings.worker, settings.redis.retention_s, preparer
-    )
-    task = asyncio.create_task(worker.run(), name="worker")
-    poller = None
+    tasks: dict[str, Callable[[], Awaitable[None]]] = {}
     if with_poller and settings.openai.poll_interval_s > 0:
         if api is None:
             log.warning("poller_off", reason="set OPENAI_API_KEY (and openai.hydrate) to poll")
         else:
-            poller = asyncio.create_task(Poller(settings, Streams(client, keys), api).run(), name="poller")
+            tasks["poller"] = Poller(settings, Streams(client, keys), api).run
+    worker = Worker(
+        handlers,
+        settings.handlers,
+        Streams(client, keys),
+        settings.worker,
+        settings.redis,
+        preparer,
+        tasks=tasks,
+    )
+    task = asyncio.create_task(worker.run(), name="worker")
     try:
         yield worker
     finally:
-        if poller is not None:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
         worker.stop()
-        await task
-        for handler in handlers:
-            close = getattr(handler, "close", None)
-            if close is not None:
-                await close()
-        if api is not None:
-            await api.close()
-        await client.aclose()
+        try:
+            await task
+        finally:
+            for handler in handlers:
+                close = getattr(handler, "close", None)
+                if close is not None:
+                    await close()
+            if api is not None:
+                await api.close()
+            await client.aclose()
+
+
+#: Why the workers of a `serve` process died for good (empty while they did not).
+WORKER_FAILURE: Final = web.AppKey("worker_failure", list[str])
 
 
 def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Application:
-    """The receiver app, with the workers attached to its lifecycle when `with_worker`."""
+    """The receiver app, with the workers attached to its lifecycle when `with_worker`. When they die for
+    good, the process stops (SIGTERM to itself) and `app[WORKER_FAILURE]` says why, for a non-zero exit."""
     app = create_app(settings, url)
+    app[WORKER_FAILURE] = []
     if with_worker:
         handlers = build_handlers(settings)
 
         async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with running_worker(settings, url, handlers, with_poller=True):
-                yield
+            try:
+                async with running_worker(settings, url, handlers, with_poller=True) as worker:
+                    watcher = asyncio.create_task(_stop_process_when_failed(worker))
+                    yield
+                    watcher.cancel()
+            except WorkerFailed as exc:
+                app[WORKER_FAILURE].append(str(exc))
 
         app.cleanup_ctx.append(worker_ctx)
     if settings.dashboard.token:
@@ -199,6 +215,13 @@ def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Applica
 
         dashboard.mount(app, settings, url)
     return app
+
+
+async def _stop_process_when_failed(worker: Worker) -> None:
+    await worker.finished.wait()
+    if worker.failure:
+        log.critical("worker_exiting", reason=worker.failure)
+        signal.raise_signal(signal.SIGTERM)
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -209,13 +232,40 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def work_until_signal(settings: Settings, url: str) -> None:
-    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully."""
+async def work_until_signal(settings: Settings, url: str, *, health_port: int | None = None) -> int:
+    """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully; the exit code (1 when a
+    task of the worker died for good). With `health_port`, serve `GET /healthz` there meanwhile."""
     handlers = build_handlers(settings)
     stop = _stop_on_signals()
-    async with running_worker(settings, url, handlers):
-        await stop.wait()
-        log.info("shutdown_requested", grace_s=settings.worker.grace_s)
+    try:
+        async with running_worker(settings, url, handlers) as worker, _health_server(worker, health_port):
+            stopping = asyncio.create_task(stop.wait())
+            finished = asyncio.create_task(worker.finished.wait())
+            await asyncio.wait([stopping, finished], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            finished.cancel()
+            if stop.is_set():
+                log.info("shutdown_requested", grace_s=settings.worker.grace_s)
+    except WorkerFailed as exc:
+        log.critical("worker_exiting", reason=str(exc))
+        return 1
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _health_server(worker: Worker, port: int | None) -> AsyncIterator[None]:
+    """Serve the worker's health endpoint on `port` (all interfaces) while the block runs; nothing when None."""
+    if port is None:
+        yield
+        return
+    runner = web.AppRunner(health_app(worker.progress, worker.consumer, lambda: worker.failure), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    log.info("health_endpoint", port=port, path="/healthz", stuck_after_s=worker.progress.stuck_after_s)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def poll_until_signal(settings: Settings, url: str, *, once: bool) -> int:

@@ -84,8 +84,6 @@ class RedisSettings(_Config):
     dead_letter_retention_s: PositiveInt = 30 * 24 * 3600
     #: ... and at most this many per stream (each handler's dead letters; the quarantine), oldest dropped first.
     max_dead_letters: PositiveInt = 100_000
-    #: A consumer (a worker process) idle this long and holding nothing is removed from its groups.
-    idle_consumer_s: PositiveInt = 24 * 3600
 
 
 class WorkerSettings(_Config):
@@ -99,6 +97,11 @@ class WorkerSettings(_Config):
     batch_size: PositiveInt = 64
     block_ms: PositiveInt = 1000
     trim_interval_s: Positive = 60.0
+    #: A finished call's ack is retried this long while Redis is away; then the worker exits non-zero.
+    ack_deadline_s: Positive = 120.0
+    #: `work --health-port` answers 503 when a handler loop made no turn for this long
+    #: (0: twice the longest handler `timeout_s`, plus `block_ms`, plus 30 s).
+    stuck_after_s: NonNegative = 0.0
 
 
 class OpenAISettings(_Config):

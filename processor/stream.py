@@ -11,16 +11,18 @@ Keys (all under `settings.redis.prefix`, default `ftjobs`):
     {p}:dlq:{handler}       dead letters: the record, the error and the attempt count
     {p}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
     {p}:h:{handler}:...     the handler's own state (e.g. Slack thread timestamps)
+    {p}:worker:{consumer}   a live worker's heartbeat (hash: handlers, pid, host, last loop), expires after a lease
     {p}:job:{id}, {p}:timeline:{id}, {p}:jobs   job state, written at enqueue (`enqueue._ENQUEUE_LUA`)
 
 An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
-an entry that a crashed consumer held is still pending and is taken over (XAUTOCLAIM) after the lease.
+an entry that a crashed consumer held is still pending and is taken over after the lease. Only a consumer
+without a heartbeat counts as crashed: a live worker's entries are never taken from it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as redis
@@ -43,6 +45,35 @@ class Entry(NamedTuple):
 
 RECORD_FIELD: Final = b"e"
 VERDICT_FIELD: Final = b"v"
+#: Pages of pending entries a takeover pass looks through (entries waiting for a retry are idle too).
+_RECLAIM_PAGES: Final = 10
+
+#: Renew only what this consumer still holds: an XCLAIM of an entry another consumer now holds would steal it.
+_RENEW_LUA: Final = """
+local lost = {}
+for i = 3, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if row and row[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+_FORGET_CONSUMERS_LUA: Final = """
+local deleted = 0
+for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #info, 2 do c[info[i]] = info[i + 1] end
+  if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
@@ -98,6 +129,9 @@ class Keys:
     def hydrated(self, event_id: str) -> str:
         return f"{self.prefix}:hydrated:{event_id}"
 
+    def worker(self, consumer: str) -> str:
+        return f"{self.prefix}:worker:{consumer}"
+
 
 class Streams:
     """The consumer side: groups, reads, acks, retries, claims, dead letters, trimming and counts."""
@@ -136,18 +170,31 @@ class Streams:
         reply: Any = await self.client.xreadgroup(group, consumer, {self.keys.events: ">"}, count=count, block=block_ms)
         return [_entry(raw) for _, entries in reply or () for raw in entries if raw[1]]
 
-    async def ack(self, group: str, ids: Sequence[str], retried: Sequence[str] | None = None) -> None:
-        """Mark `ids` done for `group`, and forget the attempt counters of those that had failed before
-        (`retried`; None: any of them may have)."""
+    async def ack(
+        self,
+        group: str,
+        ids: Sequence[str],
+        retried: Sequence[str] | None = None,
+        done: Sequence[str] = (),
+        done_ttl_s: int = 0,
+    ) -> None:
+        """Mark `ids` done for `group` in one step: acknowledge them, forget the attempt counters of those that
+        had failed before (`retried`; None: any of them may have), and set the done-markers of the events in
+        `done` (effectively-once handlers) — so a marker never exists without its ack, nor the other way round."""
         if not ids:
             return
         forget = ids if retried is None else retried
-        if not forget:
+        if not forget and not done:
             await self.client.xack(self.keys.events, group, *ids)
             return
         async with self.client.pipeline(transaction=True) as pipe:
+            for event_id in done:
+                pipe.set(self.keys.done(group, event_id), 1, ex=done_ttl_s)
             pipe.xack(self.keys.events, group, *ids)
-            pipe.hdel(self.keys.attempts(group), *forget, *(f"{i}:{k}" for i in forget for k in ("error", "orphaned")))
+            if forget:
+                pipe.hdel(
+                    self.keys.attempts(group), *forget, *(f"{i}:{k}" for i in forget for k in ("error", "orphaned"))
+                )
             await pipe.execute()
 
     async def attempts(self, group: str, ids: Sequence[str]) -> list[int]:
@@ -174,6 +221,11 @@ class Streams:
                 taken.append(text(raw_id))
         return await self._claim(group, consumer, taken)
 
+    async def next_due(self, group: str) -> float | None:
+        """When the group's earliest scheduled retry is due (epoch seconds), or None when none is."""
+        first: Any = await self.client.zrange(self.keys.retry(group), 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
     async def _claim(self, group: str, consumer: str, ids: list[str]) -> list[Entry]:
         if not ids:
             return []
@@ -185,39 +237,96 @@ class Streams:
         return entries
 
     async def reclaim(self, group: str, consumer: str, lease_s: float, count: int) -> list[Entry]:
-        """Take over entries idle longer than the lease (their consumer died), except those waiting for a retry."""
-        cursor, found = "0-0", list[Entry]()
-        while len(found) < count:
-            reply = await self.client.xautoclaim(
-                self.keys.events, group, consumer, int(lease_s * 1000), cursor, count=count
+        """Take over entries idle longer than the lease whose consumer is dead (no heartbeat), and this
+        consumer's own entries that it let go of (a batch cut short by a Redis error); never those waiting
+        for a retry. Only the takeovers from a dead consumer count toward `max_takeovers`.
+
+        A live consumer renews every entry it holds and keeps its heartbeat, so its entries are never taken;
+        XCLAIM's min-idle-time re-checks each entry at the moment of the claim.
+        """
+        lease_ms = int(lease_s * 1000)
+        start, found, dead_owner = "-", list[str](), set[str]()
+        for _ in range(_RECLAIM_PAGES):
+            rows: Any = await self.client.xpending_range(
+                self.keys.events, group, min=start, max="+", count=max(count, 100), idle=lease_ms
             )
-            entries = [_entry(raw) for raw in reply[1] if raw and raw[1]]
-            if entries:
-                scores = await self.client.zmscore(self.keys.retry(group), [e[0] for e in entries])
-                found += [entry for entry, score in zip(entries, scores, strict=True) if score is None]
-            cursor = text(reply[0])
-            if cursor == "0-0":
+            if not rows:
+                break
+            owners = {text(r["consumer"]) for r in rows} - {consumer}
+            live = await self.live_consumers(owners)
+            ids = [text(r["message_id"]) for r in rows]
+            scores = await self.client.zmscore(self.keys.retry(group), ids)
+            for row, entry_id, score in zip(rows, ids, scores, strict=True):
+                owner = text(row["consumer"])
+                if score is None and owner not in live:
+                    found.append(entry_id)
+                    if owner != consumer:
+                        dead_owner.add(entry_id)
+            start = "(" + ids[-1]
+            if len(found) >= count or len(rows) < max(count, 100):
                 break
         if not found:
-            return found
+            return []
+        claimed: Any = await self.client.xclaim(self.keys.events, group, consumer, lease_ms, list[Any](found[:count]))
+        entries = [_entry(raw) for raw in claimed if raw and raw[1]]
+        if not entries:
+            return []
         # Count the takeovers: an event whose consumer keeps dying (it crashes the worker) must stop somewhere.
         async with self.client.pipeline(transaction=False) as pipe:
-            for entry in found:
-                pipe.hincrby(self.keys.attempts(group), f"{entry.id}:orphaned", 1)
+            for entry in entries:
+                pipe.hincrby(self.keys.attempts(group), f"{entry.id}:orphaned", int(entry.id in dead_owner))
             counts = await pipe.execute()
-        return [entry._replace(orphaned=int(n)) for entry, n in zip(found, counts, strict=True)]
+        return [entry._replace(orphaned=int(n)) for entry, n in zip(entries, counts, strict=True)]
+
+    async def live_consumers(self, consumers: Iterable[str]) -> set[str]:
+        """Those of `consumers` whose worker has a heartbeat."""
+        names = sorted(consumers)
+        if not names:
+            return set()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self.keys.worker(name))
+            alive = await pipe.execute()
+        return {name for name, up in zip(names, alive, strict=True) if up}
+
+    async def beat(self, consumer: str, fields: Mapping[str, str | int | float], ttl_s: float) -> None:
+        """Write this worker's heartbeat; it expires after `ttl_s` unless written again."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.worker(consumer), mapping=dict[Any, Any](fields))
+            pipe.pexpire(self.keys.worker(consumer), max(1, int(ttl_s * 1000)))
+            await pipe.execute()
+
+    async def stop_beating(self, consumer: str) -> None:
+        """Remove the heartbeat of a worker that stopped (its remaining entries can be taken over at once)."""
+        await self.client.delete(self.keys.worker(consumer))
+
+    async def workers(self) -> list[dict[str, str]]:
+        """The heartbeats of the live workers, oldest consumer name first."""
+        keys = sorted([k async for k in self.client.scan_iter(match=self.keys.worker("*"), count=1000)])
+        out = []
+        for key in keys:
+            fields = await self.client.hgetall(key)
+            if fields:
+                out.append({text(k): text(v) for k, v in fields.items()})
+        return out
+
+    async def forget_consumers(self, group: str, idle_s: float) -> int:
+        """Delete the group's consumers that hold nothing and were idle for `idle_s` (workers long gone), so
+        their number stays bounded. The check and the delete are one atomic step: nothing pending is lost."""
+        deleted: int = await self.client.eval(_FORGET_CONSUMERS_LUA, 1, self.keys.events, group, int(idle_s * 1000))
+        return deleted
 
     async def already_done(self, group: str, event_id: str) -> bool:
         """True when an effectively-once handler already succeeded for this event."""
         return bool(await self.client.exists(self.keys.done(group, event_id)))
 
-    async def mark_done(self, group: str, event_id: str, ttl_s: int) -> None:
-        await self.client.set(self.keys.done(group, event_id), 1, ex=ttl_s)
-
-    async def renew(self, group: str, consumer: str, ids: Sequence[str]) -> None:
-        """Reset the idle time of entries still being handled, so nobody reclaims them mid-run."""
-        if ids:
-            await self.client.xclaim(self.keys.events, group, consumer, 0, list[Any](ids), justid=True)
+    async def renew(self, group: str, consumer: str, ids: Sequence[str]) -> list[str]:
+        """Reset the idle time of entries this consumer still holds, so nobody takes them over; returns the
+        ids it no longer holds (taken over, or acknowledged meanwhile)."""
+        if not ids:
+            return []
+        lost: Any = await self.client.eval(_RENEW_LUA, 1, self.keys.events, group, consumer, *ids)
+        return [text(i) for i in lost]
 
     async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int) -> None:
         """Move an entry to the group's dead-letter stream and acknowledge it, atomically."""
@@ -261,11 +370,13 @@ class Streams:
         return trimmed
 
     async def status(self, groups: Iterable[str]) -> dict[str, Any]:
-        """Counts for `ftjobs status`: stream length, and per group lag, pending, retrying, dead letters."""
+        """Counts for `ftjobs status`: stream length, per group lag, pending, retrying, dead letters, and the
+        live workers' heartbeats."""
         out: dict[str, Any] = {
             "events": await self.client.xlen(self.keys.events),
             "quarantine": await self.client.xlen(self.keys.quarantine),
             "handlers": {},
+            "workers": await self.workers(),
         }
         try:
             info = {text(g["name"]): g for g in await self.client.xinfo_groups(self.keys.events)}

@@ -1,11 +1,13 @@
 """Consumer loops: one per handler, each in its own consumer group.
 
-Per loop iteration a runner takes, in this order: entries whose consumer died (XAUTOCLAIM after the
-lease, checked every half lease), retries that are due, then new entries (XREADGROUP, blocking when there
-was nothing else). Entries of one job run in order; different jobs run concurrently up to the handler's
-`concurrency`. Each call has a timeout; while it runs, its lease is renewed so nobody takes it over.
-Outcomes: success or "not for this handler" → ack; failure → retry with exponential backoff and full
-jitter (state in Redis, so it survives restarts) until `max_attempts`, then the dead-letter stream.
+Per loop iteration a runner takes, in this order: entries whose consumer died (no heartbeat, idle beyond the
+lease; checked every half lease), retries that are due, then new entries (XREADGROUP, blocking when there was
+nothing else, never past the next due retry). Entries of one job run in order; different jobs run
+concurrently up to the handler's `concurrency`. Each call has a timeout; every entry of the batch stays
+leased (renewed every third of a lease) until it is finished, so no live worker's entry is taken over.
+Outcomes: success or "not for this handler" → ack (with the done-marker of an effectively-once handler, in
+the same step, right after the call, retried while Redis is away); failure → retry with exponential backoff
+and full jitter (state in Redis, so it survives restarts) until `max_attempts`, then the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -14,22 +16,25 @@ import asyncio
 import contextlib
 import os
 import random
+import secrets
 import socket
 import time
 from collections import defaultdict
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, NamedTuple
 
 import msgspec
 import structlog
 from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
-from processor import metrics
+from processor import metrics, retention
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.jobstate import Preparer, judge
 from processor.limits import Guard
+from processor.liveness import Heartbeat, Progress, TaskDied, cancel_requested, retry_delay, supervise
 from processor.models import Event, decode_event
-from processor.settings import HandlerSpec, WorkerSettings
+from processor.settings import HandlerSpec, RedisSettings, WorkerSettings
 from processor.stream import Entry, Streams
 
 log = structlog.get_logger()
@@ -43,14 +48,32 @@ _SKIP: Final = object()
 _RETRY_CHECK_S: Final = 0.05
 
 
+#: A group's consumers that hold nothing and were idle this long (workers gone) are deleted by the trimmer.
+_FORGET_CONSUMERS_AFTER_S: Final = 3600.0
+
+
 def consumer_name() -> str:
-    """A consumer name unique to this process: host and pid."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """A consumer name unique to this process start: host, pid and a random tag (a restarted container can
+    have the same host and pid, and its predecessor's entries must count as another consumer's)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def backoff(attempt: int, base_s: float, max_s: float) -> float:
     """Delay before retry number `attempt` (1-based): full jitter over an exponential ceiling."""
     return random.uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))
+
+
+class Ack(NamedTuple):
+    """A finished entry, to acknowledge."""
+
+    entry_id: str
+    #: It had failed (or been taken over) before: its counters are cleared with the ack.
+    forget: bool
+    #: The event whose done-marker is set with the ack (an effectively-once handler succeeded); else "".
+    done_event: str = ""
+    #: The handler was called: acknowledge before the lane goes on (else it may wait for the batch's end,
+    #: as handling it again after a crash has no side effect).
+    called: bool = False
 
 
 class Runner:
@@ -65,6 +88,7 @@ class Runner:
         consumer: str,
         retention_s: int,
         preparer: Preparer,
+        progress: Progress,
     ) -> None:
         self.handler = handler
         self.preparer = preparer
@@ -73,13 +97,21 @@ class Runner:
         self.settings = settings
         self.consumer = consumer
         self.retention_s = retention_s
+        self.progress = progress
         self.group = spec.name
         self.once = bool(getattr(handler, "effectively_once", False))
         self.guard = Guard(streams.client, streams.keys.prefix, spec)
-        self._in_flight: set[str] = set()
+        #: Every entry of the current batch not finished yet: all of them are renewed, not only running ones.
+        self._held: set[str] = set()
+        #: Entries of the batch that another consumer took over (found by the renewal): not started here.
+        self._lost: set[str] = set()
+        self._to_ack: list[Ack] = []
+        self._ack_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         self._last_retry_check = 0.0
+        #: The last read returned entries (the stream may have more: no need to find the next due retry).
+        self._busy = False
         self._log = log.bind(handler=self.group)
         # The hot path's metric children, looked up once.
         self._delivered = metrics.DELIVERIES.labels(self.group, "delivered")
@@ -90,29 +122,28 @@ class Runner:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Loop until stopped. Errors are logged and the loop goes on, so it survives a Redis outage."""
-        renewer = asyncio.create_task(self._renew_leases())
+        """Loop until stopped. Redis errors are logged and the loop goes on (with backoff), so it starts and
+        survives while Redis is away; only `TaskDied` ends it."""
         failures = 0
-        try:
-            while not self._stopping.is_set():
-                try:
-                    entries, seen_before = await self._next_batch()
-                    if entries:
-                        await self._process(entries, seen_before)
-                    failures = 0
-                except Exception as exc:  # Redis away, or a bug: log it, wait, and carry on; entries stay pending
-                    failures += 1
-                    delay = min(2.0, 0.1 * 2**failures)
-                    if isinstance(exc, RedisError):
-                        self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
-                    else:
-                        self._log.exception("runner_error", retry_in_s=delay)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), delay)
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+        while not self._stopping.is_set():
+            self.progress.turn(self.group)
+            try:
+                await self.streams.ensure_groups([self.group])
+                entries, seen_before = await self._next_batch()
+                if entries:
+                    await self._process(entries, seen_before)
+                failures = 0
+            except TaskDied:
+                raise
+            except Exception as exc:  # Redis away, or a bug: log it, wait, and carry on; entries stay pending
+                failures += 1
+                delay = retry_delay(failures)
+                if isinstance(exc, RedisError):
+                    self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
+                else:
+                    self._log.exception("runner_error", retry_in_s=delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _next_batch(self) -> tuple[list[Entry], int]:
         """Up to a batch of entries: taken over, due for a retry, then new; and how many are not new."""
@@ -129,81 +160,194 @@ class Runner:
             entries += await self.streams.take_due(self.group, self.consumer, size)
         seen_before = len(entries)
         if len(entries) < size:
-            block = None if entries else self.settings.block_ms
-            entries += await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+            block = None if entries else await self._block_ms()
+            new = await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+            self._busy = bool(new)
+            entries += new
         return entries, seen_before
 
+    async def _block_ms(self) -> int | None:
+        """How long to wait for new entries: `block_ms`, but no later than the next due retry (None: not at
+        all). While entries keep coming, the wait is short instead, which saves looking up the next retry."""
+        block_s = self.settings.block_ms / 1000
+        if self._busy:
+            return int(min(block_s, _RETRY_CHECK_S) * 1000) or None
+        due = await self.streams.next_due(self.group)
+        if due is not None:
+            next_check = self._last_retry_check + _RETRY_CHECK_S - time.monotonic()
+            block_s = min(block_s, max(due - time.time(), next_check))
+        return int(block_s * 1000) if block_s >= 0.001 else None
+
     async def _process(self, entries: list[Entry], seen_before: int) -> None:
-        """Run one batch: per-job order kept, jobs concurrent, successful acks sent together. Only the first
-        `seen_before` entries (taken over, or retries) can have failed attempts to look up."""
-        ids = [entry.id for entry in entries[:seen_before]]
-        attempts = dict(zip(ids, await self.streams.attempts(self.group, ids), strict=True))
+        """Run one batch: per-job order kept, jobs concurrent, each finished entry acknowledged at once (acks
+        of concurrent lanes share a round trip). Only the first `seen_before` entries (taken over, or retries)
+        can have failed attempts to look up. When a lane fails (Redis away), the others start nothing more."""
+        self._held = {entry.id for entry in entries}
+        self._lost = set()
+        try:
+            ids = [entry.id for entry in entries[:seen_before]]
+            attempts = dict(zip(ids, await self.streams.attempts(self.group, ids), strict=True))
+            by_job = await self._prepare(entries)
+            jobs = iter(by_job.values())
+            halt = asyncio.Event()
+
+            async def lane() -> None:
+                # `concurrency` lanes share one iterator of jobs: each job's events run in order in one lane.
+                try:
+                    for items in jobs:
+                        for entry, about, event in items:
+                            if halt.is_set():
+                                return
+                            if entry.id in self._lost:  # another consumer runs it now: not here as well
+                                self._held.discard(entry.id)
+                                self._log.warning("entry_taken_over", entry_id=entry.id)
+                                continue
+                            ack = await self._deliver(
+                                entry, about, event, attempts.get(entry.id, 0), entry.id in attempts
+                            )
+                            if ack is None:  # a retry or the DLQ took it
+                                self._held.discard(entry.id)
+                            elif ack.called:
+                                await self._ack(ack)
+                            else:
+                                self._to_ack.append(ack)
+                            self.progress.turn(self.group)
+                except BaseException:
+                    halt.set()
+                    raise
+
+            lanes = min(max(1, self.spec.concurrency), len(by_job))
+            outcomes = await asyncio.gather(*(lane() for _ in range(lanes)), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            if self._to_ack:
+                await self._ack(self._to_ack[-1])
+        finally:
+            self._held = set()
+            self._to_ack = []
+
+    async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Event | None, Prepared]]]:
+        """Decode, judge and hydrate the batch, grouped by job: each entry with its decoded event and what the
+        preparation made of it. Only events this handler will get are hydrated: not another handler's replay,
+        nor a repeat or stale event its rule skips (no API call for those)."""
         decoded: list[Event | None] = []
         for entry in entries:
             try:
                 decoded.append(judge(decode_event(entry.record), entry.verdict))
             except msgspec.DecodeError:
                 decoded.append(None)
-        # Hydrate the thin events meant for this handler (a no-op for full jobs).
         mine = [e is not None and (e.target is None or e.target == self.group) for e in decoded]
-        ready = iter(await self.preparer.prepare_many([e for e, m in zip(decoded, mine, strict=True) if m and e]))
-        by_job: dict[str, list[tuple[Entry, Prepared]]] = defaultdict(list)
-        for entry, event, is_mine in zip(entries, decoded, mine, strict=True):
-            outcome: Prepared = None if event is None else next(ready) if is_mine else _SKIP
-            by_job[event.job_id if event else entry.id].append((entry, outcome))
-        done: list[str] = []
-        jobs = iter(by_job.values())
+        hydrate = [m and e is not None and not self._skipped_by_verdict(e) for e, m in zip(decoded, mine, strict=True)]
+        ready = iter(await self.preparer.prepare_many([e for e, h in zip(decoded, hydrate, strict=True) if h and e]))
+        by_job: dict[str, list[tuple[Entry, Event | None, Prepared]]] = defaultdict(list)
+        for entry, event, is_mine, hydrated in zip(entries, decoded, mine, hydrate, strict=True):
+            outcome: Prepared = None if event is None else (next(ready) if hydrated else event) if is_mine else _SKIP
+            by_job[event.job_id if event else entry.id].append((entry, event, outcome))
+        return by_job
 
-        async def lane() -> None:
-            # `concurrency` lanes share one iterator of jobs: each job's events run in order in one lane.
-            for items in jobs:
-                for entry, event in items:
-                    if await self._deliver(entry, event, attempts.get(entry.id, 0)):
-                        done.append(entry.id)
+    def _skipped_by_verdict(self, event: Event) -> bool:
+        """True for a repeat, or a stale event the rule does not opt into (a targeted replay is neither)."""
+        return event.target is None and (bool(event.repeat_of) or (event.stale and not self.spec.when.stale))
 
-        await asyncio.gather(*(lane() for _ in range(min(max(1, self.spec.concurrency), len(by_job)))))
-        await self.streams.ack(self.group, done, retried=[i for i in done if i in attempts])
+    async def _ack(self, ack: Ack) -> None:
+        """Acknowledge a finished entry (and those waiting) before the lane goes on. Lanes finishing meanwhile
+        join the next write; while Redis is away the write is retried until `ack_deadline_s`, and no lane
+        starts a call."""
+        if ack not in self._to_ack:
+            self._to_ack.append(ack)
+        async with self._ack_lock:
+            if ack not in self._to_ack:  # written (with others) while this lane waited for the lock
+                return
+            acks, self._to_ack = self._to_ack, []
+            deadline = time.monotonic() + self.settings.ack_deadline_s
+            failures = 0
+            while True:
+                try:
+                    await self.streams.ack(
+                        self.group,
+                        [a.entry_id for a in acks],
+                        retried=[a.entry_id for a in acks if a.forget],
+                        done=[a.done_event for a in acks if a.done_event],
+                        done_ttl_s=self.retention_s,
+                    )
+                    break
+                except RedisError as exc:
+                    failures += 1
+                    self.progress.turn(self.group)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TaskDied(
+                            f"{len(acks)} finished entries of {self.group} could not be acknowledged within "
+                            f"ack_deadline_s={self.settings.ack_deadline_s}: {exc}"
+                        ) from exc
+                    delay = min(retry_delay(failures), left)
+                    self._log.warning("ack_retrying", error=str(exc), entries=len(acks), retry_in_s=round(delay, 3))
+                    await asyncio.sleep(delay)
+            self._held.difference_update(a.entry_id for a in acks)
 
-    async def _deliver(self, entry: Entry, event: Prepared, failed_before: int) -> bool:
-        """Handle one entry; True when it is finished (to be acked), False when a retry or DLQ took it."""
+    async def _deliver(
+        self, entry: Entry, about: Event | None, event: Prepared, failed_before: int, forget: bool
+    ) -> Ack | None:
+        """Handle one entry (`about`: its decoded event, `event`: what the preparation made of it); an `Ack`
+        when it is finished, None when a retry or the DLQ took it."""
         entry_id = entry.id
         if event is None:
             await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
             self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
-            return False
+            return None
         if event is _SKIP:
-            return True  # a replay for another handler
+            return Ack(entry_id, forget)  # a replay for another handler
+        assert isinstance(event, Event | BaseException) and about is not None
+        # Every line about this entry (hydration failures and dead letters included) says which it is.
+        with structlog.contextvars.bound_contextvars(
+            handler=self.group,
+            webhook_id=about.id,
+            job_id=about.job_id,
+            event_type=about.type,
+            attempt=failed_before + 1,
+        ):
+            return await self._route(entry, event, failed_before, forget)
+
+    async def _route(self, entry: Entry, event: Event | BaseException, failed_before: int, forget: bool) -> Ack | None:
+        entry_id = entry.id
         if entry.orphaned >= self.settings.max_takeovers:
             reason = (
                 f"taken over {entry.orphaned} times from consumers that died handling it (does it crash the worker?)"
             )
             await self._dead_letter(entry, reason, failed_before)
-            return False
+            return None
         if isinstance(event, PermanentFailure):
             await self._dead_letter(entry, str(event), failed_before)
-            return False
+            return None
         if isinstance(event, BaseException):  # the API is away: wait, without using an attempt
             delay = event.after if isinstance(event, RetryLater) and event.after is not None else 5.0
             await self.streams.schedule_retry(self.group, entry_id, failed_before, time.time() + delay, str(event))
-            self._log.warning("event_not_prepared", error=str(event), retry_in_s=delay)
-            return False
-        assert isinstance(event, Event)
-        if not self.spec.when.matches(event):
-            return True
+            log.warning("event_not_prepared", error=str(event), retry_in_s=delay)
+            return None
+        if why := self.spec.when.mismatch(event):
+            outcome, reason = self._skip_reason(event, why)
+            metrics.DELIVERIES.labels(self.group, outcome).inc()
+            log.info("event_skipped", outcome=outcome, reason=reason, status=event.status)
+            return Ack(entry_id, forget)
         attempt = failed_before + 1
         delivery = Delivery(
             event=event, handler=self.group, attempt=attempt, idempotency_key=f"{self.group}:{event.id}"
         )
-        with structlog.contextvars.bound_contextvars(
-            handler=self.group,
-            webhook_id=event.id,
-            job_id=event.job_id,
-            event_type=event.type,
-            attempt=attempt,
-        ):
-            return await self._call(entry, delivery)
+        if not await self._call(entry, delivery):
+            return None
+        return Ack(entry_id, forget, event.id if self.once else "", called=True)
+
+    def _skip_reason(self, event: Event, mismatch: str) -> tuple[str, str]:
+        """The metric outcome (`repeat`, `stale`, `filtered`) and the logged reason of a skipped event."""
+        if event.repeat_of and not event.target:
+            return "repeat", f"repeat of {event.repeat_of}"
+        if event.stale and not self.spec.when.stale and not event.target:
+            return "stale", "stale: older than the job's latest known status"
+        return "filtered", mismatch
 
     async def _call(self, entry: Entry, delivery: Delivery) -> bool:
+        """Call the handler; True when it succeeded (or had already), False when a retry or the DLQ took it."""
         entry_id, attempt, event_id = entry.id, delivery.attempt, delivery.event.id
         if self.once and await self.streams.already_done(self.group, event_id):
             metrics.DELIVERIES.labels(self.group, "already_done").inc()
@@ -216,7 +360,6 @@ class Runner:
             log.info("delivery_deferred", reason=why, retry_in_s=round(delay, 3))
             return False
         started = time.perf_counter()
-        self._in_flight.add(entry_id)
         try:
             async with asyncio.timeout(self.spec.call_limit_s):  # no extra task per call, unlike wait_for
                 await self.handler(delivery)
@@ -240,10 +383,6 @@ class Runner:
                 metrics.DELIVERIES.labels(self.group, "retry").inc()
                 log.warning("delivery_failed", error=reason, retry_in_s=round(delay, 3))
             return False
-        finally:
-            self._in_flight.discard(entry_id)
-        if self.once:
-            await self.streams.mark_done(self.group, event_id, self.retention_s)
         if self.guard.active:
             await self.guard.record(ok=True)
         elapsed = time.perf_counter() - started
@@ -258,15 +397,22 @@ class Runner:
         metrics.DELIVERIES.labels(self.group, "dead_letter").inc()
         log.error("event_dead_lettered", error=reason, attempts=attempts)
 
-    async def _renew_leases(self) -> None:
-        """Every third of a lease, reset the idle time of entries still being handled."""
-        while True:
+    async def renew_leases(self) -> None:
+        """Every third of a lease, reset the idle time of every entry of the batch not finished yet (running or
+        waiting in a lane), so no live worker's entry is ever idle beyond the lease."""
+        while not cancel_requested():
             await asyncio.sleep(self.settings.lease_s / 3)
-            if self._in_flight:
-                try:
-                    await self.streams.renew(self.group, self.consumer, sorted(self._in_flight))
-                except RedisError as exc:
-                    self._log.warning("lease_renewal_failed", error=str(exc))
+            held = sorted(self._held)
+            if not held:
+                continue
+            try:
+                lost = set(await self.streams.renew(self.group, self.consumer, held)) & self._held
+            except RedisError as exc:
+                self._log.warning("lease_renewal_failed", error=str(exc))
+                continue
+            if lost:
+                self._lost |= lost
+                self._log.warning("leases_lost", count=len(lost))
 
 
 def _describe(exc: BaseException) -> str:
@@ -274,8 +420,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class WorkerFailed(Exception):
+    """A supervised task of the worker died for good; the process should exit non-zero."""
+
+
 class Worker:
-    """All runners of one process, plus the periodic trimmer; `run()` returns after a graceful stop."""
+    """All runners of one process, their lease renewers, the heartbeat and the periodic trimmer, each
+    supervised; `run()` returns after a graceful stop and raises `WorkerFailed` when a task died for good."""
 
     def __init__(
         self,
@@ -283,17 +434,31 @@ class Worker:
         specs: list[HandlerSpec],
         streams: Streams,
         settings: WorkerSettings,
-        retention_s: int,
+        storage: RedisSettings,
         preparer: Preparer,
+        tasks: dict[str, Callable[[], Awaitable[None]]] | None = None,
     ) -> None:
-        consumer = consumer_name()
+        """`storage`: how long things are kept (`retention.sweep`); `tasks`: more long-running tasks (the
+        poller) supervised with the worker's own."""
+        self.consumer = consumer_name()
+        self.tasks = tasks or {}
         self.streams = streams
         self.settings = settings
-        self.retention_s = retention_s
+        self.storage = storage
+        retention_s = self.retention_s = storage.retention_s
+        names = [spec.name for spec in specs]
+        block_s = settings.block_ms / 1000
+        stuck_after_s = settings.stuck_after_s or 2 * max((s.timeout_s for s in specs), default=0) + block_s + 30
+        self.progress = Progress(names, stuck_after_s)
         self.runners = [
-            Runner(h, s, streams, settings, consumer, retention_s, preparer)
+            Runner(h, s, streams, settings, self.consumer, retention_s, preparer, self.progress)
             for h, s in zip(handlers, specs, strict=True)
         ]
+        self.heartbeat = Heartbeat(streams, self.consumer, names, self.progress, settings.lease_s)
+        #: Why the worker failed for good ("" while it did not); the health endpoint reports it.
+        self.failure = ""
+        #: Set when `run()` returned (stopped, or failed).
+        self.finished = asyncio.Event()
         self._stopped = asyncio.Event()
 
     def stop(self) -> None:
@@ -303,25 +468,54 @@ class Worker:
             runner.stop()
 
     async def run(self) -> None:
-        """Run until `stop()`; then give in-flight work `grace_s`, and leave the rest pending for reclaim."""
-        await self.streams.ensure_groups(r.group for r in self.runners)
-        tasks = [asyncio.create_task(r.run(), name=f"runner:{r.group}") for r in self.runners]
-        trimmer = asyncio.create_task(self._trim_forever())
-        log.info("worker_started", handlers=[r.group for r in self.runners], consumer=consumer_name())
-        await self._stopped.wait()
-        trimmer.cancel()
-        _, late = await asyncio.wait(tasks, timeout=self.settings.grace_s)
-        for task in late:
+        """Run until `stop()` or a task's death; then give in-flight work `grace_s`, and leave the rest pending
+        (this consumer's heartbeat is removed, so other workers take it over after the lease)."""
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+
+    async def _run(self) -> None:
+        helpers = [asyncio.create_task(supervise("heartbeat", self.heartbeat.run), name="heartbeat")]
+        helpers += [
+            asyncio.create_task(supervise(f"renewer:{r.group}", r.renew_leases), name=f"renewer:{r.group}")
+            for r in self.runners
+        ]
+        helpers.append(asyncio.create_task(supervise("trimmer", self._trim_forever), name="trimmer"))
+        helpers += [asyncio.create_task(supervise(name, run), name=name) for name, run in self.tasks.items()]
+        runners = [
+            asyncio.create_task(supervise(f"runner:{r.group}", r.run), name=f"runner:{r.group}") for r in self.runners
+        ]
+        log.info("worker_started", handlers=[r.group for r in self.runners], consumer=self.consumer)
+        stopped = asyncio.create_task(self._stopped.wait())
+        await asyncio.wait([*runners, *helpers, stopped], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in (*runners, *helpers) if t.done() and not t.cancelled() and t.exception()]
+        if failed:
+            error = failed[0].exception()
+            self.failure = f"{failed[0].get_name()}: {error}"
+            log.critical("worker_failed", task=failed[0].get_name(), error=str(error))
+        self.stop()
+        _, late = await asyncio.wait(runners, timeout=self.settings.grace_s)
+        for task in (*late, *helpers, stopped):
             task.cancel()
-        await asyncio.gather(*tasks, trimmer, return_exceptions=True)
+        await asyncio.gather(*runners, *helpers, stopped, return_exceptions=True)
+        await self.heartbeat.stop()
         log.info("worker_stopped", cut_off=len(late))
+        if failed:
+            raise WorkerFailed(self.failure)
 
     async def _trim_forever(self) -> None:
-        while True:
+        while not cancel_requested():
             await asyncio.sleep(self.settings.trim_interval_s)
             try:
                 trimmed = await self.streams.trim(self.retention_s)
                 if trimmed:
                     log.info("stream_trimmed", entries=trimmed)
+                groups = [runner.group for runner in self.runners]
+                for group in groups:
+                    await self.streams.forget_consumers(group, _FORGET_CONSUMERS_AFTER_S)
+                swept = await retention.sweep(self.streams.client, self.streams.keys, groups, self.storage)
+                if swept:
+                    log.info("retention_swept", **msgspec.structs.asdict(swept))
             except RedisError as exc:
                 log.warning("trim_failed", error=str(exc))

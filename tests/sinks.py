@@ -33,8 +33,9 @@ class SinkOptions(msgspec.Struct, forbid_unknown_fields=True):
     retry_after: float | None = None
     #: Sleep this long inside the handler (after recording the start).
     sleep_s: float = 0.0
-    #: Skip the side effect when this idempotency key was already done (effectively-once).
-    idempotent: bool = True
+    #: Skip the side effect when this idempotency key was already done. Off by default: like a Slack webhook or
+    #: an SMTP relay, the sink then counts every call, so a test sees each side effect done twice.
+    idempotent: bool = False
 
 
 class Sink:

@@ -1,15 +1,15 @@
-"""Everything ftjobs writes is bounded: the sweep trims what no TTL expires, and never a pending entry."""
+"""Everything ftjobs writes is bounded: the sweep trims what no TTL expires."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis.asyncio as redis
 
 from processor.retention import sizes, sweep
 from processor.settings import RedisSettings
 from processor.stream import Keys
-from tests.conftest import eventually
 
 
 async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: redis.Redis, prefix: str) -> None:
@@ -34,19 +34,14 @@ async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: r
     assert report["used_memory_bytes"] > 0
 
 
-async def test_idle_consumers_are_forgotten_only_when_they_hold_nothing(rclient: redis.Redis, prefix: str) -> None:
-    keys = Keys(prefix)
-    await rclient.xgroup_create(keys.events, "log", id="$", mkstream=True)
-    await rclient.xadd(keys.events, {"e": b"1"})
-    await rclient.xreadgroup("log", "holder", {keys.events: ">"})  # pending under `holder`, never acked
-    await rclient.xgroup_createconsumer(keys.events, "log", "gone")  # a worker that left with nothing
-    settings = RedisSettings(idle_consumer_s=1)
+async def test_the_workers_trimmer_sweeps(rig: Any, redis_url: str, prefix: str) -> None:
+    from tests.conftest import eventually, sink
 
-    async def forgotten() -> bool:
-        await sweep(rclient, keys, ["log"], settings)
-        names = {c["name"] for c in await rclient.xinfo_consumers(keys.events, "log")}
-        return names == {b"holder"}
+    handlers = [sink("all", redis_url, prefix)]
+    async with rig(handlers, worker={"trim_interval_s": 0.05}, redis={"retention_s": 3600}) as r:
+        await r.rclient.zadd(f"{prefix}:jobs", {"ftjob-long-gone": time.time() - 7200})
 
-    await eventually(forgotten, within=15)
-    [(_, pending)] = [(c["name"], c["pending"]) for c in await rclient.xinfo_consumers(keys.events, "log")]
-    assert pending == 1  # its entry is still there, for a takeover
+        async def swept() -> bool:
+            return await r.rclient.zcard(f"{prefix}:jobs") == 0
+
+        await eventually(swept)

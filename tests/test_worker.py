@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import redis.asyncio as redis
+import structlog
+from prometheus_client import REGISTRY
 
 from handlers import registry
 from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.service import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Keys, Streams
-from tests.conftest import compact, eventually, sample, sink
+from tests.conftest import compact, eventually, free_port, sample, sink
+from tests.fake_openai import KEY, FakeOpenAI
+from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config
 
 PATH = "/webhooks/openai"
 
@@ -48,7 +56,7 @@ async def test_duplicate_is_delivered_once(rig: Any, redis_url: str, prefix: str
             return len(await r.delivered("a")) == 2
 
         await eventually(two)
-        await asyncio.sleep(0.3)
+        await eventually(r.settled)
         assert sorted(e.id for e in await r.delivered("a")) == ["wh_other", "wh_same"]
 
 
@@ -66,7 +74,7 @@ async def test_routing_sends_each_handler_only_what_it_asked_for(rig: Any, redis
             return len(await r.delivered("all")) == 3
 
         await eventually(all_three)
-        await asyncio.sleep(0.3)
+        await eventually(r.settled)
         assert [e.status for e in await r.delivered("failures")] == ["failed"]
         assert [e.status for e in await r.delivered("successes")] == ["succeeded"]
         status = await Streams(r.rclient, Keys(prefix)).status(["failures", "successes", "all"])
@@ -186,7 +194,7 @@ async def test_long_handler_renews_its_lease(
                     return len(await r.delivered("slow")) == 1
 
                 await eventually(delivered, within=15)
-                await asyncio.sleep(1.5)
+                await eventually(r.settled)  # nothing pending: no takeover is running it a second time
         finally:
             worker_module.consumer_name = original
         assert await r.starts("slow") == 1
@@ -258,3 +266,154 @@ async def test_an_event_whose_consumer_keeps_dying_is_dead_lettered(
     assert b"taken over 5 times" in fields[b"error"]
     assert await rclient.llen(f"{prefix}:sink:a:starts") == 0  # not handed to the handler again
     assert await rclient.hlen(f"{prefix}:attempts:a") == 0
+
+
+async def test_a_due_retry_is_not_held_back_by_the_blocking_read(rig: Any, redis_url: str, prefix: str) -> None:
+    """The read blocks no later than the next due retry, so a long `block_ms` does not delay it."""
+    handlers = [sink("later", redis_url, prefix, fail_times=1, retry_after=0.2)]
+    async with rig(handlers, worker={"block_ms": 60_000}) as r:
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def delivered() -> bool:
+            return len(await r.delivered("later")) == 1
+
+        await eventually(delivered, within=30)  # half the block time: a read waiting it out would miss this
+        assert await r.starts("later") == 2
+
+
+def skipped_count(handler: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("ftjobs_deliveries_total", {"handler": handler, "outcome": outcome}) or 0.0
+
+
+async def test_a_repeat_is_skipped_with_its_reason_and_costs_no_api_call(
+    rig: Any, aiohttp_server: Callable[..., Any], redis_url: str, prefix: str
+) -> None:
+    fake = FakeOpenAI()
+    job = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
+    fake.jobs[job["id"]] = job
+    url = str((await aiohttp_server(fake.app())).make_url("/v1"))
+    openai = {"api_key": KEY, "base_url": url, "timeout_s": 2.0, "max_retries": 0}
+    thin = {"object": "event", "type": "fine_tuning.job.succeeded", "created_at": 1, "data": {"id": job["id"]}}
+    before = skipped_count("a", "repeat")
+    async with rig([sink("a", redis_url, prefix)], openai=openai) as r:
+        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            await r.post(msgspec.json.encode(thin | {"id": "evt_1"}), "wh_first")
+
+            async def first() -> bool:
+                return len(await r.delivered("a")) == 1
+
+            await eventually(first)
+            await r.post(msgspec.json.encode(thin | {"id": "evt_2"}), "wh_again")
+            await eventually(r.settled)
+    assert [e.id for e in await r.delivered("a")] == ["wh_first"]
+    assert fake.calls[f"/v1/fine_tuning/jobs/{job['id']}"] == 1  # the repeat was not hydrated
+    [skip] = [line for line in logs if line["event"] == "event_skipped"]
+    assert skip["reason"] == "repeat of wh_first" and skip["log_level"] == "info"
+    assert (skip["handler"], skip["webhook_id"], skip["job_id"]) == ("a", "wh_again", job["id"])
+    assert skipped_count("a", "repeat") == before + 1
+
+
+async def test_status_lists_live_workers_and_health_fails_while_a_loop_is_stuck(
+    tmp_path: Path, redis_url: str, prefix: str, rclient: redis.Redis, procs: Callable[..., Proc]
+) -> None:
+    health = free_port()
+    config = write_config(
+        tmp_path / "ftjobs.toml",
+        redis={"url": redis_url, "prefix": prefix},
+        worker={"lease_s": 2.0, "block_ms": 100, "grace_s": 0.1, "stuck_after_s": 1.0},
+        handlers=[sink("slow", redis_url, prefix, sleep_s=600, timeout_s=900)],
+    )
+    env = base_env(FTJOBS_CONFIG=str(config))
+    worker = procs(["work", "--health-port", str(health)], tmp_path, env, "work")
+    await asyncio.to_thread(wait_for, health_is(health, 200), 20, "healthy worker")
+    [seen] = msgspec.json.decode(await asyncio.to_thread(ftjobs_out, env, "status", "--json"))["workers"]
+    assert (seen["pid"], seen["handlers"]) == (str(worker.process.pid), "slow")
+    table = await asyncio.to_thread(ftjobs_out, env, "status")
+    assert "workers: 1 live" in table and f"pid={worker.process.pid}" in table
+    # A handler call that hangs (within its timeout) keeps the loop from turning: the health check fails.
+    await enqueue_failed(rclient, prefix, "wh_hangs")
+    await asyncio.to_thread(wait_for, health_is(health, 503), 20, "unhealthy worker")
+    assert await rclient.llen(f"{prefix}:sink:slow:starts") == 1
+
+
+def ftjobs_out(env: dict[str, str], *args: str) -> str:
+    """What an `ftjobs` command prints (it must succeed)."""
+    result = subprocess.run([*FTJOBS, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def health_is(port: int, expected: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return bool(resp.status == expected)
+        except urllib.error.HTTPError as exc:
+            return exc.code == expected
+        except OSError:
+            return False
+
+    return check
+
+
+async def enqueue_failed(rclient: redis.Redis, prefix: str, webhook_id: str, job_id: str | None = None) -> str:
+    """XADD a failed-job event (the group must exist, e.g. created by a running worker)."""
+    job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
+    if job_id:
+        job = msgspec.structs.replace(job, id=job_id)
+    record = encode_event(Event.from_body(job, webhook_id=webhook_id, received_at=time.time()))
+    entry_id: bytes = await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
+    return entry_id.decode()
+
+
+async def test_only_a_consumer_without_heartbeat_has_its_entries_taken_over(rclient: redis.Redis, prefix: str) -> None:
+    streams = Streams(rclient, Keys(prefix))
+    entry_id = await orphan_one(rclient, prefix, "wh_held")  # held by "dead-consumer", never acked
+    await streams.beat("dead-consumer", {"pid": 1}, ttl_s=60)  # ... which is alive after all
+
+    async def idle_past_lease() -> bool:
+        [row] = await rclient.xpending_range(f"{prefix}:events", "a", "-", "+", 1)
+        return bool(row["time_since_delivered"] > 50)
+
+    await eventually(idle_past_lease)
+    assert await streams.reclaim("a", "other", lease_s=0.05, count=10) == []
+    await streams.stop_beating("dead-consumer")  # now it is gone
+    [taken] = await streams.reclaim("a", "other", lease_s=0.05, count=10)
+    assert (taken.id, taken.orphaned) == (entry_id, 1)
+
+
+async def test_consumers_that_hold_nothing_are_forgotten(rclient: redis.Redis, prefix: str) -> None:
+    """Every worker start is a new consumer; those gone and holding nothing are deleted, so they stay few."""
+    streams = Streams(rclient, Keys(prefix))
+    await orphan_one(rclient, prefix, "wh_one")  # "dead-consumer" holds it
+    await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"x"})
+    [finished] = await streams.read_new("a", "finished-consumer", 10, None)
+    await streams.ack("a", [finished.id])
+    assert await streams.forget_consumers("a", idle_s=0) == 1
+    consumers = await rclient.xinfo_consumers(f"{prefix}:events", "a")
+    assert [(c["name"], c["pending"]) for c in consumers] == [(b"dead-consumer", 1)]
+
+
+async def test_hydration_failures_name_the_handler_job_and_webhook(
+    rig: Any, aiohttp_server: Callable[..., Any], redis_url: str, prefix: str
+) -> None:
+    fake = FakeOpenAI()
+    job = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
+    fake.jobs[job["id"]] = job
+    fake.failures[job["id"]] = [503]  # the API is away once for this one
+    url = str((await aiohttp_server(fake.app())).make_url("/v1"))
+    openai = {"api_key": KEY, "base_url": url, "timeout_s": 2.0, "max_retries": 0, "hydrate_retry_s": 0.1}
+    thin = {"object": "event", "type": "fine_tuning.job.succeeded", "created_at": 1}
+    async with rig([sink("a", redis_url, prefix)], openai=openai) as r:
+        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            await r.post(msgspec.json.encode(thin | {"id": "evt_gone", "data": {"id": "ftjob-gone"}}), "wh_gone")
+            await r.post(msgspec.json.encode(thin | {"id": "evt_late", "data": {"id": job["id"]}}), "wh_late")
+
+            async def both_done() -> bool:
+                return len(await r.dead("a")) == 1 and len(await r.delivered("a")) == 1
+
+            await eventually(both_done)
+    [dead] = [line for line in logs if line["event"] == "event_dead_lettered"]
+    assert (dead["handler"], dead["job_id"], dead["webhook_id"]) == ("a", "ftjob-gone", "wh_gone")
+    waiting = [line for line in logs if line["event"] == "event_not_prepared"]
+    assert waiting and {(w["handler"], w["job_id"], w["webhook_id"]) for w in waiting} == {("a", job["id"], "wh_late")}
