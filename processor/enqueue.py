@@ -153,7 +153,7 @@ class Lua:
 
 async def _get_connection(pool: redis.ConnectionPool) -> Any:
     """A connected connection from `pool`, asked the way this redis-py wants it: before 5.3 the pool
-    requires a command name (any, it only picks a node in cluster pools); from 5.3 on it takes none and
+    requires a command name (which one does not matter: it is not used); from 5.3 on it takes none and
     warns when given one."""
     if _wants_command_name(type(pool)):
         return await pool.get_connection("EVALSHA")  # type: ignore[no-untyped-call,unused-ignore]
