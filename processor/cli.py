@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 import prometheus_client
 
-from processor import logs, ops, service, signatures
+from processor import __version__, logs, ops, service, signatures
 from processor.errors import ConfigError
 from processor.models import Event, FineTuningJob, decode_body, decode_job
 from processor.settings import Settings
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="ftjobs",
         description="Receive fine-tuning job webhooks, queue them durably on Redis streams, dispatch to handlers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     config_help = "TOML settings file (default: $FTJOBS_CONFIG, else built-in defaults)"
     parser.add_argument("--config", "-c", metavar="FILE", help=config_help)
     # --config is accepted after the subcommand too (`ftjobs serve -c ftjobs.toml`).

@@ -7,7 +7,9 @@ callers share pipelined round trips; each caller learns its own result only afte
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
@@ -132,7 +134,7 @@ class Lua:
         # pipeline packs each argument through several layers, which costs more than the Lua call itself.
         packed = b"".join(_pack(b"EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls)
         pool = client.connection_pool
-        conn: Any = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        conn: Any = await _get_connection(pool)
         try:
             await conn.send_packed_command(packed, check_health=False)
             replies: list[Any] = []
@@ -147,6 +149,23 @@ class Lua:
             raise
         finally:
             await pool.release(conn)
+
+
+async def _get_connection(pool: redis.ConnectionPool) -> Any:
+    """A connected connection from `pool`, asked the way this redis-py wants it: before 5.3 the pool
+    requires a command name (which one does not matter: it is not used); from 5.3 on it takes none and
+    warns when given one."""
+    if _wants_command_name(type(pool)):
+        return await pool.get_connection("EVALSHA")  # type: ignore[no-untyped-call,unused-ignore]
+    return await pool.get_connection()  # type: ignore[no-untyped-call,unused-ignore]
+
+
+@functools.cache
+def _wants_command_name(pool_class: type[redis.ConnectionPool]) -> bool:
+    """Whether `pool_class.get_connection` has a required `command_name` (redis-py < 5.3), looked up once
+    per pool class."""
+    parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _pack(*args: Any) -> bytes:

@@ -1,0 +1,50 @@
+"""The producer's hand-packed EVALSHA path works on every redis-py the package allows.
+
+redis-py before 5.3 requires a command name in `ConnectionPool.get_connection`; 5.3 and later take none and
+warn when given one. The lowest-versions run in `.ci/run` runs the whole suite on the oldest allowed
+redis-py; this test covers the other shape on whichever redis-py is installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import redis.asyncio as redis
+
+from processor.enqueue import Enqueuer
+from processor.stream import Keys
+
+
+class PoolBefore53(redis.ConnectionPool):
+    """A real pool whose `get_connection` requires a command name, as redis-py's did before 5.3."""
+
+    async def get_connection(self, command_name: str, *keys: Any, **options: Any) -> Any:  # type: ignore[override]
+        with warnings.catch_warnings():  # on redis-py >= 5.3 the name is deprecated; the parent ignores it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return await super().get_connection(command_name, *keys, **options)
+
+
+async def test_enqueue_works_with_either_get_connection_signature_and_warns_on_neither(
+    redis_url: str, prefix: str, rclient: redis.Redis
+) -> None:
+    keys = Keys(prefix)
+    pools = {
+        "installed": redis.ConnectionPool.from_url(redis_url),
+        "before-5.3": PoolBefore53.from_url(redis_url),
+    }
+    for name, pool in pools.items():
+        client = redis.Redis(connection_pool=pool)
+        try:
+            enqueuer = Enqueuer(client, keys, ttl_s=3600)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)
+                first = await enqueuer.add(f"wh_{name}", keys.events, {b"n": name.encode()})
+                again = await enqueuer.add(f"wh_{name}", keys.events, {b"n": b"again"})
+        finally:
+            await client.aclose()
+            await pool.disconnect()
+        assert first.new, name
+        assert (again.new, again.entry_id) == (False, first.entry_id), name
+    entries = await rclient.xrange(keys.events)
+    assert [fields[b"n"] for _, fields in entries] == [b"installed", b"before-5.3"]
