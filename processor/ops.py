@@ -16,7 +16,7 @@ import msgspec
 import redis.asyncio as redis
 
 from handlers.templates import human_time
-from processor import service
+from processor import retention, service
 from processor.deadletters import DeadLetters
 from processor.jobstate import JobState, Transition
 from processor.limits import Guard
@@ -45,13 +45,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         status = await Streams(client, Keys(settings.redis.prefix)).status(h.name for h in settings.handlers)
         for spec in settings.handlers:
             status["handlers"][spec.name] |= await Guard(client, settings.redis.prefix, spec).state()
+        status["sizes"] = await retention.sizes(
+            client, Keys(settings.redis.prefix), [h.name for h in settings.handlers]
+        )
         return status
 
     status = with_redis(settings, collect)
     if args.json:
         print(msgspec.json.encode(status).decode())
         return 0
+    sizes, kept = status["sizes"], settings.redis
     print(f"events stream: {status['events']} entries · quarantine: {status['quarantine']}")
+    print(
+        f"kept: {sizes['jobs']} jobs tracked · server memory {sizes['used_memory_bytes'] / 2**20:.1f} MiB · "
+        f"retention {kept.retention_s // 3600} h, dead letters {kept.dead_letter_retention_s // 3600} h "
+        f"(at most {kept.max_dead_letters} per stream)"
+    )
     print(f"{'handler':<24} {'lag':>8} {'pending':>8} {'retrying':>9} {'dead':>6}  guards")
     for name, row in status["handlers"].items():
         lag = "-" if row["lag"] is None else row["lag"]

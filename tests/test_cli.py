@@ -84,6 +84,7 @@ def test_status_against_redis(redis_url: str, prefix: str, tmp_path: Path, rclie
     result = ftjobs("status", "-c", str(config), env=env)
     assert result.returncode == 0, result.stderr
     assert "events stream: 0 entries" in result.stdout and "log" in result.stdout
+    assert "kept: 0 jobs tracked" in result.stdout and "retention 168 h, dead letters 720 h" in result.stdout
 
 
 def test_compose_file_services_run_real_commands() -> None:
