@@ -7,6 +7,7 @@ arrival orders, duplicates, sources (webhook / poll / push) and skews between th
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from typing import Any
 
@@ -118,7 +119,11 @@ def _event(job_id: str, status: str, source: str, stage_at: int, local_at: float
     )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+#: Generated histories per run: 80 in CI; `FTJOBS_PROPERTY_EXAMPLES=2000` for a long run.
+EXAMPLES = int(os.environ.get("FTJOBS_PROPERTY_EXAMPLES", "80"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(heard=observations(), skew=st.integers(-3600, 3600), gap=st.floats(0.0, 120.0))
 def test_every_status_is_announced_at_most_once_and_the_terminal_exactly_once(
     redis_url: str, prefix: str, rclient: redis.Redis, heard: tuple[list[str], list[Any]], skew: int, gap: float
