@@ -69,6 +69,12 @@ class Poller:
                 emitted += new
                 log.info("status_change_polled", job_id=job.id, status=job.status, previous=last_status, new=new)
             await client.hset(self.seen_key, job.id, job.status)
+        # Forget jobs that left the listing (it is newest first, so they never come back): this hash stays
+        # as large as one listing, however many jobs there have been.
+        listed = {job.id.encode() for job in jobs}
+        gone = [key for key in await client.hkeys(self.seen_key) if key not in listed]
+        if gone:
+            await client.hdel(self.seen_key, *gone)
         return emitted
 
     async def run(self) -> None:

@@ -293,6 +293,22 @@ async def test_first_start_does_not_flood_unless_backfilling(
         assert await Poller(loud, Streams(rclient, Keys(other)), client).poll_once() == 4  # every job
 
 
+async def test_the_pollers_memory_is_as_large_as_one_listing(
+    api: tuple[FakeOpenAI, str], make_settings: Callable[..., Settings], rclient: Any, prefix: str
+) -> None:
+    fake, url = api
+    for i in range(3):
+        fake.jobs[f"ftjob-old-{i}"] = job_doc(id=f"ftjob-old-{i}", created_at=1000 + i)
+    settings = make_settings(openai=openai_table(url))
+    async with OpenAIClient(settings.openai) as client:
+        poller = Poller(settings, Streams(rclient, Keys(prefix)), client)
+        await poller.poll_once()
+        assert await rclient.hlen(poller.seen_key) == 3
+        del fake.jobs["ftjob-old-0"]  # out of the listing (newest first: it never comes back)
+        await poller.poll_once()
+        assert sorted(await rclient.hkeys(poller.seen_key)) == [b"ftjob-old-1", b"ftjob-old-2"]
+
+
 # The command line
 
 
