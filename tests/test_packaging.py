@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 LOWEST = ROOT / ".ci" / "constraints-lowest.txt"
 #: Test tools whose floors the lowest-versions run leaves to float (see the constraints file).
-FLOATING = {"mypy", "ruff", "matplotlib"}
+FLOATING = {"mypy", "ruff", "matplotlib", "playwright"}
 
 
 def test_wheel_ships_license_py_typed_and_the_one_version(tmp_path: Path) -> None:
