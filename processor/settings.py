@@ -241,6 +241,11 @@ class Settings(_Config):
             raise ConfigError("receiver.max_body_bytes: must be at least 1024")
         if self.receiver.dedupe_window_s < 72 * 3600:
             raise ConfigError("receiver.dedupe_window_s: must cover OpenAI's 72 h retry horizon (>= 259200)")
+        if self.redis.retention_s < self.receiver.dedupe_window_s:
+            raise ConfigError(
+                "redis.retention_s: must be at least receiver.dedupe_window_s, so no dedupe marker outlives the "
+                f"events it points to ({self.receiver.dedupe_window_s})"
+            )
         if not self.receiver.path.startswith("/"):
             raise ConfigError("receiver.path: must start with '/'")
         if self.openai.poll_interval_s > 0 and not self.openai.api_key:

@@ -38,8 +38,9 @@ async def test_the_workers_trimmer_sweeps(rig: Any, redis_url: str, prefix: str)
     from tests.conftest import eventually, sink
 
     handlers = [sink("all", redis_url, prefix)]
-    async with rig(handlers, worker={"trim_interval_s": 0.05}, redis={"retention_s": 3600}) as r:
-        await r.rclient.zadd(f"{prefix}:jobs", {"ftjob-long-gone": time.time() - 7200})
+    async with rig(handlers, worker={"trim_interval_s": 0.05}) as r:
+        retention_s = r.settings.redis.retention_s
+        await r.rclient.zadd(f"{prefix}:jobs", {"ftjob-long-gone": time.time() - retention_s - 60})
 
         async def swept() -> bool:
             return await r.rclient.zcard(f"{prefix}:jobs") == 0

@@ -82,6 +82,7 @@ def test_missing_variable_names_key_and_variable(tmp_path: Path) -> None:
         ('[[handlers]]\ntype = "log"\n', "handlers[0]: Object missing required field `name`"),
         ("[receiver]\ndedupe_window_s = 60\n", "receiver.dedupe_window_s"),
         ("[receiver]\nport = 99999\n", "receiver.port: Expected `int` <= 65535"),
+        ("[redis]\nretention_s = 3600\n", "redis.retention_s: must be at least receiver.dedupe_window_s"),
         ("[receiver]\ntolerance_s = 0\n", "receiver.tolerance_s: Expected `int` >= 1"),
         ("[receiver]\nenqueue_timeout_s = 0\n", "receiver.enqueue_timeout_s: Expected `float` > 0.0"),
         ("[worker]\nlease_s = -1\n", "worker.lease_s: Expected `float` > 0.0"),
