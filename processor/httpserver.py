@@ -18,9 +18,11 @@ Connection counts and request rates are not capped here: that is the reverse pro
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from processor.settings import ReceiverSettings
 
@@ -43,3 +45,27 @@ def server_options(receiver: ReceiverSettings) -> dict[str, Any]:
         "max_field_size": MAX_FIELD_BYTES,
         "max_headers": MAX_HEADERS,
     }
+
+
+class _BadRequestsInOneLine(logging.Filter):
+    """aiohttp logs each malformed request head (a control byte in a header, a line over the limit) at error
+    level with an 11-line traceback: anyone could flood the log. The client already got its 400; keep one
+    info line naming the problem, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "bad request refused (400): %s", (exc.message,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_BAD_REQUESTS: Final = _BadRequestsInOneLine()
+
+
+def quiet_bad_requests() -> None:
+    """Install the filter on aiohttp's server logger (idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if _BAD_REQUESTS not in logger.filters:
+        logger.addFilter(_BAD_REQUESTS)

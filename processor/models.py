@@ -317,6 +317,8 @@ def decode_body(raw: bytes) -> Body:
         body = _strict_utf8(_envelope_decoder.decode, raw)
     except UnicodeDecodeError as exc:
         raise _not_utf8(exc) from None
+    if isinstance(body, Envelope) and body.type == JOB_EVENT_PREFIX:
+        raise msgspec.ValidationError(f"`{JOB_EVENT_PREFIX}` names no status - at `$.type`")
     _check_storable(body)
     return body
 

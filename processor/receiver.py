@@ -34,7 +34,7 @@ from processor.errors import (
     UnavailableError,
     UnsupportedMediaError,
 )
-from processor.httpserver import SERVER_OPTIONS, server_options
+from processor.httpserver import SERVER_OPTIONS, quiet_bad_requests, server_options
 from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
 from processor.settings import Settings, explain
 from processor.stream import RECORD_FIELD, Keys, Streams, connect
@@ -236,6 +236,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=[errors_middleware])
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = server_options(receiver)
+    quiet_bad_requests()
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -27,6 +27,7 @@ DEFAULT_TOLERANCE_S: Final = 300
 ID_HEADER: Final = "webhook-id"
 TIMESTAMP_HEADER: Final = "webhook-timestamp"
 SIGNATURE_HEADER: Final = "webhook-signature"
+_SIGNED_HEADERS: Final = (ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
 #: Longest `webhook-id` accepted (OpenAI's `wh_…` ids have 35 characters, Standard Webhooks' `msg_…` 31).
 MAX_ID_LENGTH: Final = 128
 #: What a `webhook-id` may contain. Ids ftjobs makes itself (`poll:…`, `…:replayed`) contain `:`, which this
@@ -128,6 +129,10 @@ def verify(
     if missing:
         raise SignatureError(f"missing header: {', '.join(missing)}")
     assert msg_id is not None and timestamp is not None and signature is not None
+    # A header sent twice is refused: a proxy that reads the other copy would disagree with us about the id.
+    getall = getattr(headers, "getall", None)  # a multidict (aiohttp's headers) can hold repeats
+    if getall is not None and (repeated := [n for n in _SIGNED_HEADERS if len(getall(n, ())) > 1]):
+        raise SignatureError(f"header sent more than once: {', '.join(repeated)}")
     if not _ID.fullmatch(msg_id):
         raise SignatureError(f"webhook-id must be 1 to {MAX_ID_CHARS} visible ASCII characters")
     if not _TIMESTAMP.fullmatch(timestamp):

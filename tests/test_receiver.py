@@ -113,6 +113,7 @@ def _envelope(**changes: Any) -> bytes:
         (_job(status=""), "status: Expected `str` of length >= 1"),
         (_envelope(data={"id": "ftjob-a/b"}), "data.id: Expected `str` matching regex"),
         (_envelope(type="fine_tuning.job." + "x" * 65), "type: Expected `str` of length <= 80"),
+        (_envelope(type="fine_tuning.job."), "type: `fine_tuning.job.` names no status"),  # found by a review
         (_envelope(id="evt_" + "x" * 125), "id: Expected `str` of length <= 128"),
     ],
     ids=lambda v: v[:40].decode(errors="replace") if isinstance(v, bytes) else v[:20],

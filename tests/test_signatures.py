@@ -185,3 +185,17 @@ def test_secret_parsing() -> None:
     for bad in ["", "whsec_", "whsec_***not base64***"]:
         with pytest.raises(ConfigError):
             signatures.parse_secret(bad)
+
+
+@pytest.mark.parametrize("name", ["webhook-id", "webhook-timestamp", "webhook-signature"])
+def test_a_signed_header_sent_twice_is_refused(name: str) -> None:
+    """Found by a review: a repeated header was read by its first copy; a proxy reading the last would disagree."""
+    from multidict import CIMultiDict
+
+    body = compact(sample("fine_tuning_job.failed.json"))
+    keys = [signatures.parse_secret(SECRET)]
+    headers = CIMultiDict(signatures.signed_headers(keys, "wh_twice", body))
+    assert signatures.verify(headers, body, keys) == "wh_twice"
+    headers.add(name, "zzz")
+    with pytest.raises(SignatureError, match=f"header sent more than once: {name}"):
+        signatures.verify(headers, body, keys)
