@@ -21,10 +21,9 @@ from typing import Any, Final
 import msgspec
 import structlog
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from processor import metrics, signatures
+from processor import gauges, metrics, signatures
 from processor.enqueue import Enqueued, Enqueuer
 from processor.errors import (
     BodyTimeoutError,
@@ -204,8 +203,12 @@ async def _enqueue(
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text exposition of `processor.metrics` (and the process collectors)."""
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Prometheus text exposition of `processor.metrics`, the process collectors and the queue gauges."""
+    return await scrape(request.app)
+
+
+async def scrape(app: web.Application) -> web.Response:
+    return await gauges.endpoint(app[STREAMS], app[SETTINGS].handlers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -261,7 +264,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if receiver.metrics_port:
-        app.cleanup_ctx.append(metrics.listener(receiver.metrics_host, receiver.metrics_port, metrics_endpoint))
+        app.cleanup_ctx.append(metrics.listener(receiver.metrics_host, receiver.metrics_port, scrape))
     else:
         app.router.add_get("/metrics", metrics_endpoint)
     return app
