@@ -319,21 +319,27 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> None:
+def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = False, announce: bool = True) -> None:
     """Serve `app` until SIGTERM/SIGINT (aiohttp then runs the app's cleanup: workers stop gracefully).
 
     The server options (no decompression, timeouts, header limits) are the ones `create_app` put on the app.
+    Once the port is bound, one `listening` line says where (unless `announce` is off).
     """
     web.run_app(
         app,
         host=host,
         port=port,
-        print=None,
+        print=_announcer(host, port) if announce else None,
         access_log=None,
         loop=new_loop(),
         reuse_port=reuse_port,
         **app[SERVER_OPTIONS],
     )
+
+
+def _announcer(host: str, port: int) -> Callable[[str], None]:
+    """What aiohttp calls (instead of `print`) once the port is bound."""
+    return lambda _: log.info("listening", address=f"http://{host}:{port}", pid=os.getpid())
 
 
 def run_receivers(count: int, make_app: Callable[[], web.Application], host: str, port: int) -> None:
@@ -354,7 +360,7 @@ def run_receivers(count: int, make_app: Callable[[], web.Application], host: str
         if pid == 0:  # child: serve until told to stop, then leave without running the parent's cleanup
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
             try:
-                run_http(make_app(), host, port, reuse_port=True)
+                run_http(make_app(), host, port, reuse_port=True, announce=False)
             finally:
                 os._exit(0)
         children.append(pid)
