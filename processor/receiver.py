@@ -23,7 +23,7 @@ import structlog
 from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
-from processor import gauges, metrics, signatures
+from processor import gauges, metrics, signatures, tracing
 from processor.enqueue import Enqueued, Enqueuer
 from processor.errors import (
     BodyTimeoutError,
@@ -189,8 +189,8 @@ async def _enqueue(
     try:
         async with asyncio.timeout(deadline_s):  # a stalled Redis must not hold the sender past its own timeout
             await request.app[STREAMS].ensure_groups(h.name for h in settings.handlers)
-            with metrics.ENQUEUE_SECONDS.time():
-                return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
+            with metrics.ENQUEUE_SECONDS.time(), tracing.enqueue_span(webhook_id) as trace_fields:
+                return await request.app[ENQUEUER].add(webhook_id, stream, fields | trace_fields, event)
     except TimeoutError:  # before OSError, its base class: the write may have been applied after all
         log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
         raise UnavailableError(
@@ -236,7 +236,8 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The receiver app. It opens Redis (and creates the handlers' groups) at start and closes it at cleanup."""
     receiver = settings.receiver
-    app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=[errors_middleware])
+    middlewares = [*tracing.middlewares(receiver.path), errors_middleware]
+    app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = server_options(receiver)
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
