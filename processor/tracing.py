@@ -31,6 +31,9 @@ ENABLED: Final = trace is not None
 _NAME: Final = "ftjobs"
 _NO_FIELDS: Final[dict[bytes, bytes]] = {}
 _NO_HEADERS: Final[dict[str, str]] = {}
+#: What the span functions return when tracing is off: no generator, no allocation per call.
+_OFF_FIELDS: Final = contextlib.nullcontext(_NO_FIELDS)
+_OFF: Final = contextlib.nullcontext()
 
 
 def _carrier() -> dict[str, str]:
@@ -39,12 +42,18 @@ def _carrier() -> dict[str, str]:
     return carrier
 
 
-@contextlib.contextmanager
-def enqueue_span(webhook_id: str) -> Iterator[dict[bytes, bytes]]:
+def enqueue_span(webhook_id: str) -> contextlib.AbstractContextManager[dict[bytes, bytes]]:
     """A span around one enqueue; yields the stream entry's trace field (empty when there is no trace)."""
-    if not ENABLED:
-        yield _NO_FIELDS
-        return
+    return _enqueue_span(webhook_id) if ENABLED else _OFF_FIELDS
+
+
+def handler_span(traceparent: bytes, handler: str, job_id: str) -> contextlib.AbstractContextManager[None]:
+    """A span around one handler call, continuing the trace the entry carries (a new trace when none)."""
+    return _handler_span(traceparent, handler, job_id) if ENABLED else _OFF
+
+
+@contextlib.contextmanager
+def _enqueue_span(webhook_id: str) -> Iterator[dict[bytes, bytes]]:
     with trace.get_tracer(_NAME).start_as_current_span("ftjobs.enqueue", kind=trace.SpanKind.PRODUCER) as span:
         span.set_attribute("ftjobs.webhook_id", webhook_id)
         parent = _carrier().get("traceparent")
@@ -52,11 +61,7 @@ def enqueue_span(webhook_id: str) -> Iterator[dict[bytes, bytes]]:
 
 
 @contextlib.contextmanager
-def handler_span(traceparent: bytes, handler: str, job_id: str) -> Iterator[None]:
-    """A span around one handler call, continuing the trace the entry carries (a new trace when none)."""
-    if not ENABLED:
-        yield
-        return
+def _handler_span(traceparent: bytes, handler: str, job_id: str) -> Iterator[None]:
     parent = propagate.extract({"traceparent": traceparent.decode(errors="replace")}) if traceparent else None
     tracer = trace.get_tracer(_NAME)
     with tracer.start_as_current_span(
