@@ -20,6 +20,7 @@ from structlog.typing import EventDict, Processor
 
 #: The keys shown first on a line, in this order; the others follow in the order they were bound.
 FIRST_KEYS: Final = ("event", "handler", "job_id", "status")
+_HANDLER_NAME: Final = "ftjobs"
 
 
 def first_keys(logger: Any, method: str, event_dict: EventDict) -> EventDict:
@@ -52,8 +53,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]  # ours, once
     root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
