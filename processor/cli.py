@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import prometheus_client
 
 from processor import __version__, logs, ops, service, signatures
 from processor.errors import ConfigError
@@ -160,10 +159,9 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     service.build_handlers(settings)
-    if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port, addr=settings.receiver.metrics_host)
+    url = service.redis_url(settings)
     return service.run_async(
-        service.work_until_signal(settings, service.redis_url(settings), health_port=args.health_port)
+        service.work_until_signal(settings, url, health_port=args.health_port, metrics_port=args.metrics_port)
     )
 
 

@@ -2,35 +2,61 @@
 
 Modules do `log = structlog.get_logger()` and bind `webhook_id`, `job_id`, `handler` on the lines about an
 event. Secrets are never passed to a logger; `redact` masks a URL's credentials for lines that name a server.
+
+The records of the standard library's loggers (aiohttp's, asyncio's, redis-py's) are rendered by the same
+renderer (`structlog.stdlib.ProcessorFormatter` on the root logger), so a JSON stream stays one JSON object a
+line, tracebacks included. The keys an operator looks for (`event`, `handler`, `job_id`, `status`) come first.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
+from structlog.typing import EventDict, Processor
+
+#: The keys shown first on a line, in this order; the others follow in the order they were bound.
+FIRST_KEYS: Final = ("event", "handler", "job_id", "status")
+_HANDLER_NAME: Final = "ftjobs"
+
+
+def first_keys(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    """A processor putting `FIRST_KEYS` first, so the useful part of a long line is where the eye starts."""
+    ordered = {k: event_dict[k] for k in FIRST_KEYS if k in event_dict}
+    ordered.update(event_dict)
+    return ordered
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Set up structlog (and the stdlib root logger, for aiohttp's own lines) once per process."""
+    """Set up structlog, and the stdlib root logger for other libraries' lines, once per process."""
     console = sys.stderr.isatty() if fmt == "auto" else fmt == "console"
-    renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    renderer: Any = structlog.dev.ConsoleRenderer(sort_keys=False) if console else structlog.processors.JSONRenderer()
+    shared: list[Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info if not console else structlog.dev.set_exc_info,
+        first_keys,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info if not console else structlog.dev.set_exc_info,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]), stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]  # ours, once
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
 def redact(url: str) -> str:

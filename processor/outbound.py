@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from processor import tracing
 from processor.errors import PermanentFailure, RetryLater
 
 #: Longest slice of a target's error body carried into a dead letter.
@@ -48,6 +49,8 @@ async def request(
 ) -> tuple[int, str]:
     """Send one request; return (status, body) on success (any 2xx, or a status in `ok`), else raise."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    if trace_headers := tracing.outgoing_headers():
+        kwargs["headers"] = {**(kwargs.get("headers") or {}), **trace_headers}
     try:
         async with session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs) as resp:
             body = await resp.text(errors="replace")

@@ -27,6 +27,13 @@ from processor.stream import RECORD_FIELD, Keys, Streams
 log = structlog.get_logger()
 
 STARTED: Final = "started_at"
+#: When a poll last went through (Unix time), for `ftjobs_poller_last_success_timestamp_seconds`.
+LAST_SUCCESS: Final = "last_success_at"
+
+
+def meta_key(keys: Keys) -> str:
+    """The poller's hash: when it first started, when a poll last succeeded."""
+    return f"{keys.prefix}:poller"
 
 
 class Poller:
@@ -38,7 +45,7 @@ class Poller:
         self.api = api
         keys: Keys = streams.keys
         self.seen_key = f"{keys.prefix}:poller:seen"
-        self.meta_key = f"{keys.prefix}:poller"
+        self.meta_key = meta_key(keys)
         self.enqueuer = Enqueuer(
             streams.client, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s
         )
@@ -53,6 +60,7 @@ class Poller:
         openai = self.settings.openai
         jobs = [j async for j in self.api.iter_jobs(metadata=openai.poll_metadata, max_pages=openai.poll_max_pages)]
         if not jobs:
+            await client.hset(self.meta_key, LAST_SUCCESS, f"{time.time():.3f}")
             return 0
         seen: list[Any] = await client.hmget(self.seen_key, [j.id for j in jobs])
         emitted = 0
@@ -75,6 +83,7 @@ class Poller:
         gone = [key for key in await client.hkeys(self.seen_key) if key not in listed]
         if gone:
             await client.hdel(self.seen_key, *gone)
+        await client.hset(self.meta_key, LAST_SUCCESS, f"{time.time():.3f}")
         return emitted
 
     async def run(self) -> None:

@@ -21,10 +21,9 @@ from typing import Any, Final
 import msgspec
 import structlog
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from processor import metrics, signatures
+from processor import gauges, metrics, signatures, tracing
 from processor.enqueue import Enqueued, Enqueuer
 from processor.errors import (
     BodyTimeoutError,
@@ -190,8 +189,8 @@ async def _enqueue(
     try:
         async with asyncio.timeout(deadline_s):  # a stalled Redis must not hold the sender past its own timeout
             await request.app[STREAMS].ensure_groups(h.name for h in settings.handlers)
-            with metrics.ENQUEUE_SECONDS.time():
-                return await request.app[ENQUEUER].add(webhook_id, stream, fields, event)
+            with metrics.ENQUEUE_SECONDS.time(), tracing.enqueue_span(webhook_id) as trace_fields:
+                return await request.app[ENQUEUER].add(webhook_id, stream, fields | trace_fields, event)
     except TimeoutError:  # before OSError, its base class: the write may have been applied after all
         log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
         raise UnavailableError(
@@ -204,8 +203,12 @@ async def _enqueue(
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text exposition of `processor.metrics` (and the process collectors)."""
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Prometheus text exposition of `processor.metrics`, the process collectors and the queue gauges."""
+    return await scrape(request.app)
+
+
+async def scrape(app: web.Application) -> web.Response:
+    return await gauges.endpoint(app[STREAMS], app[SETTINGS].handlers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -233,7 +236,8 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The receiver app. It opens Redis (and creates the handlers' groups) at start and closes it at cleanup."""
     receiver = settings.receiver
-    app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=[errors_middleware])
+    middlewares = [*tracing.middlewares(receiver.path), errors_middleware]
+    app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = server_options(receiver)
     quiet_bad_requests()
@@ -262,7 +266,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if receiver.metrics_port:
-        app.cleanup_ctx.append(metrics.listener(receiver.metrics_host, receiver.metrics_port, metrics_endpoint))
+        app.cleanup_ctx.append(metrics.listener(receiver.metrics_host, receiver.metrics_port, scrape))
     else:
         app.router.add_get("/metrics", metrics_endpoint)
     return app

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -21,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from handlers import registry
 from handlers.base import Handler, HandlerContext
-from processor import embedded, signatures
+from processor import embedded, gauges, metrics, signatures
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS
 from processor.jobstate import JobState, Preparer
@@ -232,13 +234,21 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def work_until_signal(settings: Settings, url: str, *, health_port: int | None = None) -> int:
+async def work_until_signal(
+    settings: Settings, url: str, *, health_port: int | None = None, metrics_port: int | None = None
+) -> int:
     """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully; the exit code (1 when a
-    task of the worker died for good). With `health_port`, serve `GET /healthz` there meanwhile."""
+    task of the worker died for good). With `health_port`, serve `GET /healthz` there meanwhile; with
+    `metrics_port`, `GET /metrics` on `receiver.metrics_host`."""
     handlers = build_handlers(settings)
     stop = _stop_on_signals()
+    metrics_host = settings.receiver.metrics_host
     try:
-        async with running_worker(settings, url, handlers) as worker, _health_server(worker, health_port):
+        async with (
+            running_worker(settings, url, handlers) as worker,
+            _health_server(worker, health_port),
+            gauges.serving(metrics_host, metrics_port, worker.streams, settings.handlers),
+        ):
             stopping = asyncio.create_task(stop.wait())
             finished = asyncio.create_task(worker.finished.wait())
             await asyncio.wait([stopping, finished], return_when=asyncio.FIRST_COMPLETED)
@@ -309,16 +319,17 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> None:
+def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = False, announce: bool = True) -> None:
     """Serve `app` until SIGTERM/SIGINT (aiohttp then runs the app's cleanup: workers stop gracefully).
 
     The server options (no decompression, timeouts, header limits) are the ones `create_app` put on the app.
+    Once the port is bound, one `listening` line says where (unless `announce` is off).
     """
     web.run_app(
         app,
         host=host,
         port=port,
-        print=None,
+        print=_announcer(host, port) if announce else None,
         access_log=None,
         loop=new_loop(),
         reuse_port=reuse_port,
@@ -326,22 +337,30 @@ def run_http(app: web.Application, host: str, port: int, *, reuse_port: bool = F
     )
 
 
+def _announcer(host: str, port: int) -> Callable[[str], None]:
+    """What aiohttp calls (instead of `print`) once the port is bound."""
+    return lambda _: log.info("listening", address=f"http://{host}:{port}", pid=os.getpid())
+
+
 def run_receivers(count: int, make_app: Callable[[], web.Application], host: str, port: int) -> None:
     """`count` receiver processes on one port (SO_REUSEPORT: the kernel spreads connections across them).
 
     The children are forked before any event loop exists; each builds its own app and Redis connections.
-    On SIGTERM the parent stops serving, then asks each child to stop and waits for it.
+    On SIGTERM the parent stops serving, then asks each child to stop and waits for it. Their counters are
+    kept in a private folder (`metrics.share_between_processes`), removed at the end.
     """
     if count <= 1:
         run_http(make_app(), host, port)
         return
+    shared = tempfile.mkdtemp(prefix="ftjobs-metrics-")
+    metrics.share_between_processes(shared)
     children: list[int] = []
     for _ in range(count - 1):
         pid = os.fork()
         if pid == 0:  # child: serve until told to stop, then leave without running the parent's cleanup
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
             try:
-                run_http(make_app(), host, port, reuse_port=True)
+                run_http(make_app(), host, port, reuse_port=True, announce=False)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -354,3 +373,4 @@ def run_receivers(count: int, make_app: Callable[[], web.Application], host: str
         for pid in children:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        shutil.rmtree(shared, ignore_errors=True)

@@ -41,10 +41,13 @@ class Entry(NamedTuple):
     verdict: bytes = b""
     #: How many times this entry was taken over from a consumer that died holding it.
     orphaned: int = 0
+    #: The W3C `traceparent` of the enqueue, when traces are on (`processor.tracing`; empty otherwise).
+    trace: bytes = b""
 
 
 RECORD_FIELD: Final = b"e"
 VERDICT_FIELD: Final = b"v"
+TRACE_FIELD: Final = b"t"
 #: Pages of pending entries a takeover pass looks through (entries waiting for a retry are idle too).
 _RECLAIM_PAGES: Final = 10
 
@@ -403,7 +406,8 @@ def text(value: Any) -> str:
 
 def _entry(raw: Any) -> Entry:
     entry_id, fields = raw
-    return Entry(text(entry_id), fields.get(RECORD_FIELD, b""), fields.get(VERDICT_FIELD, b""))
+    record, verdict = fields.get(RECORD_FIELD, b""), fields.get(VERDICT_FIELD, b"")
+    return Entry(text(entry_id), record, verdict, trace=fields.get(TRACE_FIELD, b""))
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:

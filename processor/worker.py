@@ -28,7 +28,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from handlers.base import Delivery, Handler
-from processor import metrics, retention
+from processor import metrics, retention, tracing
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.jobstate import Preparer, judge
 from processor.limits import Guard
@@ -361,8 +361,9 @@ class Runner:
             return False
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.spec.call_limit_s):  # no extra task per call, unlike wait_for
-                await self.handler(delivery)
+            with tracing.handler_span(entry.trace, self.group, delivery.event.job_id):
+                async with asyncio.timeout(self.spec.call_limit_s):  # no extra task per call, unlike wait_for
+                    await self.handler(delivery)
         except Exception as exc:  # the handler's own bug counts as a transient failure
             if self.guard.active and await self.guard.record(ok=False):
                 log.warning("circuit_opened", cooldown_s=self.spec.breaker_cooldown_s)
