@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as redis
 
-from handlers.templates import human_time
 from processor import retention, service
 from processor.deadletters import DeadLetters
+from processor.humanize import human_time
 from processor.jobstate import JobState, Transition
 from processor.limits import Guard
 from processor.settings import Settings

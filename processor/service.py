@@ -19,10 +19,9 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
-from handlers import registry
-from handlers.base import Handler, HandlerContext
-from processor import embedded, signatures
+from processor import embedded, registry, signatures
 from processor.errors import ConfigError
+from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
 from processor.httpserver import SERVER_OPTIONS
 from processor.jobstate import JobState, Preparer
 from processor.liveness import health_app
@@ -146,10 +145,9 @@ async def running_worker(
     client = connect(url, socket_timeout=block_s + 10)
     keys = Keys(settings.redis.prefix)
     for handler, spec in zip(handlers, settings.handlers, strict=True):
-        setup = getattr(handler, "setup", None)
-        if setup is not None:
+        if isinstance(handler, NeedsSetup):
             prefix = keys.handler_state(handler.name)
-            await setup(HandlerContext(redis=client, key_prefix=prefix, timeout_s=spec.timeout_s))
+            await handler.setup(HandlerContext(redis=client, key_prefix=prefix, timeout_s=spec.timeout_s))
     api = OpenAIClient(settings.openai) if settings.openai.api_key and settings.openai.hydrate else None
     if api is not None:
         await api.__aenter__()
@@ -180,9 +178,8 @@ async def running_worker(
             await task
         finally:
             for handler in handlers:
-                close = getattr(handler, "close", None)
-                if close is not None:
-                    await close()
+                if isinstance(handler, NeedsClose):
+                    await handler.close()
             if api is not None:
                 await api.close()
             await client.aclose()

@@ -27,9 +27,9 @@ import msgspec
 import structlog
 from redis.exceptions import RedisError
 
-from handlers.base import Delivery, Handler
 from processor import metrics, retention
 from processor.errors import HandlerError, PermanentFailure, RetryLater
+from processor.handler import Delivery, Handler, is_effectively_once
 from processor.jobstate import Preparer, judge
 from processor.limits import Guard
 from processor.liveness import Heartbeat, Progress, TaskDied, cancel_requested, retry_delay, supervise
@@ -99,7 +99,7 @@ class Runner:
         self.retention_s = retention_s
         self.progress = progress
         self.group = spec.name
-        self.once = bool(getattr(handler, "effectively_once", False))
+        self.once = is_effectively_once(handler)
         self.guard = Guard(streams.client, streams.keys.prefix, spec)
         #: Every entry of the current batch not finished yet: all of them are renewed, not only running ones.
         self._held: set[str] = set()

@@ -24,8 +24,7 @@ import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from handlers import registry
-from processor import signatures
+from processor import registry, signatures
 from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS

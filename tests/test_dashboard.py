@@ -20,7 +20,7 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
 
-from handlers import registry
+from processor import registry
 from processor.dashboard.auth import Auth, safe_next
 from processor.dashboard.delivery import Facts, decide
 from processor.errors import ConfigError

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from handlers import registry
+from processor import registry
 from processor.service import running_worker, serve_app
 from processor.settings import Settings
 from tests.conftest import PATH, eventually, sample, signed, sink

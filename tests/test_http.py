@@ -255,8 +255,8 @@ async def test_airflow_duplicate_run_counts_as_done(
     rig: Any, aiohttp_server: Callable[..., Any], rclient: Any, prefix: str
 ) -> None:
     """Airflow refuses a second run with the same id (409): the trigger happened, so that is success."""
-    from handlers.base import Delivery, HandlerContext
     from handlers.http import HttpHandler, HttpOptions
+    from processor.handler import Delivery, HandlerContext
     from processor.models import Event, decode_job
 
     seen: Recorder = []

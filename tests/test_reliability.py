@@ -26,8 +26,7 @@ import pytest
 import redis.asyncio as redis
 from aiohttp import web
 
-from handlers import registry
-from processor import embedded
+from processor import embedded, registry
 from processor.embedded import EmbeddedValkey
 from processor.models import Event, FineTuningJob, encode_event
 from processor.receiver import create_app

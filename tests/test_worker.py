@@ -16,7 +16,7 @@ import redis.asyncio as redis
 import structlog
 from prometheus_client import REGISTRY
 
-from handlers import registry
+from processor import registry
 from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.service import running_worker
 from processor.settings import Settings
