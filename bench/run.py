@@ -34,7 +34,7 @@ from bench.report import TARGETS, chart, table
 from processor import logs, registry, signatures
 from processor.embedded import EmbeddedValkey
 from processor.models import Event, decode_event, decode_job, encode_event
-from processor.service import running_worker
+from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD
 

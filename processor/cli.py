@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 import prometheus_client
 
-from processor import __version__, logs, ops, service, signatures
+from processor import __version__, localsecret, logs, ops, registry, runtime, service, signatures
 from processor.errors import ConfigError
 from processor.models import Event, FineTuningJob, decode_body, decode_job
 from processor.settings import Settings
@@ -135,35 +135,35 @@ def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    settings = service.with_secrets(settings, create_local=True)
-    service.build_handlers(settings)  # fail on a bad handler config before anything starts
-    service.warn_if_insecure(settings)
+    settings = localsecret.with_secrets(settings, create_local=True)
+    handlers = registry.build(settings.handlers)  # fail on a bad handler config before anything starts
+    localsecret.warn_if_insecure(settings)
     host, port = _listen(args, settings)
-    with service.redis_for(settings, start_embedded=True) as url:
+    with runtime.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
-            asyncio.run(service.check_persistence(url))
-        app = service.serve_app(settings, url, with_worker=True)
+            asyncio.run(runtime.check_persistence(url))
+        app = service.serve_app(settings, url, handlers=handlers)
         service.run_http(app, host, port)
     return 1 if app[service.WORKER_FAILURE] else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
-    settings = service.with_secrets(settings, create_local=False)
-    service.warn_if_insecure(settings)
-    url = service.redis_url(settings)
+    settings = localsecret.with_secrets(settings, create_local=False)
+    localsecret.warn_if_insecure(settings)
+    url = runtime.redis_url(settings)
     if settings.redis.url:
-        asyncio.run(service.check_persistence(url))
+        asyncio.run(runtime.check_persistence(url))
     host, port = _listen(args, settings)
-    service.run_receivers(args.workers, lambda: service.serve_app(settings, url, with_worker=False), host, port)
+    service.run_receivers(args.workers, lambda: service.serve_app(settings, url), host, port)
     return 0
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
-    service.build_handlers(settings)
+    handlers = registry.build(settings.handlers)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=settings.receiver.metrics_host)
     return service.run_async(
-        service.work_until_signal(settings, service.redis_url(settings), health_port=args.health_port)
+        service.work_until_signal(settings, runtime.redis_url(settings), handlers, health_port=args.health_port)
     )
 
 
@@ -174,14 +174,14 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
     host, port = args.host or settings.dashboard.host, args.port or settings.dashboard.port
     settings = dashboard.with_token(settings, host)
-    url = service.redis_url(settings)
+    url = runtime.redis_url(settings)
     structlog.get_logger().info("dashboard_listening", url=f"http://{host}:{port}/ui/")
     service.run_http(dashboard.standalone_app(settings, url), host, port)
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    service.build_handlers(settings)
+    registry.build(settings.handlers)
     print(f"config: {settings.source or '(defaults)'} — OK")
     print(
         f"receiver: {settings.receiver.host}:{settings.receiver.port}{settings.receiver.path}, "
@@ -220,7 +220,7 @@ def explain_routing(path: str, settings: Settings) -> None:
 
 
 def cmd_poll(args: argparse.Namespace, settings: Settings) -> int:
-    return service.run_async(service.poll_until_signal(settings, service.redis_url(settings), once=args.once))
+    return service.run_async(service.poll_until_signal(settings, runtime.redis_url(settings), once=args.once))
 
 
 def sample_job(status: str) -> FineTuningJob:
@@ -231,7 +231,7 @@ def sample_job(status: str) -> FineTuningJob:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    secrets = settings.receiver.secrets or [s for s in [service.local_secret(settings, create=False)] if s]
+    secrets = settings.receiver.secrets or [s for s in [localsecret.local_secret(settings, create=False)] if s]
     if not secrets:
         raise ConfigError("no webhook secret to sign with: set OPENAI_WEBHOOK_SECRET (or run `ftjobs serve` once)")
     if args.job:

@@ -36,8 +36,9 @@ from processor.errors import (
 )
 from processor.httpserver import SERVER_OPTIONS, server_options
 from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
+from processor.runtime import open_runtime
 from processor.settings import Settings, explain
-from processor.stream import RECORD_FIELD, Keys, Streams, connect
+from processor.stream import RECORD_FIELD, Streams
 
 log = structlog.get_logger()
 
@@ -239,22 +240,14 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-        client = connect(redis_url)
-        keys = Keys(settings.redis.prefix)
-        app[STREAMS] = Streams(client, keys)
-        app[ENQUEUER] = Enqueuer(
-            client,
-            keys,
-            ttl_s=receiver.dedupe_window_s,
-            state_ttl_s=settings.redis.retention_s,
-            max_batch=receiver.max_batch,
-        )
-        try:
-            await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
-        except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back
-            log.warning("redis_unavailable_at_start", error=type(exc).__name__)
-        yield
-        await client.aclose()
+        async with open_runtime(settings, redis_url) as runtime:
+            app[STREAMS] = runtime.streams
+            app[ENQUEUER] = runtime.enqueuer
+            try:
+                await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
+            except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back
+                log.warning("redis_unavailable_at_start", error=type(exc).__name__)
+            yield
 
     app.cleanup_ctx.append(redis_ctx)
     app.router.add_post(receiver.path, receive_webhook)

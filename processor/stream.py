@@ -129,6 +129,17 @@ class Keys:
     def hydrated(self, event_id: str) -> str:
         return f"{self.prefix}:hydrated:{event_id}"
 
+    def hydrated_lock(self, event_id: str) -> str:
+        return f"{self.prefix}:hydrated:{event_id}:lock"
+
+    @property
+    def poller(self) -> str:
+        return f"{self.prefix}:poller"
+
+    @property
+    def poller_seen(self) -> str:
+        return f"{self.prefix}:poller:seen"
+
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
 

@@ -30,7 +30,8 @@ from redis.exceptions import RedisError
 from processor import metrics, retention
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.handler import Delivery, Handler, is_effectively_once
-from processor.jobstate import Preparer, judge
+from processor.hydration import Preparer
+from processor.jobstate import judge
 from processor.limits import Guard
 from processor.liveness import Heartbeat, Progress, TaskDied, cancel_requested, retry_delay, supervise
 from processor.models import Event, decode_event

@@ -30,7 +30,7 @@ from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS
 from processor.models import Event, decode_event
 from processor.receiver import create_app
-from processor.service import running_worker
+from processor.runtime import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings
 from tests.processes import Proc
 

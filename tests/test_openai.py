@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from processor.enqueue import Enqueuer
 from processor.jobstate import JobState
 from processor.models import decode_job
 from processor.openai import JobNotFound, OpenAIAuthError, OpenAIClient, OpenAIError
@@ -223,15 +224,21 @@ async def test_api_outage_delays_only_the_thin_event(
 # Poller and job state
 
 
+def make_poller(settings: Settings, rclient: Any, api: OpenAIClient) -> Poller:
+    """A poller on the settings' prefix, with an enqueuer of its own (as `runtime.Runtime.poller` builds it)."""
+    keys = Keys(settings.redis.prefix)
+    enqueuer = Enqueuer(rclient, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s)
+    return Poller(settings, Streams(rclient, keys), api, enqueuer)
+
+
 async def test_poller_and_webhook_give_three_transitions_and_one_notification(
     rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str, make_settings: Callable[..., Settings]
 ) -> None:
     fake, url = api
     handlers = [sink("all", redis_url, prefix), sink("done", redis_url, prefix, when={"status": "succeeded"})]
     async with rig(handlers, openai=openai_table(url)) as r:
-        streams = Streams(r.rclient, Keys(prefix))
         async with OpenAIClient(r.settings.openai) as client:
-            poller = Poller(r.settings, streams, client)
+            poller = make_poller(r.settings, r.rclient, client)
             await poller.poll_once()  # first start: nothing yet
             fake.jobs[JOB_ID] = job_doc(status="queued", created_at=int(time.time()), finished_at=None)
             for status in ("queued", "running", "succeeded"):
@@ -283,14 +290,14 @@ async def test_first_start_does_not_flood_unless_backfilling(
         fake.jobs[f"ftjob-old-{i}"] = job_doc(id=f"ftjob-old-{i}", created_at=1000 + i)
     quiet = make_settings(openai=openai_table(url))
     async with OpenAIClient(quiet.openai) as client:
-        assert await Poller(quiet, Streams(rclient, Keys(prefix)), client).poll_once() == 0
+        assert await make_poller(quiet, rclient, client).poll_once() == 0
         fake.jobs["ftjob-old-0"]["status"] = "cancelled"  # an old job changing later is announced
         fake.jobs["ftjob-new"] = job_doc(id="ftjob-new", created_at=int(time.time()) + 5)
-        assert await Poller(quiet, Streams(rclient, Keys(prefix)), client).poll_once() == 2
+        assert await make_poller(quiet, rclient, client).poll_once() == 2
     other = f"{prefix}-backfill"
     loud = make_settings(openai=openai_table(url, poll_backfill=True), redis={"prefix": other})
     async with OpenAIClient(loud.openai) as client:
-        assert await Poller(loud, Streams(rclient, Keys(other)), client).poll_once() == 4  # every job
+        assert await make_poller(loud, rclient, client).poll_once() == 4  # every job
 
 
 # The command line
