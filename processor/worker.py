@@ -8,6 +8,8 @@ leased (renewed every third of a lease) until it is finished, so no live worker'
 Outcomes: success or "not for this handler" → ack (with the done-marker of an effectively-once handler, in
 the same step, right after the call, retried while Redis is away); failure → retry with exponential backoff
 and full jitter (state in Redis, so it survives restarts) until `max_attempts`, then the dead-letter stream.
+What happens to an entry is decided by the pure functions of `policy`; a runner gathers the facts and
+applies the decision to Redis (`Runner._apply`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import msgspec
 import structlog
 from redis.exceptions import RedisError
 
-from processor import metrics, retention
-from processor.errors import HandlerError, PermanentFailure, RetryLater
+from processor import metrics, policy, retention
+from processor.errors import HandlerError
 from processor.handler import Delivery, Handler, is_effectively_once
 from processor.hydration import Preparer
 from processor.jobstate import judge
@@ -57,11 +59,6 @@ def consumer_name() -> str:
     """A consumer name unique to this process start: host, pid and a random tag (a restarted container can
     have the same host and pid, and its predecessor's entries must count as another consumer's)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def backoff(attempt: int, base_s: float, max_s: float) -> float:
-    """Delay before retry number `attempt` (1-based): full jitter over an exponential ceiling."""
-    return random.uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))
 
 
 class Ack(NamedTuple):
@@ -308,57 +305,70 @@ class Runner:
             event_type=about.type,
             attempt=failed_before + 1,
         ):
-            return await self._route(entry, event, failed_before, forget)
+            return await self._route(entry, about, event, failed_before, forget)
 
-    async def _route(self, entry: Entry, event: Event | BaseException, failed_before: int, forget: bool) -> Ack | None:
-        entry_id = entry.id
-        if entry.orphaned >= self.settings.max_takeovers:
-            reason = (
-                f"taken over {entry.orphaned} times from consumers that died handling it (does it crash the worker?)"
-            )
-            await self._dead_letter(entry, reason, failed_before)
-            return None
-        if isinstance(event, PermanentFailure):
-            await self._dead_letter(entry, str(event), failed_before)
-            return None
-        if isinstance(event, BaseException):  # the API is away: wait, without using an attempt
-            delay = event.after if isinstance(event, RetryLater) and event.after is not None else 5.0
-            await self.streams.schedule_retry(self.group, entry_id, failed_before, time.time() + delay, str(event))
-            log.warning("event_not_prepared", error=str(event), retry_in_s=delay)
-            return None
-        if why := self.spec.when.mismatch(event):
-            outcome, reason = self._skip_reason(event, why)
-            metrics.DELIVERIES.labels(self.group, outcome).inc()
-            log.info("event_skipped", outcome=outcome, reason=reason, status=event.status)
-            return Ack(entry_id, forget)
+    async def _route(
+        self, entry: Entry, about: Event, event: Event | BaseException, failed_before: int, forget: bool
+    ) -> Ack | None:
+        decision = policy.screen(
+            event,
+            spec=self.spec,
+            orphaned=entry.orphaned,
+            max_takeovers=self.settings.max_takeovers,
+            failed_before=failed_before,
+            now=time.time(),
+        )
+        if decision is not None:
+            return await self._apply(entry, about, decision, forget)
+        assert isinstance(event, Event)
         attempt = failed_before + 1
         delivery = Delivery(
             event=event, handler=self.group, attempt=attempt, idempotency_key=f"{self.group}:{event.id}"
         )
         if not await self._call(entry, delivery):
             return None
-        return Ack(entry_id, forget, event.id if self.once else "", called=True)
+        return Ack(entry_id=entry.id, forget=forget, done_event=event.id if self.once else "", called=True)
 
-    def _skip_reason(self, event: Event, mismatch: str) -> tuple[str, str]:
-        """The metric outcome (`repeat`, `stale`, `filtered`) and the logged reason of a skipped event."""
-        if event.repeat_of and not event.target:
-            return "repeat", f"repeat of {event.repeat_of}"
-        if event.stale and not self.spec.when.stale and not event.target:
-            return "stale", "stale: older than the job's latest known status"
-        return "filtered", mismatch
+    async def _apply(self, entry: Entry, about: Event, decision: policy.Decision, forget: bool) -> Ack | None:
+        """Carry out a decision that finishes this attempt without the handler's success: an `Ack` to write
+        when the entry is finished, None when a retry or the DLQ took it."""
+        match decision:
+            case policy.Ack():
+                return Ack(entry.id, forget)
+            case policy.Skip(outcome=outcome, reason=reason):
+                metrics.DELIVERIES.labels(self.group, outcome).inc()
+                log.info("event_skipped", outcome=outcome, reason=reason, status=about.status)
+                return Ack(entry.id, forget)
+            case policy.Retry(at=at, after=delay, reason=reason, attempts=attempts, outcome=outcome):
+                await self.streams.schedule_retry(self.group, entry.id, attempts, at, reason)
+                if outcome == "not_prepared":
+                    log.warning("event_not_prepared", error=reason, retry_in_s=delay)
+                elif outcome == "deferred":
+                    metrics.DELIVERIES.labels(self.group, outcome).inc()
+                    log.info("delivery_deferred", reason=reason, retry_in_s=round(delay, 3))
+                else:
+                    metrics.DELIVERIES.labels(self.group, outcome).inc()
+                    log.warning("delivery_failed", error=reason, retry_in_s=round(delay, 3))
+                return None
+            case policy.DeadLetter(reason=reason, attempts=attempts):
+                await self.streams.dead_letter(self.group, entry, reason, attempts)
+                metrics.DELIVERIES.labels(self.group, "dead_letter").inc()
+                log.error("event_dead_lettered", error=reason, attempts=attempts)
+                return None
 
     async def _call(self, entry: Entry, delivery: Delivery) -> bool:
         """Call the handler; True when it succeeded (or had already), False when a retry or the DLQ took it."""
-        entry_id, attempt, event_id = entry.id, delivery.attempt, delivery.event.id
-        if self.once and await self.streams.already_done(self.group, event_id):
+        attempt, event = delivery.attempt, delivery.event
+        if self.once and await self.streams.already_done(self.group, event.id):
             metrics.DELIVERIES.labels(self.group, "already_done").inc()
             log.info("event_already_delivered")
             return True
         if self.guard.active and (wait := await self.guard.admit()) is not None:
             delay, why = wait
-            await self.streams.schedule_retry(self.group, entry_id, attempt - 1, time.time() + delay, why)
-            metrics.DELIVERIES.labels(self.group, "deferred").inc()
-            log.info("delivery_deferred", reason=why, retry_in_s=round(delay, 3))
+            deferred = policy.Retry(
+                at=time.time() + delay, after=delay, reason=why, attempts=attempt - 1, outcome="deferred"
+            )
+            await self._apply(entry, event, deferred, False)
             return False
         started = time.perf_counter()
         try:
@@ -367,22 +377,8 @@ class Runner:
         except Exception as exc:  # the handler's own bug counts as a transient failure
             if self.guard.active and await self.guard.record(ok=False):
                 log.warning("circuit_opened", cooldown_s=self.spec.breaker_cooldown_s)
-            if isinstance(exc, PermanentFailure):
-                await self._dead_letter(entry, f"permanent failure: {exc}", attempt)
-                return False
-            reason = (
-                f"cut off after {self.spec.call_limit_s} s (twice timeout_s)"
-                if isinstance(exc, TimeoutError)
-                else _describe(exc)
-            )
-            if attempt >= self.spec.max_attempts:
-                await self._dead_letter(entry, reason, attempt)
-            else:
-                after = exc.after if isinstance(exc, RetryLater) else None
-                delay = after if after is not None else backoff(attempt, self.spec.backoff_s, self.spec.backoff_max_s)
-                await self.streams.schedule_retry(self.group, entry_id, attempt, time.time() + delay, reason)
-                metrics.DELIVERIES.labels(self.group, "retry").inc()
-                log.warning("delivery_failed", error=reason, retry_in_s=round(delay, 3))
+            outcome = policy.decide(exc, spec=self.spec, attempt=attempt, now=time.time(), jitter=random.random())
+            await self._apply(entry, event, outcome, False)
             return False
         if self.guard.active:
             await self.guard.record(ok=True)
@@ -392,11 +388,6 @@ class Runner:
         # Debug: at thousands of events a second, a line each costs more than the dispatch itself.
         log.debug("event_delivered", ms=round(elapsed * 1000, 2))
         return True
-
-    async def _dead_letter(self, entry: Entry, reason: str, attempts: int) -> None:
-        await self.streams.dead_letter(self.group, entry, reason, attempts)
-        metrics.DELIVERIES.labels(self.group, "dead_letter").inc()
-        log.error("event_dead_lettered", error=reason, attempts=attempts)
 
     async def renew_leases(self) -> None:
         """Every third of a lease, reset the idle time of every entry of the batch not finished yet (running or
@@ -414,11 +405,6 @@ class Runner:
             if lost:
                 self._lost |= lost
                 self._log.warning("leases_lost", count=len(lost))
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class WorkerFailed(Exception):
