@@ -39,7 +39,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def collect(runtime: Runtime) -> dict[str, Any]:
         status = await runtime.streams.status(h.name for h in settings.handlers)
         for spec in settings.handlers:
-            status["handlers"][spec.name] |= await Guard(runtime.client, settings.redis.prefix, spec).state()
+            status["handlers"][spec.name] |= await Guard(runtime.client, runtime.keys, spec).state()
         status["sizes"] = await retention.sizes(runtime.client, runtime.keys, [h.name for h in settings.handlers])
         return status
 

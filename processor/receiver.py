@@ -36,6 +36,7 @@ from processor.errors import (
 )
 from processor.httpserver import SERVER_OPTIONS, server_options
 from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
+from processor.records import QuarantineRecord
 from processor.runtime import open_runtime
 from processor.settings import Settings, explain
 from processor.stream import RECORD_FIELD, Streams
@@ -163,12 +164,7 @@ def _accepted_type(event_type: str, extra: list[str]) -> bool:
 
 async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error: str) -> web.Response:
     """A signed body we cannot read: keep it for replay (the sender cannot fix it; we can) and answer 2xx."""
-    fields = {
-        b"body": body,
-        b"error": error.encode(),
-        b"webhook_id": webhook_id.encode(),
-        b"received_at": f"{time.time():.3f}".encode(),
-    }
+    fields = QuarantineRecord(body=body, error=error, webhook_id=webhook_id, received_at=time.time()).to_fields()
     keys = request.app[STREAMS].keys
     new, entry_id, _ = await _enqueue(request, webhook_id, keys.quarantine, fields)
     metrics.REQUESTS.labels("quarantined" if new else "duplicate").inc()

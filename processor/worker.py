@@ -98,7 +98,7 @@ class Runner:
         self.progress = progress
         self.group = spec.name
         self.once = is_effectively_once(handler)
-        self.guard = Guard(streams.client, streams.keys.prefix, spec)
+        self.guard = Guard(streams.client, streams.keys, spec)
         #: Every entry of the current batch not finished yet: all of them are renewed, not only running ones.
         self._held: set[str] = set()
         #: Entries of the batch that another consumer took over (found by the renewal): not started here.

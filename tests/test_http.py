@@ -311,7 +311,7 @@ async def test_circuit_breaker_opens_then_probes(rig: Any, aiohttp_server: Calla
     async with rig([handler]) as r:
         from processor.limits import Guard
 
-        guard = Guard(r.rclient, prefix, r.settings.handlers[0])
+        guard = Guard(r.rclient, Keys(prefix), r.settings.handlers[0])
         await r.post(compact(sample(SUCCEEDED)))
 
         async def opened() -> bool:
