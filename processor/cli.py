@@ -20,7 +20,7 @@ import prometheus_client
 
 from processor import __version__, localsecret, logs, ops, registry, runtime, service, signatures
 from processor.errors import ConfigError
-from processor.models import Event, FineTuningJob, decode_body, decode_job
+from processor.models import Envelope, Event, EventData, FineTuningJob, decode_body, decode_job
 from processor.settings import Settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -250,15 +250,10 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         changes["metadata"] = {**(job.metadata or {}), **pairs}
     job = msgspec.structs.replace(job, **changes)
     if args.thin:
-        body = msgspec.json.encode(
-            {
-                "object": "event",
-                "id": f"evt_{uuid.uuid4().hex}",
-                "type": job.event_type,
-                "created_at": int(time.time()),
-                "data": {"id": job.id},
-            }
+        envelope = Envelope(
+            id=f"evt_{uuid.uuid4().hex}", type=job.event_type, created_at=int(time.time()), data=EventData(job.id)
         )
+        body = msgspec.json.encode(envelope)
     else:
         body = msgspec.json.encode(job)
     webhook_id = args.webhook_id or f"wh_{uuid.uuid4().hex}"
