@@ -3,7 +3,7 @@
 For one entry and one handler, `screen` decides before the call (dead-letter an entry that keeps crashing
 workers or can never be prepared, wait for the API, skip an event the rule does not want, or call the
 handler) and `decide` after it (ack, retry with backoff, or dead-letter). Neither touches Redis, the clock or
-the random generator: the worker passes `now` and `jitter` in and applies the decision (`worker.Runner`).
+the random generator: the worker passes `now` and `jitter` in and applies the decision (`runner.Runner`).
 
     Decision = Ack | Skip | Retry | DeadLetter
 """
