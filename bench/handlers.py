@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from handlers.base import Delivery, NoOptions
+from processor.handler import Delivery, NoOptions
 
 
 class Noop:

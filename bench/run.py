@@ -31,11 +31,10 @@ import redis.asyncio as redis
 
 from bench import load
 from bench.report import TARGETS, chart, table
-from handlers import registry
-from processor import logs, signatures
+from processor import logs, registry, signatures
 from processor.embedded import EmbeddedValkey
 from processor.models import Event, decode_event, decode_job, encode_event
-from processor.service import running_worker
+from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD
 

@@ -1,62 +1,11 @@
-"""The handler contract: a small Protocol, and the values a handler is given.
+"""The handler contract, re-exported for handlers written against its old path.
 
-A handler is a class with an `Options` struct (its own TOML keys, unknown keys rejected), built as
-`Handler(name, options)`, with optional async `setup(context)`/`close()` and an async `__call__(delivery)`.
-It returns on success, or raises `RetryLater` / `PermanentFailure` (any other exception counts as
-`RetryLater`). The worker owns retries, timeouts and dead letters; handlers never import it.
-
-A handler whose side effect must not repeat (a chat message, an email, a pipeline run) sets the class
-attribute `effectively_once = True`: the worker then records each success under the delivery's
-idempotency key and skips a redelivery of the same event.
+New code imports `processor.handler` (the documented path); this module only keeps out-of-tree handlers that
+import `handlers.base` working.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
-
-import redis.asyncio as redis
-from msgspec import Struct
-
-from processor.errors import ConfigError, PermanentFailure, RetryLater
-from processor.models import Event
+from processor.handler import ConfigError, Delivery, Handler, HandlerContext, NoOptions, PermanentFailure, RetryLater
 
 __all__ = ["ConfigError", "Delivery", "Handler", "HandlerContext", "NoOptions", "PermanentFailure", "RetryLater"]
-
-
-class Delivery(Struct, frozen=True, kw_only=True):
-    """One attempt to hand one event to one handler."""
-
-    event: Event
-    handler: str
-    #: 1 on the first try.
-    attempt: int
-    #: Stable across retries and redeliveries of this event to this handler: send it downstream
-    #: (`Idempotency-Key`) or use it to skip a side effect already done.
-    idempotency_key: str
-
-
-@dataclass(frozen=True)
-class HandlerContext:
-    """What `setup` gets: a Redis client, a key prefix of the handler's own (for state such as threads), and
-    how long one outgoing request may take."""
-
-    redis: redis.Redis
-    #: `{prefix}:h:{handler name}`: keys under it belong to this handler.
-    key_prefix: str
-    #: The `[[handlers]]` table's `timeout_s`: the limit for the handler's outgoing request (HTTP, SMTP).
-    #: The worker cuts the whole call off a little after it.
-    timeout_s: float = 10.0
-
-
-class NoOptions(Struct, forbid_unknown_fields=True):
-    """For handlers that take no options of their own."""
-
-
-class Handler(Protocol):
-    """What the worker calls. `setup`, `close` and `effectively_once` are optional."""
-
-    Options: ClassVar[type[Any]]
-    name: str
-
-    async def __call__(self, delivery: Delivery) -> None: ...

@@ -22,8 +22,8 @@ from typing import Final, Literal
 import aiosmtplib
 import msgspec
 
-from handlers.base import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from handlers.templates import Template
+from processor.handler import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from processor.models import Event
 
 DEFAULT_SUBJECT: Final = (

@@ -17,9 +17,9 @@ import aiohttp
 import msgspec
 
 from handlers import presets
-from handlers.base import ConfigError, Delivery, HandlerContext
 from handlers.templates import Template
 from processor import outbound, signatures
+from processor.handler import ConfigError, Delivery, HandlerContext
 
 Preset = Literal["", "github_repository_dispatch", "github_workflow_dispatch", "gitlab_pipeline", "airflow_dag_run"]
 _json: Final = msgspec.json.Encoder()

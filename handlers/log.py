@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 
-from handlers.base import Delivery, NoOptions
+from processor.handler import Delivery, NoOptions
 
 log = structlog.get_logger()
 

@@ -16,9 +16,9 @@ import aiohttp
 import msgspec
 import redis.asyncio as redis
 
-from handlers.base import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from handlers.templates import Template, context, slack_escape, slack_link
 from processor import outbound
+from processor.handler import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from processor.models import Event
 
 THREAD_TTL_S: Final = 30 * 24 * 3600

@@ -18,7 +18,6 @@ import functools
 import json
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final, Literal
 from urllib.parse import quote
@@ -28,6 +27,7 @@ import msgspec
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from processor.errors import ConfigError
+from processor.humanize import human_duration, human_time, human_tokens
 from processor.models import KNOWN_STATUSES, Event, FineTuningJob, decode_job
 
 Flavor = Literal["text", "html", "slack", "header", "json"]
@@ -80,34 +80,6 @@ def _finalizer(flavor: Flavor) -> Any:
         return value
 
     return finalize
-
-
-def human_time(ts: int | float | None) -> str:
-    """`2025-10-27 10:57 UTC` for a unix timestamp ('' for None)."""
-    if not ts:
-        return ""
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def human_duration(seconds: float | None) -> str:
-    """`3h 56m`, `4m 10s`, `12s` ('' for None)."""
-    if seconds is None or seconds < 0:
-        return ""
-    s = int(seconds)
-    hours, minutes = divmod(s // 60, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {s % 60:02d}s" if minutes else f"{s}s"
-
-
-def human_tokens(n: int | None) -> str:
-    """`6.28M`, `12.5k`, `980` ('' for None)."""
-    if n is None:
-        return ""
-    for size, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "k")):
-        if n >= size:
-            return f"{n / size:.3g}{suffix}"
-    return str(n)
 
 
 def context(event: Event, now: float | None = None) -> dict[str, Any]:

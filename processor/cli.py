@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from processor import __version__, logs, ops, service, signatures
+from processor import __version__, localsecret, logs, ops, registry, runtime, service, signatures
 from processor.errors import ConfigError
-from processor.models import Event, FineTuningJob, decode_body, decode_job
+from processor.models import Envelope, Event, EventData, FineTuningJob, decode_body, decode_job
 from processor.settings import Settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -134,34 +134,34 @@ def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    settings = service.with_secrets(settings, create_local=True)
-    service.build_handlers(settings)  # fail on a bad handler config before anything starts
-    service.warn_if_insecure(settings)
+    settings = localsecret.with_secrets(settings, create_local=True)
+    handlers = registry.build(settings.handlers)  # fail on a bad handler config before anything starts
+    localsecret.warn_if_insecure(settings)
     host, port = _listen(args, settings)
-    with service.redis_for(settings, start_embedded=True) as url:
+    with runtime.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
-            asyncio.run(service.check_persistence(url))
-        app = service.serve_app(settings, url, with_worker=True)
+            asyncio.run(runtime.check_persistence(url))
+        app = service.serve_app(settings, url, handlers=handlers)
         service.run_http(app, host, port)
     return 1 if app[service.WORKER_FAILURE] else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
-    settings = service.with_secrets(settings, create_local=False)
-    service.warn_if_insecure(settings)
-    url = service.redis_url(settings)
+    settings = localsecret.with_secrets(settings, create_local=False)
+    localsecret.warn_if_insecure(settings)
+    url = runtime.redis_url(settings)
     if settings.redis.url:
-        asyncio.run(service.check_persistence(url))
+        asyncio.run(runtime.check_persistence(url))
     host, port = _listen(args, settings)
-    service.run_receivers(args.workers, lambda: service.serve_app(settings, url, with_worker=False), host, port)
+    service.run_receivers(args.workers, lambda: service.serve_app(settings, url), host, port)
     return 0
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
-    service.build_handlers(settings)
-    url = service.redis_url(settings)
+    handlers = registry.build(settings.handlers)
+    url = runtime.redis_url(settings)
     return service.run_async(
-        service.work_until_signal(settings, url, health_port=args.health_port, metrics_port=args.metrics_port)
+        service.work_until_signal(settings, url, handlers, health_port=args.health_port, metrics_port=args.metrics_port)
     )
 
 
@@ -172,14 +172,14 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
     host, port = args.host or settings.dashboard.host, args.port or settings.dashboard.port
     settings = dashboard.with_token(settings, host)
-    url = service.redis_url(settings)
+    url = runtime.redis_url(settings)
     structlog.get_logger().info("dashboard_listening", url=f"http://{host}:{port}/ui/")
     service.run_http(dashboard.standalone_app(settings, url), host, port)
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    service.build_handlers(settings)
+    registry.build(settings.handlers)
     print(f"config: {settings.source or '(defaults)'} — OK")
     print(
         f"receiver: {settings.receiver.host}:{settings.receiver.port}{settings.receiver.path}, "
@@ -218,7 +218,7 @@ def explain_routing(path: str, settings: Settings) -> None:
 
 
 def cmd_poll(args: argparse.Namespace, settings: Settings) -> int:
-    return service.run_async(service.poll_until_signal(settings, service.redis_url(settings), once=args.once))
+    return service.run_async(service.poll_until_signal(settings, runtime.redis_url(settings), once=args.once))
 
 
 def sample_job(status: str) -> FineTuningJob:
@@ -229,7 +229,7 @@ def sample_job(status: str) -> FineTuningJob:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    secrets = settings.receiver.secrets or [s for s in [service.local_secret(settings, create=False)] if s]
+    secrets = settings.receiver.secrets or [s for s in [localsecret.local_secret(settings, create=False)] if s]
     if not secrets:
         raise ConfigError("no webhook secret to sign with: set OPENAI_WEBHOOK_SECRET (or run `ftjobs serve` once)")
     if args.job:
@@ -248,15 +248,10 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         changes["metadata"] = {**(job.metadata or {}), **pairs}
     job = msgspec.structs.replace(job, **changes)
     if args.thin:
-        body = msgspec.json.encode(
-            {
-                "object": "event",
-                "id": f"evt_{uuid.uuid4().hex}",
-                "type": job.event_type,
-                "created_at": int(time.time()),
-                "data": {"id": job.id},
-            }
+        envelope = Envelope(
+            id=f"evt_{uuid.uuid4().hex}", type=job.event_type, created_at=int(time.time()), data=EventData(job.id)
         )
+        body = msgspec.json.encode(envelope)
     else:
         body = msgspec.json.encode(job)
     webhook_id = args.webhook_id or f"wh_{uuid.uuid4().hex}"

@@ -16,6 +16,7 @@ from msgspec import Struct
 
 from processor.enqueue import Enqueuer
 from processor.models import Event, decode_body, decode_event, encode_event
+from processor.records import DeadLetterRecord, QuarantineRecord
 from processor.settings import explain
 from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams, text
 
@@ -42,11 +43,20 @@ class Quarantined(Struct, kw_only=True):
 class DeadLetters:
     """Operator actions on one deployment's dead-letter and quarantine streams."""
 
-    def __init__(self, streams: Streams, *, dedupe_ttl_s: int = 96 * 3600, retention_s: int = 7 * 24 * 3600) -> None:
+    def __init__(
+        self,
+        streams: Streams,
+        *,
+        enqueuer: Enqueuer | None = None,
+        dedupe_ttl_s: int = 96 * 3600,
+        retention_s: int = 7 * 24 * 3600,
+    ) -> None:
+        """`enqueuer`: the process's (`runtime.Runtime.enqueuer`); without one, a private one is built with
+        `dedupe_ttl_s` and `retention_s` (for callers that hold only a `Streams`)."""
         self.streams = streams
         self.client = streams.client
         self.keys = streams.keys
-        self.enqueuer = Enqueuer(streams.client, streams.keys, ttl_s=dedupe_ttl_s, state_ttl_s=retention_s)
+        self.enqueuer = enqueuer or Enqueuer(streams.client, streams.keys, ttl_s=dedupe_ttl_s, state_ttl_s=retention_s)
 
     async def letters(self, handler: str, count: int = 100) -> list[DeadLetter]:
         raw: Any = await self.client.xrange(self.keys.dlq(handler), count=count)
@@ -114,26 +124,28 @@ class DeadLetters:
 
 
 def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
+    record = DeadLetterRecord.from_fields(fields)
     try:
-        event: Event | None = decode_event(fields.get(RECORD_FIELD, b""))
+        event: Event | None = decode_event(record.record)
     except msgspec.DecodeError:
         event = None
     return DeadLetter(
         id=text(entry_id),
-        entry_id=text(fields.get(b"entry_id", b"")),
-        error=text(fields.get(b"error", b"")),
-        attempts=int(fields.get(b"attempts", b"0")),
-        failed_at=float(fields.get(b"failed_at", b"0")),
+        entry_id=record.entry_id,
+        error=record.error,
+        attempts=record.attempts,
+        failed_at=record.failed_at,
         event=event,
-        verdict=text(fields.get(VERDICT_FIELD, b"")),
+        verdict=record.verdict.decode(errors="replace"),
     )
 
 
 def _quarantined(entry_id: Any, fields: dict[bytes, bytes]) -> Quarantined:
+    record = QuarantineRecord.from_fields(fields)
     return Quarantined(
         id=text(entry_id),
-        webhook_id=text(fields.get(b"webhook_id", b"")),
-        error=text(fields.get(b"error", b"")),
-        received_at=float(fields.get(b"received_at", b"0")),
-        body=fields.get(b"body", b""),
+        webhook_id=record.webhook_id,
+        error=record.error,
+        received_at=record.received_at,
+        body=record.body,
     )

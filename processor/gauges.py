@@ -59,8 +59,8 @@ async def read(streams: Streams, specs: Iterable[HandlerSpec], now: float | None
     groups = [spec.name for spec in specs]
     status = await streams.status(groups)
     sizes = await retention.sizes(streams.client, streams.keys, groups)
-    circuits = [await Guard(streams.client, streams.keys.prefix, spec).state(now) for spec in specs]
-    last_poll = await streams.client.hget(poller.meta_key(streams.keys), poller.LAST_SUCCESS)
+    circuits = [await Guard(streams.client, streams.keys, spec).state(now) for spec in specs]
+    last_poll = await streams.client.hget(streams.keys.poller, poller.LAST_SUCCESS)
 
     lag = _gauge("ftjobs_handler_lag", "Events in the stream not yet read by the handler's group.", ["handler"])
     pending = _gauge(

@@ -6,7 +6,8 @@
   calls meanwhile are deferred (not attempted, not counted). After the cool-down one probe call is let
   through; success closes the circuit, failure opens it again.
 
-Keys: `{p}:rate:{handler}:{minute}` (expires) and `{p}:breaker:{handler}` (hash: failures, open_until).
+Keys (`stream.Keys`): `{p}:rate:{handler}:{minute}` (expires), `{p}:breaker:{handler}` (hash: failures,
+open_until) and its `:probe`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Final
 import redis.asyncio as redis
 
 from processor.settings import HandlerSpec
+from processor.stream import Keys
 
 _FAILED_LUA: Final = """
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
@@ -32,12 +34,12 @@ return 0
 class Guard:
     """The rate limit and circuit breaker of one handler (a no-op when neither is configured)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, spec: HandlerSpec) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, spec: HandlerSpec) -> None:
         self.client = client
         self.spec = spec
-        self.rate_key = f"{prefix}:rate:{spec.name}"
-        self.breaker_key = f"{prefix}:breaker:{spec.name}"
-        self.probe_key = f"{prefix}:breaker:{spec.name}:probe"
+        self.rate_key = keys.rate(spec.name)
+        self.breaker_key = keys.breaker(spec.name)
+        self.probe_key = keys.breaker_probe(spec.name)
         self._failed = client.register_script(_FAILED_LUA)
 
     @property

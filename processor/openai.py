@@ -1,7 +1,8 @@
 """OpenAI fine-tuning API client (aiohttp), decoding into the same `FineTuningJob` struct as webhooks.
 
-Retrieve a job, list jobs (pagination, `metadata[k]=v` filter), list a job's events. 429 and 5xx are
-retried (honouring `Retry-After`, else exponential backoff), bounded by `max_retries` and a per-request
+Retrieve a job, list jobs (pagination, `metadata[k]=v` filter), list a job's events. Statuses are read by
+`outbound.classify`, the policy the handlers' requests follow too: 429, 408 and 5xx are retried (honouring
+`Retry-After`, else exponential backoff with full jitter), bounded by `max_retries` and a per-request
 timeout; 401/403 raise `OpenAIAuthError` naming what is wrong, never the key; 404 raises `JobNotFound`.
 Redirects are never followed (they would carry the key to wherever they point): a 3xx is an `OpenAIError`
 naming its target. Job ids are URL-quoted into paths, so an id is always one path segment.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping
+from math import inf
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
@@ -22,8 +24,9 @@ from msgspec import Struct
 
 from processor.errors import FtjobsError
 from processor.models import FineTuningJob
-from processor.outbound import redirect_target
+from processor.outbound import classify, redirect_target
 from processor.outbound import retry_after as _retry_after
+from processor.policy import backoff_delay
 from processor.settings import OpenAISettings
 
 
@@ -154,9 +157,10 @@ class OpenAIClient:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = OpenAIError(f"{what}: {type(exc).__name__ or 'timeout'}")
             else:
-                if status == 200:
+                outcome = classify(status, ok=(200,))
+                if outcome == "ok":
                     return body
-                if 300 <= status < 400:
+                if outcome == "redirect":
                     where = redirect_target(location, url)
                     raise OpenAIError(f"{what}: redirected ({status}) to {where}; check openai.base_url")
                 message = _error_message(body)
@@ -167,12 +171,12 @@ class OpenAIClient:
                     )
                 if status == 404:
                     raise JobNotFound(f"{what}: 404 — {message or 'not found'}")
-                if status != 429 and status < 500:
+                if outcome == "refused":
                     raise OpenAIError(f"{what}: {status} — {message}")
                 problem = OpenAIError(f"{what}: {status} — {message}", retry_after)
             if attempt == self.settings.max_retries:
                 raise problem
-            delay = retry_after if retry_after is not None else random.uniform(0, 0.5 * 2**attempt)
+            delay = retry_after if retry_after is not None else backoff_delay(attempt + 1, 0.5, inf, random.random())
             await asyncio.sleep(min(delay, self.settings.timeout_s))
         raise AssertionError("unreachable")
 

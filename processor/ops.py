@@ -1,7 +1,7 @@
 """Operator commands: look at the queue and the jobs, and deal with dead letters and quarantine.
 
-`ftjobs status`, `jobs`, `job`, `dlq` and `quarantine`; each opens Redis (starting the embedded Valkey for
-the duration when none is running) and closes it again.
+`ftjobs status`, `jobs`, `job`, `dlq` and `quarantine`; each opens a `runtime.Runtime` (starting the
+embedded Valkey for the duration when none is running) and closes it again.
 """
 
 from __future__ import annotations
@@ -13,41 +13,34 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-import redis.asyncio as redis
 
-from handlers.templates import human_time
-from processor import retention, service
-from processor.deadletters import DeadLetters
-from processor.jobstate import JobState, Transition
+from processor import retention
+from processor.humanize import human_time
+from processor.jobstate import Transition
 from processor.limits import Guard
+from processor.runtime import Runtime, open_runtime, redis_for
 from processor.settings import Settings
-from processor.stream import Keys, Streams, connect
 
 T = TypeVar("T")
 
 
-def with_redis(settings: Settings, work: Callable[[redis.Redis], Awaitable[T]]) -> T:
-    """Run `work(client)` against the deployment's Redis (the embedded one is started if needed)."""
+def with_redis(settings: Settings, work: Callable[[Runtime], Awaitable[T]]) -> T:
+    """Run `work(runtime)` against the deployment's Redis (the embedded one is started if needed)."""
 
     async def run(url: str) -> T:
-        client = connect(url)
-        try:
-            return await work(client)
-        finally:
-            await client.aclose()
+        async with open_runtime(settings, url) as runtime:
+            return await work(runtime)
 
-    with service.redis_for(settings, start_embedded=True) as url:
+    with redis_for(settings, start_embedded=True) as url:
         return asyncio.run(run(url))
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    async def collect(client: redis.Redis) -> dict[str, Any]:
-        status = await Streams(client, Keys(settings.redis.prefix)).status(h.name for h in settings.handlers)
+    async def collect(runtime: Runtime) -> dict[str, Any]:
+        status = await runtime.streams.status(h.name for h in settings.handlers)
         for spec in settings.handlers:
-            status["handlers"][spec.name] |= await Guard(client, settings.redis.prefix, spec).state()
-        status["sizes"] = await retention.sizes(
-            client, Keys(settings.redis.prefix), [h.name for h in settings.handlers]
-        )
+            status["handlers"][spec.name] |= await Guard(runtime.client, runtime.keys, spec).state()
+        status["sizes"] = await retention.sizes(runtime.client, runtime.keys, [h.name for h in settings.handlers])
         return status
 
     status = with_redis(settings, collect)
@@ -83,12 +76,8 @@ def print_workers(workers: list[dict[str, str]]) -> None:
         )
 
 
-def _job_state(settings: Settings, client: redis.Redis) -> JobState:
-    return JobState(client, Keys(settings.redis.prefix), settings.redis.retention_s)
-
-
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
-    rows = with_redis(settings, lambda client: _job_state(settings, client).recent(args.limit))
+    rows = with_redis(settings, lambda runtime: runtime.jobs.recent(args.limit))
     if not rows:
         print("no jobs seen yet")
     for job_id, status, at in rows:
@@ -97,7 +86,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
-    timeline: list[Transition] = with_redis(settings, lambda c: _job_state(settings, c).timeline(args.job_id))
+    timeline: list[Transition] = with_redis(settings, lambda runtime: runtime.jobs.timeline(args.job_id))
     if not timeline:
         print(f"no status changes recorded for {args.job_id}")
         return 1
@@ -127,12 +116,8 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     if args.handler not in names:
         raise SystemExit(f"ftjobs: unknown handler {args.handler!r} (configured: {', '.join(names)})")
 
-    async def act(client: redis.Redis) -> int:
-        dead = DeadLetters(
-            Streams(client, Keys(settings.redis.prefix)),
-            dedupe_ttl_s=settings.receiver.dedupe_window_s,
-            retention_s=settings.redis.retention_s,
-        )
+    async def act(runtime: Runtime) -> int:
+        dead = runtime.dead_letters
         letters = await dead.letters(args.handler, 10_000)
         if args.action == "list":
             for letter in letters:
@@ -153,12 +138,8 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
-    async def act(client: redis.Redis) -> int:
-        dead = DeadLetters(
-            Streams(client, Keys(settings.redis.prefix)),
-            dedupe_ttl_s=settings.receiver.dedupe_window_s,
-            retention_s=settings.redis.retention_s,
-        )
+    async def act(runtime: Runtime) -> int:
+        dead = runtime.dead_letters
         items = await dead.quarantined(10_000)
         if args.action == "list":
             for item in items:

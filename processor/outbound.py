@@ -1,7 +1,9 @@
 """Outgoing HTTP (handlers, API clients): one request, its outcome mapped onto the worker's retry policy.
 
-429 → `RetryLater` after `Retry-After`; 5xx, timeouts and connection errors → `RetryLater`; other
-non-success statuses → `PermanentFailure` with the target's answer. A timeout after the request was sent is
+`classify` is the one status policy, shared with the OpenAI client: 429, 408 and 5xx → retry (after
+`Retry-After` when given); 3xx → a redirect, never followed; other non-success statuses → refused.
+Here that becomes: 429, 408, 5xx, timeouts and connection errors → `RetryLater`; the rest →
+`PermanentFailure` with the target's answer. A timeout after the request was sent is
 an unknown outcome (the target may have acted): it is retried like any timeout, and the retry carries the
 same `Idempotency-Key`, so a target that deduplicates on it acts once. Messages name the target by a label
 (`slack`, `http:eval-after-train`), never by URL: webhook URLs and query strings carry secrets.
@@ -14,7 +16,7 @@ A 3xx is a `PermanentFailure` that names where it pointed (`redirect_target`), s
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from yarl import URL
@@ -26,6 +28,22 @@ from processor.errors import PermanentFailure, RetryLater
 _BODY_EXCERPT = 300
 #: Longest redirect target carried into a message.
 _LOCATION_EXCERPT = 200
+
+
+#: What an answer means for whoever sent the request.
+Outcome = Literal["ok", "redirect", "retry", "refused"]
+
+
+def classify(status: int, ok: Collection[int] = ()) -> Outcome:
+    """The outcome of an HTTP status: success (any 2xx, or only the statuses in `ok` when given), a redirect
+    (not followed), worth retrying (rate limited, timed out on the server, or a server error), or refused."""
+    if status in ok or (not ok and 200 <= status < 300):
+        return "ok"
+    if 300 <= status < 400:
+        return "redirect"
+    if status in (408, 429) or status >= 500:
+        return "retry"
+    return "refused"
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -62,17 +80,18 @@ async def request(
         raise RetryLater(f"{label}: no answer within {timeout_s} s (outcome unknown; retried)") from None
     except aiohttp.ClientError as exc:
         raise RetryLater(f"{label}: {type(exc).__name__}") from None
-    if status in ok or (not ok and 200 <= status < 300):
+    outcome = classify(status, ok)
+    if outcome == "ok":
         return status, body
-    if 300 <= status < 400:
+    if outcome == "redirect":
         where = redirect_target(headers.get("Location", ""), url)
         raise PermanentFailure(f"{label}: redirected ({status}) to {where}; redirects are not followed")
     excerpt = body[:_BODY_EXCERPT].strip()
+    if outcome == "refused":
+        raise PermanentFailure(f"{label}: refused with {status} {excerpt}")
     if status == 429:
         raise RetryLater(f"{label}: rate limited (429) {excerpt}", after=retry_after(headers))
-    if status >= 500 or status == 408:
-        raise RetryLater(f"{label}: server error {status} {excerpt}", after=retry_after(headers))
-    raise PermanentFailure(f"{label}: refused with {status} {excerpt}")
+    raise RetryLater(f"{label}: server error {status} {excerpt}", after=retry_after(headers))
 
 
 def redirect_target(location: str, ours: str) -> str:

@@ -22,7 +22,7 @@ from processor.liveness import cancel_requested
 from processor.models import Event, FineTuningJob, encode_event
 from processor.openai import OpenAIClient, OpenAIError
 from processor.settings import Settings
-from processor.stream import RECORD_FIELD, Keys, Streams
+from processor.stream import RECORD_FIELD, Streams
 
 log = structlog.get_logger()
 
@@ -31,24 +31,16 @@ STARTED: Final = "started_at"
 LAST_SUCCESS: Final = "last_success_at"
 
 
-def meta_key(keys: Keys) -> str:
-    """The poller's hash: when it first started, when a poll last succeeded."""
-    return f"{keys.prefix}:poller"
-
-
 class Poller:
     """One poll per `poll_once()`; `run()` polls until cancelled."""
 
-    def __init__(self, settings: Settings, streams: Streams, api: OpenAIClient) -> None:
+    def __init__(self, settings: Settings, streams: Streams, api: OpenAIClient, enqueuer: Enqueuer) -> None:
         self.settings = settings
         self.streams = streams
         self.api = api
-        keys: Keys = streams.keys
-        self.seen_key = f"{keys.prefix}:poller:seen"
-        self.meta_key = meta_key(keys)
-        self.enqueuer = Enqueuer(
-            streams.client, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s
-        )
+        self.seen_key = streams.keys.poller_seen
+        self.meta_key = streams.keys.poller
+        self.enqueuer = enqueuer
 
     async def poll_once(self, now: float | None = None) -> int:
         """List recent jobs and enqueue one event per status change; returns how many were enqueued."""

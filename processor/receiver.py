@@ -35,8 +35,10 @@ from processor.errors import (
 )
 from processor.httpserver import SERVER_OPTIONS, quiet_bad_requests, server_options
 from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
+from processor.records import QuarantineRecord
+from processor.runtime import open_runtime
 from processor.settings import Settings, explain
-from processor.stream import RECORD_FIELD, Keys, Streams, connect
+from processor.stream import RECORD_FIELD, Streams
 
 log = structlog.get_logger()
 
@@ -161,12 +163,7 @@ def _accepted_type(event_type: str, extra: list[str]) -> bool:
 
 async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error: str) -> web.Response:
     """A signed body we cannot read: keep it for replay (the sender cannot fix it; we can) and answer 2xx."""
-    fields = {
-        b"body": body,
-        b"error": error.encode(),
-        b"webhook_id": webhook_id.encode(),
-        b"received_at": f"{time.time():.3f}".encode(),
-    }
+    fields = QuarantineRecord(body=body, error=error, webhook_id=webhook_id, received_at=time.time()).to_fields()
     keys = request.app[STREAMS].keys
     new, entry_id, _ = await _enqueue(request, webhook_id, keys.quarantine, fields)
     metrics.REQUESTS.labels("quarantined" if new else "duplicate").inc()
@@ -244,22 +241,14 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-        client = connect(redis_url)
-        keys = Keys(settings.redis.prefix)
-        app[STREAMS] = Streams(client, keys)
-        app[ENQUEUER] = Enqueuer(
-            client,
-            keys,
-            ttl_s=receiver.dedupe_window_s,
-            state_ttl_s=settings.redis.retention_s,
-            max_batch=receiver.max_batch,
-        )
-        try:
-            await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
-        except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back
-            log.warning("redis_unavailable_at_start", error=type(exc).__name__)
-        yield
-        await client.aclose()
+        async with open_runtime(settings, redis_url) as runtime:
+            app[STREAMS] = runtime.streams
+            app[ENQUEUER] = runtime.enqueuer
+            try:
+                await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
+            except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back
+                log.warning("redis_unavailable_at_start", error=type(exc).__name__)
+            yield
 
     app.cleanup_ctx.append(redis_ctx)
     app.router.add_post(receiver.path, receive_webhook)

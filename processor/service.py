@@ -1,7 +1,8 @@
-"""Process wiring for the long-running commands: which Redis, which secret, and what runs in the loop.
+"""Process lifecycle for the long-running commands: the event loop, signals, and the processes that run.
 
 `serve` = receiver + workers in one process (and the embedded Valkey when no URL is set);
-`receive` and `work` are the two halves, for running several of each against one Redis.
+`receive` and `work` are the two halves, for running several of each against one Redis. What runs is built
+by `runtime` (the composition root); this module starts it, stops it on SIGTERM/SIGINT, and forks.
 """
 
 from __future__ import annotations
@@ -12,195 +13,37 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-import msgspec
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError, ResponseError
 
-from handlers import registry
-from handlers.base import Handler, HandlerContext
-from processor import embedded, gauges, metrics, signatures
+from processor import gauges, metrics
 from processor.errors import ConfigError
+from processor.handler import Handler
 from processor.httpserver import SERVER_OPTIONS
-from processor.jobstate import JobState, Preparer
 from processor.liveness import health_app
-from processor.logs import redact
-from processor.openai import OpenAIClient
-from processor.poller import Poller
 from processor.receiver import create_app
+from processor.runtime import open_runtime, running_worker
 from processor.settings import Settings
-from processor.stream import Keys, Streams, connect, text
 from processor.worker import Worker, WorkerFailed
 
 log = structlog.get_logger()
 
-LOCAL_SECRET_FILE: Final = "webhook-secret"
 T = TypeVar("T")
-
-
-def local_secret(settings: Settings, *, create: bool) -> str | None:
-    """The secret kept under the data directory for a zero-config local setup (created on first `serve`)."""
-    path = Path(settings.redis.data_dir) / LOCAL_SECRET_FILE
-    if path.exists():
-        return path.read_text().strip()
-    if not create:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(signatures.generate_secret() + "\n")
-    return path.read_text().strip()
-
-
-def with_secrets(settings: Settings, *, create_local: bool) -> Settings:
-    """Settings whose receiver has a secret: the configured ones, else the local one (with a warning)."""
-    receiver = settings.receiver
-    if receiver.secrets or not receiver.verify_signatures:
-        return settings
-    secret = local_secret(settings, create=create_local)
-    if secret is None:
-        raise ConfigError("no webhook secret: set OPENAI_WEBHOOK_SECRET (or receiver.secrets) to your whsec_ secret")
-    log.warning(
-        "using_local_webhook_secret",
-        file=str(Path(settings.redis.data_dir) / LOCAL_SECRET_FILE),
-        hint="set OPENAI_WEBHOOK_SECRET to the endpoint's signing secret before pointing OpenAI here",
-    )
-    return _replace_secrets(settings, [secret])
-
-
-def _replace_secrets(settings: Settings, secrets: list[str]) -> Settings:
-    return msgspec.structs.replace(settings, receiver=msgspec.structs.replace(settings.receiver, secrets=secrets))
-
-
-def redis_url(settings: Settings) -> str:
-    """The configured URL, or the socket of an embedded server already running on the data directory."""
-    if settings.redis.url:
-        return settings.redis.url
-    if embedded.is_running(settings.redis.data_dir):
-        return embedded.url_for(settings.redis.data_dir)
-    raise ConfigError(
-        "no Redis to connect to: set REDIS_URL (or redis.url), or start `ftjobs serve`, which runs an embedded one"
-    )
-
-
-@contextlib.contextmanager
-def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[str]:
-    """Yield a Redis URL, starting (and afterwards stopping) an embedded Valkey when none is configured."""
-    if settings.redis.url or embedded.is_running(settings.redis.data_dir) or not start_embedded:
-        yield redis_url(settings)
-        return
-    server = embedded.EmbeddedValkey(settings.redis.data_dir)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-async def check_persistence(url: str) -> None:
-    """Warn when an external server would lose acknowledged events on a crash (AOF and RDB both off)."""
-    client = connect(url)
-    try:
-        config: dict[Any, Any] = await client.config_get("appendonly")
-        config |= await client.config_get("save")
-    except ResponseError:  # managed services often refuse CONFIG
-        log.warning("redis_persistence_unknown", url=redact(url), hint="make sure AOF is on (appendfsync always)")
-        return
-    except (RedisError, OSError) as exc:
-        log.warning("redis_unavailable_at_start", url=redact(url), error=type(exc).__name__)
-        return
-    finally:
-        await client.aclose()
-    values = {text(k): text(v) for k, v in config.items()}
-    appendonly, save = values.get("appendonly", ""), values.get("save", "")
-    if appendonly != "yes":
-        log.warning(
-            "redis_persistence_off" if not save else "redis_aof_off",
-            url=redact(url),
-            appendonly=appendonly,
-            save=save or "(none)",
-            hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
-        )
-
-
-def warn_if_insecure(settings: Settings) -> None:
-    if not settings.receiver.verify_signatures:
-        log.warning(
-            "SIGNATURE_VERIFICATION_DISABLED",
-            hint="anyone who can reach this port can inject events; for local development only",
-        )
-
-
-def build_handlers(settings: Settings) -> list[Handler]:
-    return registry.build(settings.handlers)
-
-
-@contextlib.asynccontextmanager
-async def running_worker(
-    settings: Settings, url: str, handlers: list[Handler], *, with_poller: bool = False
-) -> AsyncIterator[Worker]:
-    """Set up handlers, run a `Worker` (and the poller, when asked and configured) until exit, then stop."""
-    block_s = settings.worker.block_ms / 1000
-    client = connect(url, socket_timeout=block_s + 10)
-    keys = Keys(settings.redis.prefix)
-    for handler, spec in zip(handlers, settings.handlers, strict=True):
-        setup = getattr(handler, "setup", None)
-        if setup is not None:
-            prefix = keys.handler_state(handler.name)
-            await setup(HandlerContext(redis=client, key_prefix=prefix, timeout_s=spec.timeout_s))
-    api = OpenAIClient(settings.openai) if settings.openai.api_key and settings.openai.hydrate else None
-    if api is not None:
-        await api.__aenter__()
-    else:
-        log.info("hydration_off", reason="no OPENAI_API_KEY" if settings.openai.hydrate else "openai.hydrate = false")
-    preparer = Preparer(JobState(client, keys, settings.redis.retention_s), api, settings.openai.hydrate_retry_s)
-    tasks: dict[str, Callable[[], Awaitable[None]]] = {}
-    if with_poller and settings.openai.poll_interval_s > 0:
-        if api is None:
-            log.warning("poller_off", reason="set OPENAI_API_KEY (and openai.hydrate) to poll")
-        else:
-            tasks["poller"] = Poller(settings, Streams(client, keys), api).run
-    worker = Worker(
-        handlers,
-        settings.handlers,
-        Streams(client, keys),
-        settings.worker,
-        settings.redis,
-        preparer,
-        tasks=tasks,
-    )
-    task = asyncio.create_task(worker.run(), name="worker")
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        try:
-            await task
-        finally:
-            for handler in handlers:
-                close = getattr(handler, "close", None)
-                if close is not None:
-                    await close()
-            if api is not None:
-                await api.close()
-            await client.aclose()
 
 
 #: Why the workers of a `serve` process died for good (empty while they did not).
 WORKER_FAILURE: Final = web.AppKey("worker_failure", list[str])
 
 
-def serve_app(settings: Settings, url: str, *, with_worker: bool) -> web.Application:
-    """The receiver app, with the workers attached to its lifecycle when `with_worker`. When they die for
+def serve_app(settings: Settings, url: str, *, handlers: list[Handler] | None = None) -> web.Application:
+    """The receiver app, with workers for `handlers` attached to its lifecycle when given. When they die for
     good, the process stops (SIGTERM to itself) and `app[WORKER_FAILURE]` says why, for a non-zero exit."""
     app = create_app(settings, url)
     app[WORKER_FAILURE] = []
-    if with_worker:
-        handlers = build_handlers(settings)
+    if handlers is not None:
 
         async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
@@ -235,12 +78,16 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 async def work_until_signal(
-    settings: Settings, url: str, *, health_port: int | None = None, metrics_port: int | None = None
+    settings: Settings,
+    url: str,
+    handlers: list[Handler],
+    *,
+    health_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """`ftjobs work`: run the workers until SIGTERM/SIGINT, then stop gracefully; the exit code (1 when a
     task of the worker died for good). With `health_port`, serve `GET /healthz` there meanwhile; with
     `metrics_port`, `GET /metrics` on `receiver.metrics_host`."""
-    handlers = build_handlers(settings)
     stop = _stop_on_signals()
     metrics_host = settings.receiver.metrics_host
     try:
@@ -282,25 +129,21 @@ async def poll_until_signal(settings: Settings, url: str, *, once: bool) -> int:
     """`ftjobs poll`: poll the API (once, or every `poll_interval_s` until SIGTERM/SIGINT)."""
     if not settings.openai.api_key:
         raise ConfigError("polling needs an API key: set OPENAI_API_KEY (or openai.api_key)")
-    client = connect(url)
-    try:
-        async with OpenAIClient(settings.openai) as api:
-            poller = Poller(settings, Streams(client, Keys(settings.redis.prefix)), api)
-            if once:
-                emitted = await poller.poll_once()
-                print(f"enqueued {emitted} status change(s)")
-                return 0
-            if settings.openai.poll_interval_s <= 0:
-                raise ConfigError("openai.poll_interval_s must be > 0 to poll continuously (or use --once)")
-            stop = _stop_on_signals()
-            task = asyncio.create_task(poller.run())
-            await stop.wait()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async with open_runtime(settings, url) as runtime:
+        poller = runtime.poller(await runtime.openai())
+        if once:
+            emitted = await poller.poll_once()
+            print(f"enqueued {emitted} status change(s)")
             return 0
-    finally:
-        await client.aclose()
+        if settings.openai.poll_interval_s <= 0:
+            raise ConfigError("openai.poll_interval_s must be > 0 to poll continuously (or use --once)")
+        stop = _stop_on_signals()
+        task = asyncio.create_task(poller.run())
+        await stop.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return 0
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

@@ -13,6 +13,9 @@ Keys (all under `settings.redis.prefix`, default `ftjobs`):
     {p}:h:{handler}:...     the handler's own state (e.g. Slack thread timestamps)
     {p}:worker:{consumer}   a live worker's heartbeat (hash: handlers, pid, host, last loop), expires after a lease
     {p}:job:{id}, {p}:timeline:{id}, {p}:jobs   job state, written at enqueue (`enqueue._ENQUEUE_LUA`)
+    {p}:hydrated:{event}    the job fetched for a thin event (`hydration`), and its `:lock`
+    {p}:rate:{handler}:{minute}, {p}:breaker:{handler}   the handler's guards (`limits`)
+    {p}:poller, {p}:poller:seen                          the poller's start time and last status per job
 
 An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
 an entry that a crashed consumer held is still pending and is taken over after the lease. Only a consumer
@@ -29,6 +32,8 @@ import redis.asyncio as redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 from redis.retry import Retry
+
+from processor.records import DeadLetterRecord
 
 
 class Entry(NamedTuple):
@@ -131,6 +136,27 @@ class Keys:
 
     def hydrated(self, event_id: str) -> str:
         return f"{self.prefix}:hydrated:{event_id}"
+
+    def hydrated_lock(self, event_id: str) -> str:
+        return f"{self.prefix}:hydrated:{event_id}:lock"
+
+    def rate(self, handler: str) -> str:
+        """The rate-limit counters' stem (`limits.Guard` appends the minute)."""
+        return f"{self.prefix}:rate:{handler}"
+
+    def breaker(self, handler: str) -> str:
+        return f"{self.prefix}:breaker:{handler}"
+
+    def breaker_probe(self, handler: str) -> str:
+        return f"{self.prefix}:breaker:{handler}:probe"
+
+    @property
+    def poller(self) -> str:
+        return f"{self.prefix}:poller"
+
+    @property
+    def poller_seen(self) -> str:
+        return f"{self.prefix}:poller:seen"
 
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
@@ -335,17 +361,15 @@ class Streams:
         """Move an entry to the group's dead-letter stream and acknowledge it, atomically."""
         entry_id = entry.id
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self.keys.dlq(group),
-                {
-                    b"entry_id": entry_id,
-                    RECORD_FIELD: entry.record,
-                    VERDICT_FIELD: entry.verdict,
-                    b"error": error,
-                    b"attempts": attempts,
-                    b"failed_at": f"{time.time():.3f}",
-                },
+            record = DeadLetterRecord(
+                entry_id=entry_id,
+                record=entry.record,
+                verdict=entry.verdict,
+                error=error,
+                attempts=attempts,
+                failed_at=time.time(),
             )
+            pipe.xadd(self.keys.dlq(group), record.to_fields())  # type: ignore[arg-type]  # bytes keys are fine
             pipe.xack(self.keys.events, group, entry_id)
             pipe.zrem(self.keys.retry(group), entry_id)
             pipe.hdel(self.keys.attempts(group), entry_id, f"{entry_id}:error", f"{entry_id}:orphaned")

@@ -24,14 +24,13 @@ import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from handlers import registry
-from processor import signatures
+from processor import registry, signatures
 from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS
 from processor.models import Event, decode_event
 from processor.receiver import create_app
-from processor.service import running_worker
+from processor.runtime import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings
 from tests.processes import Proc
 
@@ -228,3 +227,14 @@ def procs() -> Iterator[Callable[..., Proc]]:
     for proc in started:
         if proc.process.poll() is None:
             proc.stop(signal.SIGKILL)
+
+
+def make_poller(settings: Settings, rclient: Any, api: Any) -> Any:
+    """A poller on the settings' prefix, with an enqueuer of its own (as `runtime.Runtime.poller` builds it)."""
+    from processor.enqueue import Enqueuer
+    from processor.poller import Poller
+    from processor.stream import Keys, Streams
+
+    keys = Keys(settings.redis.prefix)
+    enqueuer = Enqueuer(rclient, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s)
+    return Poller(settings, Streams(rclient, keys), api, enqueuer)

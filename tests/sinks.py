@@ -11,7 +11,7 @@ import asyncio
 import msgspec
 import redis.asyncio as redis
 
-from handlers.base import Delivery, PermanentFailure, RetryLater
+from processor.handler import Delivery, PermanentFailure, RetryLater
 from processor.models import encode_event
 
 _RECORD = """

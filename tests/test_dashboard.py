@@ -20,11 +20,12 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
 
-from handlers import registry
+from processor import registry
 from processor.dashboard.auth import Auth, safe_next
 from processor.dashboard.delivery import Facts, decide
 from processor.errors import ConfigError
-from processor.service import running_worker, serve_app
+from processor.runtime import running_worker
+from processor.service import serve_app
 from processor.settings import Settings
 from tests.conftest import PATH, compact, eventually, free_port, sample, signed, sink
 from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config
@@ -66,7 +67,7 @@ def dash(aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settin
     @contextlib.asynccontextmanager
     async def make(handlers: list[dict[str, Any]], token: str = TOKEN) -> AsyncIterator[Dash]:
         settings = make_settings(handlers, dashboard={"token": token} if token else {})
-        client = await aiohttp_client(serve_app(settings, redis_url, with_worker=False))
+        client = await aiohttp_client(serve_app(settings, redis_url))
         async with running_worker(settings, redis_url, registry.build(settings.handlers)):
             yield Dash(client, settings)
 

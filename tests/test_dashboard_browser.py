@@ -18,8 +18,9 @@ import msgspec
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from handlers import registry
-from processor.service import running_worker, serve_app
+from processor import registry
+from processor.runtime import running_worker
+from processor.service import serve_app
 from processor.settings import Settings
 from tests.conftest import PATH, eventually, sample, signed, sink
 
@@ -100,7 +101,7 @@ def site(
     @contextlib.asynccontextmanager
     async def make(handlers: list[dict[str, Any]]) -> AsyncIterator[Site]:
         settings = make_settings(handlers, dashboard={"token": TOKEN})
-        client = await aiohttp_client(serve_app(settings, redis_url, with_worker=False))
+        client = await aiohttp_client(serve_app(settings, redis_url))
 
         async def post(body: bytes, webhook_id: str | None = None) -> dict[str, Any]:
             resp = await client.post(PATH, data=body, headers=signed(body, webhook_id))

@@ -14,9 +14,7 @@ import pytest
 import yaml
 
 from processor.openai import OpenAIClient
-from processor.poller import Poller
-from processor.stream import Keys, Streams
-from tests.conftest import ROOT, compact, eventually, sample, sink
+from tests.conftest import ROOT, compact, eventually, make_poller, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.test_gauges import scrape
 
@@ -59,7 +57,7 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
         await r.post(compact(sample("fine_tuning_job.succeeded.json")))
         await eventually(r.settled)
         async with OpenAIClient(r.settings.openai) as api:
-            await Poller(r.settings, Streams(r.rclient, Keys(prefix)), api).poll_once()
+            await make_poller(r.settings, r.rclient, api).poll_once()
         _, samples = await scrape(r.client)
     exported = {name for name, _ in samples}
     used = {name for expr in alert_exprs() + dashboard_exprs() for name in _METRIC.findall(expr)}

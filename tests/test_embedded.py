@@ -15,7 +15,7 @@ import structlog
 
 from processor import embedded
 from processor.errors import ConfigError
-from processor.service import check_persistence
+from processor.runtime import check_persistence
 from tests.conftest import free_port
 
 

@@ -15,9 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from processor import __version__
 from processor.openai import OpenAIClient
-from processor.poller import Poller
-from processor.stream import Keys, Streams
-from tests.conftest import compact, eventually, free_port, sample, signed, sink
+from tests.conftest import compact, eventually, free_port, make_poller, sample, signed, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.processes import Proc, base_env, http_ready, post, wait_for, write_config
 
@@ -60,7 +58,7 @@ async def test_gauges_show_the_queue_as_status_does(
         await r.post(compact(sample("fine_tuning_job.succeeded.json")))
         await eventually(r.settled)
         async with OpenAIClient(r.settings.openai) as api:
-            await Poller(r.settings, Streams(r.rclient, Keys(prefix)), api).poll_once()
+            await make_poller(r.settings, r.rclient, api).poll_once()
         text, samples = await scrape(r.client)
     assert value(samples, "ftjobs_dead_letters", handler="broken") == 1
     assert value(samples, "ftjobs_dead_letters", handler="ok") == 0

@@ -255,8 +255,8 @@ async def test_airflow_duplicate_run_counts_as_done(
     rig: Any, aiohttp_server: Callable[..., Any], rclient: Any, prefix: str
 ) -> None:
     """Airflow refuses a second run with the same id (409): the trigger happened, so that is success."""
-    from handlers.base import Delivery, HandlerContext
     from handlers.http import HttpHandler, HttpOptions
+    from processor.handler import Delivery, HandlerContext
     from processor.models import Event, decode_job
 
     seen: Recorder = []
@@ -311,7 +311,7 @@ async def test_circuit_breaker_opens_then_probes(rig: Any, aiohttp_server: Calla
     async with rig([handler]) as r:
         from processor.limits import Guard
 
-        guard = Guard(r.rclient, prefix, r.settings.handlers[0])
+        guard = Guard(r.rclient, Keys(prefix), r.settings.handlers[0])
         await r.post(compact(sample(SUCCEEDED)))
 
         async def opened() -> bool:

@@ -13,10 +13,9 @@ import pytest
 from processor.jobstate import JobState
 from processor.models import decode_job
 from processor.openai import JobNotFound, OpenAIAuthError, OpenAIClient, OpenAIError
-from processor.poller import Poller
 from processor.settings import OpenAISettings, Settings
-from processor.stream import Keys, Streams
-from tests.conftest import compact, eventually, sample, sink
+from processor.stream import Keys
+from tests.conftest import compact, eventually, make_poller, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.fake_targets import Recorder, catch_all_app, redirect_app
 
@@ -229,9 +228,8 @@ async def test_poller_and_webhook_give_three_transitions_and_one_notification(
     fake, url = api
     handlers = [sink("all", redis_url, prefix), sink("done", redis_url, prefix, when={"status": "succeeded"})]
     async with rig(handlers, openai=openai_table(url)) as r:
-        streams = Streams(r.rclient, Keys(prefix))
         async with OpenAIClient(r.settings.openai) as client:
-            poller = Poller(r.settings, streams, client)
+            poller = make_poller(r.settings, r.rclient, client)
             await poller.poll_once()  # first start: nothing yet
             fake.jobs[JOB_ID] = job_doc(status="queued", created_at=int(time.time()), finished_at=None)
             for status in ("queued", "running", "succeeded"):
@@ -283,14 +281,14 @@ async def test_first_start_does_not_flood_unless_backfilling(
         fake.jobs[f"ftjob-old-{i}"] = job_doc(id=f"ftjob-old-{i}", created_at=1000 + i)
     quiet = make_settings(openai=openai_table(url))
     async with OpenAIClient(quiet.openai) as client:
-        assert await Poller(quiet, Streams(rclient, Keys(prefix)), client).poll_once() == 0
+        assert await make_poller(quiet, rclient, client).poll_once() == 0
         fake.jobs["ftjob-old-0"]["status"] = "cancelled"  # an old job changing later is announced
         fake.jobs["ftjob-new"] = job_doc(id="ftjob-new", created_at=int(time.time()) + 5)
-        assert await Poller(quiet, Streams(rclient, Keys(prefix)), client).poll_once() == 2
+        assert await make_poller(quiet, rclient, client).poll_once() == 2
     other = f"{prefix}-backfill"
     loud = make_settings(openai=openai_table(url, poll_backfill=True), redis={"prefix": other})
     async with OpenAIClient(loud.openai) as client:
-        assert await Poller(loud, Streams(rclient, Keys(other)), client).poll_once() == 4  # every job
+        assert await make_poller(loud, rclient, client).poll_once() == 4  # every job
 
 
 async def test_the_pollers_memory_is_as_large_as_one_listing(
@@ -301,7 +299,7 @@ async def test_the_pollers_memory_is_as_large_as_one_listing(
         fake.jobs[f"ftjob-old-{i}"] = job_doc(id=f"ftjob-old-{i}", created_at=1000 + i)
     settings = make_settings(openai=openai_table(url))
     async with OpenAIClient(settings.openai) as client:
-        poller = Poller(settings, Streams(rclient, Keys(prefix)), client)
+        poller = make_poller(settings, rclient, client)
         await poller.poll_once()
         assert await rclient.hlen(poller.seen_key) == 3
         del fake.jobs["ftjob-old-0"]  # out of the listing (newest first: it never comes back)

@@ -26,12 +26,11 @@ import pytest
 import redis.asyncio as redis
 from aiohttp import web
 
-from handlers import registry
-from processor import embedded
+from processor import embedded, registry
 from processor.embedded import EmbeddedValkey
 from processor.models import Event, FineTuningJob, encode_event
 from processor.receiver import create_app
-from processor.service import running_worker
+from processor.runtime import running_worker
 from processor.stream import RECORD_FIELD, Keys, Streams
 from tests.conftest import SECRET, free_port, sample, signed, sink
 from tests.processes import Proc, base_env, http_ready, wait_for, write_config

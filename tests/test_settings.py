@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers import registry
+from processor import registry
 from processor.errors import ConfigError
 from processor.settings import Settings
 

@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as redis
 import structlog
 
-from handlers.base import Delivery, HandlerContext
 from handlers.slack import SlackHandler, SlackOptions
+from processor.handler import Delivery, HandlerContext
 from processor.models import Event, decode_event, decode_job, encode_event
 from tests.conftest import build_fails, compact, eventually, sample
 from tests.fake_targets import Recorder, catch_all_app, redirect_app, slack_app

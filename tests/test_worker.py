@@ -16,9 +16,9 @@ import redis.asyncio as redis
 import structlog
 from prometheus_client import REGISTRY
 
-from handlers import registry
+from processor import registry
 from processor.models import Event, FineTuningJob, decode_event, encode_event
-from processor.service import running_worker
+from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Keys, Streams
 from tests.conftest import compact, eventually, free_port, sample, sink

@@ -58,7 +58,7 @@ class Data:
         names = list(self.handlers)
         status = await self.streams.status(names)
         for spec in self.settings.handlers:
-            status["handlers"][spec.name] |= await Guard(self.client, self.keys.prefix, spec).state()
+            status["handlers"][spec.name] |= await Guard(self.client, self.keys, spec).state()
             status["handlers"][spec.name]["type"] = spec.type
         since = f"{int((time.time() - 60) * 1000)}-0"
         per_min = int(await self._count_since(keys=[self.keys.events], args=[since, RATE_CAP]))

@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from handlers.templates import human_duration
+from processor.humanize import human_duration
 from processor.settings import Settings
 
 from .auth import COOKIE, CSRF_FIELD, SECURITY_HEADERS, Auth, clear_session, safe_next, set_session

@@ -1,4 +1,4 @@
-"""Find handler types by name and build configured handlers.
+"""Find handler types by name and build configured handlers (the engine's side of the plug-in contract).
 
 `type = "slack"` is looked up in the `ftjobs.handlers` entry-point group, where built-ins and third-party
 packages register alike; `type = "package.module:Class"` imports a class directly (handy for a handler that
@@ -12,12 +12,13 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Final
 
-from handlers.base import Handler
 from processor.errors import ConfigError
+from processor.handler import Handler
 from processor.settings import HandlerSpec, convert
 
 GROUP: Final = "ftjobs.handlers"
 #: Built-ins, so a source checkout works before it is installed (installed, they come via entry points too).
+#: Named, not imported: the engine loads its plug-ins by name only.
 BUILTINS: Final = {
     "log": "handlers.log:LogHandler",
     "slack": "handlers.slack:SlackHandler",

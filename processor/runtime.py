@@ -1,0 +1,173 @@
+"""The composition root: which Redis a process uses, and the shared objects built on it, once.
+
+`open_runtime(settings, url)` builds the Redis client, the key names, the streams, the enqueuer, the job
+state and the dead letters; on demand it opens the OpenAI client, the hydration step and the poller, and
+sets up the handlers. Everything is closed in reverse order when the block ends (an `AsyncExitStack`), so a
+handler whose `setup` fails closes what was already opened. The receiver, the worker, the poller and every
+operator command take what they need from a `Runtime`; no other module calls these constructors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError, ResponseError
+
+from processor import embedded
+from processor.deadletters import DeadLetters
+from processor.enqueue import Enqueuer
+from processor.errors import ConfigError
+from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
+from processor.hydration import Preparer
+from processor.jobstate import JobState
+from processor.logs import redact
+from processor.openai import OpenAIClient
+from processor.poller import Poller
+from processor.settings import Settings
+from processor.stream import Keys, Streams, connect, text
+from processor.worker import Worker
+
+log = structlog.get_logger()
+
+
+class Runtime:
+    """The objects one process shares, built from the settings and a Redis URL (use `open_runtime`)."""
+
+    def __init__(
+        self, settings: Settings, url: str, stack: contextlib.AsyncExitStack, *, socket_timeout: float = 5.0
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self._stack = stack
+        self.client = connect(url, socket_timeout=socket_timeout)
+        stack.push_async_callback(self.client.aclose)
+        self.keys = Keys(settings.redis.prefix)
+        self.streams = Streams(self.client, self.keys)
+        self.enqueuer = Enqueuer(
+            self.client,
+            self.keys,
+            ttl_s=settings.receiver.dedupe_window_s,
+            state_ttl_s=settings.redis.retention_s,
+            max_batch=settings.receiver.max_batch,
+        )
+        self.jobs = JobState(self.client, self.keys, settings.redis.retention_s)
+        self.dead_letters = DeadLetters(self.streams, enqueuer=self.enqueuer)
+        self._api: OpenAIClient | None = None
+
+    async def openai(self) -> OpenAIClient:
+        """The OpenAI API client: opened on first use, closed with the runtime."""
+        if self._api is None:
+            self._api = await self._stack.enter_async_context(OpenAIClient(self.settings.openai))
+        return self._api
+
+    async def preparer(self) -> Preparer:
+        """The hydration step, with the API client when hydration is on (it needs an API key)."""
+        openai = self.settings.openai
+        api = await self.openai() if openai.api_key and openai.hydrate else None
+        if api is None:
+            log.info("hydration_off", reason="no OPENAI_API_KEY" if openai.hydrate else "openai.hydrate = false")
+        return Preparer(self.jobs, api, openai.hydrate_retry_s)
+
+    def poller(self, api: OpenAIClient) -> Poller:
+        """The poller, enqueueing through this runtime's enqueuer."""
+        return Poller(self.settings, self.streams, api, self.enqueuer)
+
+    async def set_up(self, handlers: list[Handler]) -> None:
+        """Set up each handler (in the order of `[[handlers]]`); each one set up is closed with the runtime, so
+        when a later `setup` fails, those before it are closed."""
+        for handler, spec in zip(handlers, self.settings.handlers, strict=True):
+            if isinstance(handler, NeedsSetup):
+                prefix = self.keys.handler_state(handler.name)
+                await handler.setup(HandlerContext(redis=self.client, key_prefix=prefix, timeout_s=spec.timeout_s))
+            if isinstance(handler, NeedsClose):
+                self._stack.push_async_callback(handler.close)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, url: str, *, socket_timeout: float = 5.0) -> AsyncIterator[Runtime]:
+    """A `Runtime` on `url` for the block; everything it opened is closed afterwards, in reverse order.
+
+    `socket_timeout` must exceed the longest blocking read on the client (the worker passes a larger one).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        yield Runtime(settings, url, stack, socket_timeout=socket_timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings, url: str, handlers: list[Handler], *, with_poller: bool = False
+) -> AsyncIterator[Worker]:
+    """Set up handlers, run a `Worker` (and the poller, when asked and configured) until exit, then stop."""
+    async with open_runtime(settings, url, socket_timeout=settings.worker.block_ms / 1000 + 10) as runtime:
+        await runtime.set_up(handlers)
+        preparer = await runtime.preparer()
+        tasks: dict[str, Callable[[], Awaitable[None]]] = {}
+        if with_poller and settings.openai.poll_interval_s > 0:
+            if preparer.api is None:
+                log.warning("poller_off", reason="set OPENAI_API_KEY (and openai.hydrate) to poll")
+            else:
+                tasks["poller"] = runtime.poller(preparer.api).run
+        worker = Worker(
+            handlers, settings.handlers, runtime.streams, settings.worker, settings.redis, preparer, tasks=tasks
+        )
+        task = asyncio.create_task(worker.run(), name="worker")
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await task
+
+
+def redis_url(settings: Settings) -> str:
+    """The configured URL, or the socket of an embedded server already running on the data directory."""
+    if settings.redis.url:
+        return settings.redis.url
+    if embedded.is_running(settings.redis.data_dir):
+        return embedded.url_for(settings.redis.data_dir)
+    raise ConfigError(
+        "no Redis to connect to: set REDIS_URL (or redis.url), or start `ftjobs serve`, which runs an embedded one"
+    )
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[str]:
+    """Yield a Redis URL, starting (and afterwards stopping) an embedded Valkey when none is configured."""
+    if settings.redis.url or embedded.is_running(settings.redis.data_dir) or not start_embedded:
+        yield redis_url(settings)
+        return
+    server = embedded.EmbeddedValkey(settings.redis.data_dir)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def check_persistence(url: str) -> None:
+    """Warn when an external server would lose acknowledged events on a crash (AOF and RDB both off)."""
+    client = connect(url)
+    try:
+        config: dict[Any, Any] = await client.config_get("appendonly")
+        config |= await client.config_get("save")
+    except ResponseError:  # managed services often refuse CONFIG
+        log.warning("redis_persistence_unknown", url=redact(url), hint="make sure AOF is on (appendfsync always)")
+        return
+    except (RedisError, OSError) as exc:
+        log.warning("redis_unavailable_at_start", url=redact(url), error=type(exc).__name__)
+        return
+    finally:
+        await client.aclose()
+    values = {text(k): text(v) for k, v in config.items()}
+    appendonly, save = values.get("appendonly", ""), values.get("save", "")
+    if appendonly != "yes":
+        log.warning(
+            "redis_persistence_off" if not save else "redis_aof_off",
+            url=redact(url),
+            appendonly=appendonly,
+            save=save or "(none)",
+            hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
+        )
