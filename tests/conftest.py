@@ -238,3 +238,21 @@ def make_poller(settings: Settings, rclient: Any, api: Any) -> Any:
     keys = Keys(settings.redis.prefix)
     enqueuer = Enqueuer(rclient, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s)
     return Poller(settings, Streams(rclient, keys), api, enqueuer)
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Log entries as structlog's `capture_logs` gives them, with the context variables merged in (its own
+    `processors=` argument needs structlog 25.5; this works on every version we support)."""
+    import structlog
+
+    capture = structlog.testing.LogCapture()
+    processors = structlog.get_config()["processors"]
+    saved = list(processors)
+    processors.clear()  # in place: loggers cached on first use hold this very list
+    processors.extend([structlog.contextvars.merge_contextvars, capture])
+    try:
+        yield capture.entries
+    finally:
+        processors.clear()
+        processors.extend(saved)

@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
-import structlog
 from prometheus_client import REGISTRY
 
 from processor import registry
@@ -21,7 +20,7 @@ from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Keys, Streams
-from tests.conftest import compact, eventually, free_port, sample, sink
+from tests.conftest import captured_logs, compact, eventually, free_port, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config
 
@@ -296,7 +295,7 @@ async def test_a_repeat_is_skipped_with_its_reason_and_costs_no_api_call(
     thin = {"object": "event", "type": "fine_tuning.job.succeeded", "created_at": 1, "data": {"id": job["id"]}}
     before = skipped_count("a", "repeat")
     async with rig([sink("a", redis_url, prefix)], openai=openai) as r:
-        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        with captured_logs() as logs:
             await r.post(msgspec.json.encode(thin | {"id": "evt_1"}), "wh_first")
 
             async def first() -> bool:
@@ -405,7 +404,7 @@ async def test_hydration_failures_name_the_handler_job_and_webhook(
     openai = {"api_key": KEY, "base_url": url, "timeout_s": 2.0, "max_retries": 0, "hydrate_retry_s": 0.1}
     thin = {"object": "event", "type": "fine_tuning.job.succeeded", "created_at": 1}
     async with rig([sink("a", redis_url, prefix)], openai=openai) as r:
-        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        with captured_logs() as logs:
             await r.post(msgspec.json.encode(thin | {"id": "evt_gone", "data": {"id": "ftjob-gone"}}), "wh_gone")
             await r.post(msgspec.json.encode(thin | {"id": "evt_late", "data": {"id": job["id"]}}), "wh_late")
 
