@@ -135,3 +135,32 @@ def test_a_user_package_named_like_ours_gets_a_clear_error(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "'handlers' is the name of ftjobs' own package" in result.stderr
     assert f"{tmp_path / 'handlers'} is hidden by it" in result.stderr
+
+
+def test_example_plugin_package_installs_and_registers_its_entry_point(tmp_path: Path) -> None:
+    """`examples/ftjobs-audit` built and installed as a user would (into its own target folder, not this venv):
+    `type = "audit"` is found by its entry-point name, and the package's own tests pass with the test kit."""
+    site = tmp_path / "site"
+    example = ROOT / "examples" / "ftjobs-audit"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(example)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    config = tmp_path / "ftjobs.toml"
+    trail = tmp_path / "audit.jsonl"
+    config.write_text(f'[[handlers]]\nname = "trail"\ntype = "audit"\npath = "{trail}"\n')
+    result = check_config(config, site)
+    assert result.returncode == 0, result.stderr
+    assert "handler trail: type=audit" in result.stdout
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "tests"],
+        cwd=example,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{ROOT}", "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout
