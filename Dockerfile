@@ -7,8 +7,8 @@ WORKDIR /app
 # Dependencies first, in a layer of their own: it is rebuilt when pyproject.toml changes, not on every code edit.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+        > requirements.txt \
+    && pip install -r requirements.txt && rm requirements.txt
 COPY README.md LICENSE ./
 COPY processor ./processor
 COPY handlers ./handlers
