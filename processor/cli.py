@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.load(args.config)
+        registry.use_local_modules(settings.source)
         logs.configure(settings.log.level, settings.log.format)
         result: int = args.func(args, settings)
         return result
