@@ -310,9 +310,10 @@ def decode_body(raw: bytes) -> Body:
     """
     try:
         body: Body = _body_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        # `object` is optional on OpenAI's envelope: a body without it can only be an envelope.
-        if str(exc) != "Object missing required field `object`":
+    except msgspec.ValidationError:
+        # `object` is optional on OpenAI's envelope: a body without it can only be an envelope. Told by
+        # looking for the key (only on this error path), not by msgspec's wording of the error.
+        if _has_object_key(raw):
             raise
         body = _strict_utf8(_envelope_decoder.decode, raw)
     except UnicodeDecodeError as exc:
@@ -321,6 +322,24 @@ def decode_body(raw: bytes) -> Body:
         raise msgspec.ValidationError(f"`{JOB_EVENT_PREFIX}` names no status - at `$.type`")
     _check_storable(body)
     return body
+
+
+class _Tag(Struct):
+    """Only the `object` key of a body, whatever its value (`UNSET` when the key is absent)."""
+
+    object: Any = msgspec.UNSET
+
+
+_tag_decoder: Final = msgspec.json.Decoder(_Tag)
+
+
+def _has_object_key(raw: bytes) -> bool:
+    """Whether `raw` is a JSON object with an `object` key (True too when it is no readable JSON object: the
+    first decoder's error then stands)."""
+    try:
+        return _tag_decoder.decode(raw).object is not msgspec.UNSET
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return True
 
 
 def _check_storable(body: Body) -> None:

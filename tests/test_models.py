@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processor import models
 from processor.models import (
     Envelope,
     Event,
@@ -68,6 +69,34 @@ def test_envelope_with_and_without_object() -> None:
     assert isinstance(with_object, Envelope)
     assert with_object == without_object
     assert with_object.data.id == "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
+
+
+class _RewordedDecoder:
+    """The body decoder as a msgspec release that words its errors differently would behave."""
+
+    def __init__(self, real: msgspec.json.Decoder[object]) -> None:
+        self.real = real
+
+    def decode(self, raw: bytes) -> object:
+        try:
+            return self.real.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise msgspec.ValidationError(f"reworded: {exc}") from None
+
+
+def test_an_envelope_without_object_does_not_depend_on_msgspec_wording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body without `object` is told apart by the key missing, not by the text of msgspec's error."""
+    monkeypatch.setattr(models, "_body_decoder", _RewordedDecoder(models._body_decoder))
+    doc = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json"))
+    del doc["object"]
+    body = decode_body(msgspec.json.encode(doc))
+    assert isinstance(body, Envelope) and body.data.id == "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
+    # An `object` that is there, even null or of the wrong type, is never taken for a missing one.
+    for value in (None, 5, "nope"):
+        with pytest.raises(msgspec.ValidationError, match=r"^reworded: "):
+            decode_body(msgspec.json.encode({**doc, "object": value}))
+    with pytest.raises(msgspec.ValidationError, match=r"^reworded: "):
+        decode_body(b"[]")
 
 
 def test_unknown_event_types_are_carried() -> None:
