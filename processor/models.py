@@ -15,6 +15,7 @@ Reference: the `FineTuningJob` schema in OpenAI's API reference and `openai-pyth
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import resources
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -355,6 +356,18 @@ def _check_storable(body: Body) -> None:
 def decode_job(raw: bytes) -> FineTuningJob:
     """Decode one `FineTuningJob` JSON document (as the API returns it)."""
     return _strict_utf8(_job_decoder.decode, raw)
+
+
+#: The statuses a packaged sample job exists for; any other status is made from the `running` one.
+SAMPLE_STATUSES: Final = ("succeeded", "failed", "running")
+
+
+def sample_job(status: str) -> FineTuningJob:
+    """A job in `status` made from the packaged samples (`processor/samples/`): the sample of that status, or
+    the `running` one, with its status replaced. The one reader of those files (`ftjobs send`, template checks)."""
+    name = status if status in SAMPLE_STATUSES else "running"
+    job = decode_job((resources.files("processor") / "samples" / f"fine_tuning_job.{name}.json").read_bytes())
+    return msgspec.structs.replace(job, status=status)
 
 
 def _not_utf8(exc: UnicodeDecodeError) -> msgspec.DecodeError:

@@ -18,6 +18,7 @@ from processor.models import (
     decode_event,
     decode_job,
     encode_event,
+    sample_job,
 )
 from tests.conftest import sample
 
@@ -223,3 +224,15 @@ def test_whatever_decodes_can_be_stored_and_fetched_by_its_id(thin: bool, change
     assert decode_event(encode_event(event)) == event
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", event.job_id)
     assert 1 <= len(event.status or "x") <= 64
+
+
+@pytest.mark.parametrize(
+    ("status", "sample_name"),
+    [("succeeded", "succeeded"), ("failed", "failed"), ("running", "running"), ("queued", "running")],
+)
+def test_sample_job_is_the_closest_packaged_sample(status: str, sample_name: str) -> None:
+    """Statuses without a sample of their own are made from the running one, with the status replaced."""
+    job = sample_job(status)
+    expected = decode_job(sample(f"fine_tuning_job.{sample_name}.json"))
+    assert job.status == status
+    assert msgspec.structs.replace(job, status=expected.status) == expected
