@@ -43,20 +43,13 @@ class Quarantined(Struct, kw_only=True):
 class DeadLetters:
     """Operator actions on one deployment's dead-letter and quarantine streams."""
 
-    def __init__(
-        self,
-        streams: Streams,
-        *,
-        enqueuer: Enqueuer | None = None,
-        dedupe_ttl_s: int = 96 * 3600,
-        retention_s: int = 7 * 24 * 3600,
-    ) -> None:
-        """`enqueuer`: the process's (`runtime.Runtime.enqueuer`); without one, a private one is built with
-        `dedupe_ttl_s` and `retention_s` (for callers that hold only a `Streams`)."""
+    def __init__(self, streams: Streams, *, enqueuer: Enqueuer) -> None:
+        """`enqueuer`: the process's (`runtime.Runtime.enqueuer`), so a replayed quarantine entry is deduped
+        and judged with the same windows as a fresh delivery. Built by `runtime.Runtime` only."""
         self.streams = streams
         self.client = streams.client
         self.keys = streams.keys
-        self.enqueuer = enqueuer or Enqueuer(streams.client, streams.keys, ttl_s=dedupe_ttl_s, state_ttl_s=retention_s)
+        self.enqueuer = enqueuer
 
     async def letters(self, handler: str, count: int = 100) -> list[DeadLetter]:
         raw: Any = await self.client.xrange(self.keys.dlq(handler), count=count)

@@ -15,6 +15,7 @@ Reference: the `FineTuningJob` schema in OpenAI's API reference and `openai-pyth
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import resources
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -310,9 +311,10 @@ def decode_body(raw: bytes) -> Body:
     """
     try:
         body: Body = _body_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        # `object` is optional on OpenAI's envelope: a body without it can only be an envelope.
-        if str(exc) != "Object missing required field `object`":
+    except msgspec.ValidationError:
+        # `object` is optional on OpenAI's envelope: a body without it can only be an envelope. Told by
+        # looking for the key (only on this error path), not by msgspec's wording of the error.
+        if _has_object_key(raw):
             raise
         body = _strict_utf8(_envelope_decoder.decode, raw)
     except UnicodeDecodeError as exc:
@@ -321,6 +323,24 @@ def decode_body(raw: bytes) -> Body:
         raise msgspec.ValidationError(f"`{JOB_EVENT_PREFIX}` names no status - at `$.type`")
     _check_storable(body)
     return body
+
+
+class _Tag(Struct):
+    """Only the `object` key of a body, whatever its value (`UNSET` when the key is absent)."""
+
+    object: Any = msgspec.UNSET
+
+
+_tag_decoder: Final = msgspec.json.Decoder(_Tag)
+
+
+def _has_object_key(raw: bytes) -> bool:
+    """Whether `raw` is a JSON object with an `object` key (True too when it is no readable JSON object: the
+    first decoder's error then stands)."""
+    try:
+        return _tag_decoder.decode(raw).object is not msgspec.UNSET
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return True
 
 
 def _check_storable(body: Body) -> None:
@@ -336,6 +356,18 @@ def _check_storable(body: Body) -> None:
 def decode_job(raw: bytes) -> FineTuningJob:
     """Decode one `FineTuningJob` JSON document (as the API returns it)."""
     return _strict_utf8(_job_decoder.decode, raw)
+
+
+#: The statuses a packaged sample job exists for; any other status is made from the `running` one.
+SAMPLE_STATUSES: Final = ("succeeded", "failed", "running")
+
+
+def sample_job(status: str) -> FineTuningJob:
+    """A job in `status` made from the packaged samples (`processor/samples/`): the sample of that status, or
+    the `running` one, with its status replaced. The one reader of those files (`ftjobs send`, template checks)."""
+    name = status if status in SAMPLE_STATUSES else "running"
+    job = decode_job((resources.files("processor") / "samples" / f"fine_tuning_job.{name}.json").read_bytes())
+    return msgspec.structs.replace(job, status=status)
 
 
 def _not_utf8(exc: UnicodeDecodeError) -> msgspec.DecodeError:

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from processor.deadletters import DeadLetters
-from processor.stream import Keys, Streams
+from processor.runtime import open_runtime
 from tests.conftest import ROOT, compact, eventually, sample, signed, sink
 
 
@@ -71,10 +70,11 @@ async def test_drop(rig: Any, redis_url: str, prefix: str) -> None:
             return len(await r.dead("a")) == 1
 
         await eventually(dead)
-        letters = DeadLetters(Streams(r.rclient, Keys(prefix)))
-        [letter] = await letters.letters("a")
-        assert await letters.drop("a", [letter.id]) == 1
-        assert await r.dead("a") == []
+        async with open_runtime(r.settings, redis_url) as runtime:
+            letters = runtime.dead_letters
+            [letter] = await letters.letters("a")
+            assert await letters.drop("a", [letter.id]) == 1
+            assert await r.dead("a") == []
 
 
 async def test_quarantine_replay_after_an_upgrade(rig: Any, redis_url: str, prefix: str) -> None:
@@ -94,19 +94,20 @@ async def test_quarantine_replay_after_an_upgrade(rig: Any, redis_url: str, pref
                 b"received_at": str(time.time()).encode(),
             },
         )
-        letters = DeadLetters(Streams(r.rclient, Keys(prefix)))
-        items = await letters.quarantined()
-        outcomes = dict(await letters.replay_quarantined([i.id for i in items], ["a"]))
-        assert sorted(outcomes.values()) == [
-            "enqueued as fine_tuning.job.failed for ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD",
-            "still not readable: created_at: Expected `int`, got `str`",
-        ]
+        async with open_runtime(r.settings, redis_url) as runtime:
+            letters = runtime.dead_letters
+            items = await letters.quarantined()
+            outcomes = dict(await letters.replay_quarantined([i.id for i in items], ["a"]))
+            assert sorted(outcomes.values()) == [
+                "enqueued as fine_tuning.job.failed for ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD",
+                "still not readable: created_at: Expected `int`, got `str`",
+            ]
 
-        async def delivered() -> bool:
-            return len(await r.delivered("a")) == 1
+            async def delivered() -> bool:
+                return len(await r.delivered("a")) == 1
 
-        await eventually(delivered)
-        assert len(await letters.quarantined()) == 1  # the unreadable one stays
+            await eventually(delivered)
+            assert len(await letters.quarantined()) == 1  # the unreadable one stays
 
 
 async def test_a_sender_cannot_take_the_id_a_quarantine_replay_will_use(rig: Any, redis_url: str, prefix: str) -> None:
@@ -126,14 +127,15 @@ async def test_a_sender_cannot_take_the_id_a_quarantine_replay_will_use(rig: Any
         decoy = compact(sample("fine_tuning_job.succeeded.json"))
         resp = await r.client.post("/webhooks/openai", data=decoy, headers=signed(decoy, "wh_old:replayed"))
         assert resp.status == 400 and (await resp.json())["error"] == "invalid_webhook_id"
-        letters = DeadLetters(Streams(r.rclient, Keys(prefix)))
-        [item] = await letters.quarantined()
-        outcomes = dict(await letters.replay_quarantined([item.id], ["a"]))
-        assert outcomes == {item.id: "enqueued as fine_tuning.job.failed for ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"}
+        async with open_runtime(r.settings, redis_url) as runtime:
+            letters = runtime.dead_letters
+            [item] = await letters.quarantined()
+            outcomes = dict(await letters.replay_quarantined([item.id], ["a"]))
+            assert outcomes == {item.id: "enqueued as fine_tuning.job.failed for ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"}
 
-        async def delivered() -> bool:
-            return len(await r.delivered("a")) == 1
+            async def delivered() -> bool:
+                return len(await r.delivered("a")) == 1
 
-        await eventually(delivered)
-        [event] = await r.delivered("a")
-        assert event.job_id == "ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"
+            await eventually(delivered)
+            [event] = await r.delivered("a")
+            assert event.job_id == "ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processor import models
 from processor.models import (
     Envelope,
     Event,
@@ -17,6 +18,7 @@ from processor.models import (
     decode_event,
     decode_job,
     encode_event,
+    sample_job,
 )
 from tests.conftest import sample
 
@@ -68,6 +70,34 @@ def test_envelope_with_and_without_object() -> None:
     assert isinstance(with_object, Envelope)
     assert with_object == without_object
     assert with_object.data.id == "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
+
+
+class _RewordedDecoder:
+    """The body decoder as a msgspec release that words its errors differently would behave."""
+
+    def __init__(self, real: msgspec.json.Decoder[object]) -> None:
+        self.real = real
+
+    def decode(self, raw: bytes) -> object:
+        try:
+            return self.real.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise msgspec.ValidationError(f"reworded: {exc}") from None
+
+
+def test_an_envelope_without_object_does_not_depend_on_msgspec_wording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body without `object` is told apart by the key missing, not by the text of msgspec's error."""
+    monkeypatch.setattr(models, "_body_decoder", _RewordedDecoder(models._body_decoder))
+    doc = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json"))
+    del doc["object"]
+    body = decode_body(msgspec.json.encode(doc))
+    assert isinstance(body, Envelope) and body.data.id == "ftjob-7cQm2VfRZk1LwN8xTa4YpE3u"
+    # An `object` that is there, even null or of the wrong type, is never taken for a missing one.
+    for value in (None, 5, "nope"):
+        with pytest.raises(msgspec.ValidationError, match=r"^reworded: "):
+            decode_body(msgspec.json.encode({**doc, "object": value}))
+    with pytest.raises(msgspec.ValidationError, match=r"^reworded: "):
+        decode_body(b"[]")
 
 
 def test_unknown_event_types_are_carried() -> None:
@@ -194,3 +224,15 @@ def test_whatever_decodes_can_be_stored_and_fetched_by_its_id(thin: bool, change
     assert decode_event(encode_event(event)) == event
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", event.job_id)
     assert 1 <= len(event.status or "x") <= 64
+
+
+@pytest.mark.parametrize(
+    ("status", "sample_name"),
+    [("succeeded", "succeeded"), ("failed", "failed"), ("running", "running"), ("queued", "running")],
+)
+def test_sample_job_is_the_closest_packaged_sample(status: str, sample_name: str) -> None:
+    """Statuses without a sample of their own are made from the running one, with the status replaced."""
+    job = sample_job(status)
+    expected = decode_job(sample(f"fine_tuning_job.{sample_name}.json"))
+    assert job.status == status
+    assert msgspec.structs.replace(job, status=expected.status) == expected

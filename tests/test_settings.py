@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from processor import registry
 from processor.errors import ConfigError
-from processor.settings import Settings
+from processor.settings import Settings, explain
 
 
 def load(tmp_path: Path, text: str, **env: str) -> Settings:
@@ -114,3 +115,37 @@ def test_unknown_handler_type_lists_the_known_ones(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         Settings.load(tmp_path / "nope.toml", {})
+
+
+class _Pinned(msgspec.Struct):
+    a: dict[int, list[int]]
+    b: int = 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "message", "explained"),
+    [
+        (
+            b'{"a":{"1":[1,"x"]}}',
+            "Expected `int`, got `str` - at `$.a[...][1]`",
+            "a[...][1]: Expected `int`, got `str`",
+        ),
+        (b'{"a":{"k":[]}}', "Expected `int`, got `str` - at `key` in `$.a`", "a: a key: Expected `int`, got `str`"),
+        (b"{}", "Object missing required field `a`", "Object missing required field `a`"),
+        (b'{"a":{},"b":"1"}', "Expected `int`, got `str` - at `$.b`", "b: Expected `int`, got `str`"),
+    ],
+)
+def test_the_msgspec_wording_explain_parses(raw: bytes, message: str, explained: str) -> None:
+    """`explain` turns msgspec's `... - at `$.path`` into `path: ...`. This pins msgspec's wording: when a
+    release changes it, this test fails here (and `explain` falls back to the whole message meanwhile)."""
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(raw, type=_Pinned)
+    assert str(caught.value) == message
+    assert explain(caught.value) == explained
+
+
+def test_explain_falls_back_to_the_whole_message() -> None:
+    """A message without the path pattern is shown whole (after the root, when there is one)."""
+    exc = msgspec.ValidationError("something new - at somewhere")
+    assert explain(exc) == "something new - at somewhere"
+    assert explain(exc, "handlers[0]") == "handlers[0]: something new - at somewhere"

@@ -22,8 +22,8 @@ from redis.exceptions import RedisError
 
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS, server_options
+from processor.runtime import open_runtime
 from processor.settings import Settings
-from processor.stream import connect
 
 from . import views
 from .auth import COOKIE, CSRF_FIELD, Auth, bearer, is_loopback
@@ -87,7 +87,11 @@ async def _checked(
 
 
 def create_dashboard(settings: Settings, redis_url: str) -> web.Application:
-    """The dashboard as an aiohttp sub-application (mount it at `/ui/`). It needs `[dashboard] token`."""
+    """The dashboard as an aiohttp sub-application (mount it at `/ui/`). It needs `[dashboard] token`.
+
+    While the app runs it holds a `Runtime` on `redis_url` (the composition root builds the client and the
+    objects the pages read through), closed at cleanup.
+    """
     if not settings.dashboard.token:
         raise ConfigError("dashboard.token: the dashboard needs a token (set it, e.g. from $FTJOBS_DASHBOARD_TOKEN)")
     app = web.Application(middlewares=[guard])
@@ -95,13 +99,12 @@ def create_dashboard(settings: Settings, redis_url: str) -> web.Application:
     app[views.AUTH] = Auth(settings.dashboard.token, settings.dashboard.session_s)
     app[views.TEMPLATES] = views.environment()
 
-    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-        client = connect(redis_url)
-        app[views.DATA] = Data(settings, client)
-        yield
-        await client.aclose()
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with open_runtime(settings, redis_url) as runtime:
+            app[views.DATA] = Data(runtime)
+            yield
 
-    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(runtime_ctx)
     views.add_routes(app)
     return app
 

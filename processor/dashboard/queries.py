@@ -13,16 +13,15 @@ import time
 from typing import Any, Final
 
 import msgspec
-import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from processor.deadletters import DeadLetters
-from processor.jobstate import JobState, Transition, judge
+from processor.jobstate import Transition, judge
 from processor.limits import Guard
 from processor.models import Event, FineTuningJob, decode_event
 from processor.retention import sizes
-from processor.settings import HandlerSpec, Settings
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, Keys, Streams, text
+from processor.runtime import Runtime
+from processor.settings import HandlerSpec
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, text
 
 from .delivery import Facts, State, decide, unknown
 
@@ -39,19 +38,21 @@ _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)
 
 
 class Data:
-    """The deployment's Redis, seen through the existing read APIs, for one dashboard app."""
+    """The deployment's Redis, seen through the existing read APIs, for one dashboard app.
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
-        self.settings = settings
-        self.client = client
-        self.keys = Keys(settings.redis.prefix)
-        self.streams = Streams(client, self.keys)
-        self.jobs = JobState(client, self.keys, settings.redis.retention_s)
-        self.dead = DeadLetters(
-            self.streams, dedupe_ttl_s=settings.receiver.dedupe_window_s, retention_s=settings.redis.retention_s
-        )
-        self.handlers = {spec.name: spec for spec in settings.handlers}
-        self._count_since = client.register_script(_COUNT_SINCE_LUA)
+    Client, key names, streams, job state and dead letters are the `runtime`'s (the composition root's), so
+    the dashboard reads and acts exactly as the command line and the worker do.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.settings = runtime.settings
+        self.client = runtime.client
+        self.keys = runtime.keys
+        self.streams = runtime.streams
+        self.jobs = runtime.jobs
+        self.dead = runtime.dead_letters
+        self.handlers = {spec.name: spec for spec in self.settings.handlers}
+        self._count_since = self.client.register_script(_COUNT_SINCE_LUA)
 
     async def overview(self) -> dict[str, Any]:
         """Everything the overview page shows."""
@@ -81,8 +82,8 @@ class Data:
 
     async def poller(self) -> dict[str, Any]:
         """The poller as far as Redis knows it: configured interval, first start, jobs it tracks."""
-        meta = {text(k): text(v) for k, v in (await self.client.hgetall(f"{self.keys.prefix}:poller")).items()}
-        tracked = int(await self.client.hlen(f"{self.keys.prefix}:poller:seen"))
+        meta = {text(k): text(v) for k, v in (await self.client.hgetall(self.keys.poller)).items()}
+        tracked = int(await self.client.hlen(self.keys.poller_seen))
         return {"interval_s": self.settings.openai.poll_interval_s, "meta": meta, "tracked": tracked}
 
     async def recent(self, limit: int = 50) -> list[tuple[str, str, float, list[Transition]]]:
