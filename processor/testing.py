@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, cast
 
 import msgspec
 import redis.asyncio as redis
 
+from processor import models
 from processor.errors import ConfigError
 from processor.handler import Delivery, HandlerContext, NeedsClose, NeedsSetup
-from processor.models import Envelope, Event, FineTuningJob, decode_body, decode_job
+from processor.models import Envelope, Event, FineTuningJob, decode_body
 from processor.routing import Rule
 from processor.settings import HandlerSpec, convert
 
@@ -43,18 +43,13 @@ __all__ = [
     "sample_job",
 ]
 
-#: Statuses the packaged samples cover; any other status is built from the running sample.
-_SAMPLES = ("succeeded", "failed", "running")
-
 
 def sample_job(status: str = "succeeded", **changes: Any) -> FineTuningJob:
     """A realistic fine-tuning job in `status` (from the packaged samples), with any field replaced.
 
     `sample_job("failed", metadata={"owner": "ana@example.com"})` is a failed job carrying that metadata.
     """
-    name = status if status in _SAMPLES else "running"
-    job = decode_job((resources.files("processor") / "samples" / f"fine_tuning_job.{name}.json").read_bytes())
-    return msgspec.structs.replace(job, status=status, **changes)
+    return msgspec.structs.replace(models.sample_job(status), **changes)
 
 
 def delivery_for(event: Event, *, handler: str = "test", attempt: int = 1) -> Delivery:
