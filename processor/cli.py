@@ -91,8 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="poll once and exit (default: every openai.poll_interval_s)")
     p = add("jobs", "recently changed jobs with their latest status", _ops("cmd_jobs"))
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("job", "one job's timeline of status changes and where each came from", _ops("cmd_job"))
     p.add_argument("job_id", help="the fine-tuning job id (ftjob-...)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for name, help_, ops_command in (
         ("dlq", "a handler's dead letters: list, show, replay (to that handler only) or drop", _ops("cmd_dlq")),
         (
@@ -107,10 +109,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("handler", help="the handler's name")
         p.add_argument("ids", nargs="*", help="entry ids (for show, replay, drop)")
         p.add_argument("--all", action="store_true", help="replay or drop every entry")
+        p.add_argument("--yes", "-y", action="store_true", help="drop --all without asking")
+        p.add_argument("--json", action="store_true", help="list: print JSON instead of a table")
     p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", _ops("cmd_status"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
-    p.add_argument("--url", help="where to post (default: http://127.0.0.1:<receiver.port><receiver.path>)")
+    p.add_argument("--url", help="where to post (default: http://<receiver.host>:<receiver.port><receiver.path>)")
     p.add_argument("--status", default="succeeded", help="job status of the sample (default: succeeded)")
     p.add_argument("--thin", action="store_true", help="send OpenAI's thin envelope (only the job id) instead")
     p.add_argument("--job-id", help="job id to use (default: the sample's)")
@@ -302,6 +306,16 @@ def sample_job(status: str) -> FineTuningJob:
     return msgspec.structs.replace(job, status=status)
 
 
+def default_send_url(settings: Settings) -> str:
+    """Where `send` posts without `--url`: the configured receiver (`receiver.host`, `.port`, `.path`); a
+    wildcard host (0.0.0.0, ::, empty) is reached on loopback. A port given only as `serve --port` is not
+    known here: pass `--url` then."""
+    host = settings.receiver.host
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.receiver.port}{settings.receiver.path}"
+
+
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
@@ -339,7 +353,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     webhook_id = args.webhook_id or f"wh_{uuid.uuid4().hex}"
     headers = signatures.signed_headers([signatures.parse_secret(secrets[0])], webhook_id, body)
     headers["content-type"] = "application/json"
-    url = args.url or f"http://127.0.0.1:{settings.receiver.port}{settings.receiver.path}"
+    url = args.url or default_send_url(settings)
 
     async def post() -> tuple[int, str]:
         # Not following redirects: they would carry the signed request somewhere else.
