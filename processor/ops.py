@@ -150,7 +150,10 @@ def _confirm_drop_all(args: argparse.Namespace, count: int, what: str) -> None:
         return
     if not sys.stdin.isatty():
         raise CommandFailed(f"drop --all would delete {count} {what}; not at a terminal, so add --yes", code=2)
-    answer = input(f"drop all {count} {what}? [y/N] ")
+    try:
+        answer = input(f"drop all {count} {what}? [y/N] ")
+    except EOFError:  # Ctrl-D: a no
+        answer = ""
     if answer.strip().lower() not in ("y", "yes"):
         raise CommandFailed("nothing dropped")
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
+import pty
 import re
 import shutil
 import socket
@@ -338,3 +341,31 @@ async def test_send_posts_to_the_configured_host_and_port(aiohttp_server: Any, t
     result = await asyncio.to_thread(ftjobs, "send", "-c", str(config), env=env)
     assert result.returncode == 0, result.stderr
     assert len(received) == 1 and f"http://127.0.0.2:{server.port}/in" in result.stdout
+
+
+async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rclient: Any, tmp_path: Path) -> None:
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    await rclient.xadd(f"{prefix}:dlq:log", DeadLetterRecord(entry_id="1-0", error="boom").to_fields())
+    for answer, code, left in ((b"n\n", 1, 1), (b"y\n", 0, 0)):
+        leader, follower = pty.openpty()
+        try:
+            os.write(leader, answer)  # typed ahead: the terminal keeps it until the prompt reads it
+            result = await asyncio.to_thread(
+                functools.partial(
+                    subprocess.run,
+                    [sys.executable, "-m", "processor", "dlq", "drop", "log", "--all", "-c", str(config)],
+                    stdin=follower,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            )
+        finally:
+            os.close(follower)
+            os.close(leader)
+        assert result.returncode == code, result.stderr
+        assert "drop all 1 dead letters of log? [y/N]" in result.stdout
+        assert await rclient.xlen(f"{prefix}:dlq:log") == left
