@@ -1,28 +1,43 @@
 """`ftjobs` — the command line. Each subcommand is a thin wrapper around the modules that do the work.
 
-Exit codes: 0 success, 1 the operation failed (e.g. `send` got a non-2xx), 2 bad configuration or usage.
+Exit codes: 0 success, 1 the operation failed (Redis unreachable, a port in use, an unknown entry id, the API
+refused the key, `send` got a non-2xx), 2 bad configuration or usage. An expected failure is one line on
+stderr saying what failed and what to do, never a traceback.
+
+The heavy modules (aiohttp, redis, the service and the dashboard) are imported inside the commands, so
+`ftjobs --help` and the operator commands start quickly.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import errno
 import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import msgspec
+from processor import __version__
+from processor.errors import CommandFailed, ConfigError
 
-from processor import __version__, localsecret, logs, ops, registry, runtime, service, signatures
-from processor.errors import ConfigError
-from processor.models import Envelope, Event, EventData, FineTuningJob, decode_body, decode_job
-from processor.settings import Settings
+if TYPE_CHECKING:
+    from processor.models import FineTuningJob
+    from processor.settings import Settings
 
-Command = Callable[[argparse.Namespace, Settings], int]
+Command = Callable[[argparse.Namespace, "Settings"], int]
+
+
+def _ops(name: str) -> Command:
+    """The operator command `name` of `processor.ops`, imported only when it runs."""
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from processor import ops
+
+        command: Command = getattr(ops, name)
+        return command(args, settings)
+
+    return run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,28 +89,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--event", metavar="FILE", help="a job or webhook JSON file: say which handlers it would reach")
     p = add("poll", "poll the OpenAI API for job status changes (queued, running, ...) and enqueue them", cmd_poll)
     p.add_argument("--once", action="store_true", help="poll once and exit (default: every openai.poll_interval_s)")
-    p = add("jobs", "recently changed jobs with their latest status", ops.cmd_jobs)
+    p = add("jobs", "recently changed jobs with their latest status", _ops("cmd_jobs"))
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    p = add("job", "one job's timeline of status changes and where each came from", ops.cmd_job)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add("job", "one job's timeline of status changes and where each came from", _ops("cmd_job"))
     p.add_argument("job_id", help="the fine-tuning job id (ftjob-...)")
-    for name, help_, func in (
-        ("dlq", "a handler's dead letters: list, show, replay (to that handler only) or drop", ops.cmd_dlq),
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, help_, ops_command in (
+        ("dlq", "a handler's dead letters: list, show, replay (to that handler only) or drop", _ops("cmd_dlq")),
         (
             "quarantine",
             "signed bodies that did not decode: list, show, replay (decode again) or drop",
-            ops.cmd_quarantine,
+            _ops("cmd_quarantine"),
         ),
     ):
-        p = add(name, help_, func)
+        p = add(name, help_, ops_command)
         p.add_argument("action", choices=["list", "show", "replay", "drop"])
         if name == "dlq":
             p.add_argument("handler", help="the handler's name")
         p.add_argument("ids", nargs="*", help="entry ids (for show, replay, drop)")
         p.add_argument("--all", action="store_true", help="replay or drop every entry")
-    p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", ops.cmd_status)
+        p.add_argument("--yes", "-y", action="store_true", help="drop --all without asking")
+        p.add_argument("--json", action="store_true", help="list: print JSON instead of a table")
+    p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", _ops("cmd_status"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
-    p.add_argument("--url", help="where to post (default: http://127.0.0.1:<receiver.port><receiver.path>)")
+    p.add_argument("--url", help="where to post (default: http://<receiver.host>:<receiver.port><receiver.path>)")
     p.add_argument("--status", default="succeeded", help="job status of the sample (default: succeeded)")
     p.add_argument("--thin", action="store_true", help="send OpenAI's thin envelope (only the job id) instead")
     p.add_argument("--job-id", help="job id to use (default: the sample's)")
@@ -116,7 +135,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ftjobs` console script and `python -m processor`."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # `--help` and `--version` exit here, before the imports below
+    from processor import logs
+    from processor.settings import Settings
+
     try:
         settings = Settings.load(args.config)
         registry.use_local_modules(settings.source)
@@ -128,6 +150,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        failure = expected_failure(exc)
+        if failure is None:
+            raise
+        print(f"ftjobs {args.command}: {failure[1]}", file=sys.stderr)
+        return failure[0]
+
+
+def expected_failure(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line saying what failed and what to do) for a failure a user can meet; None for a bug."""
+    if isinstance(exc, CommandFailed):
+        return exc.code, str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return 1, f"{exc.strerror or exc}: another process listens there; stop it or choose another --port"
+    if "redis" in sys.modules:  # only a command that used Redis can raise its errors
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            return 1, f"Redis is unreachable ({exc}); is it running? Check REDIS_URL (or redis.url)"
+    if "processor.openai" in sys.modules:
+        from processor.openai import OpenAIAuthError, OpenAIError
+
+        if isinstance(exc, OpenAIAuthError):
+            return 1, f"{exc}; check OPENAI_API_KEY (or openai.api_key)"
+        if isinstance(exc, OpenAIError):
+            return 1, f"{exc}"
+    return None
 
 
 def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
@@ -135,6 +185,10 @@ def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from processor import localsecret, registry, runtime, service
+
     settings = localsecret.with_secrets(settings, create_local=True)
     handlers = registry.build(settings.handlers)  # fail on a bad handler config before anything starts
     localsecret.warn_if_insecure(settings)
@@ -148,6 +202,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from processor import localsecret, runtime, service
+
     settings = localsecret.with_secrets(settings, create_local=False)
     localsecret.warn_if_insecure(settings)
     url = runtime.redis_url(settings)
@@ -159,6 +217,8 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
+    from processor import registry, runtime, service
+
     handlers = registry.build(settings.handlers)
     url = runtime.redis_url(settings)
     return service.run_async(
@@ -169,7 +229,7 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     import structlog
 
-    from processor import dashboard  # imported here: `ftjobs --help` stays fast
+    from processor import dashboard, runtime, service
 
     host, port = args.host or settings.dashboard.host, args.port or settings.dashboard.port
     settings = dashboard.with_token(settings, host)
@@ -180,6 +240,10 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    import msgspec
+
+    from processor import registry, signatures
+
     registry.build(settings.handlers)
     print(f"config: {settings.source or '(defaults)'} — OK")
     print(
@@ -189,6 +253,8 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
     )
     for secret in settings.receiver.secrets:
         signatures.parse_secret(secret)
+    from processor import logs
+
     redis_at = (
         logs.redact(settings.redis.url) if settings.redis.url else f"embedded Valkey in {settings.redis.data_dir}"
     )
@@ -206,6 +272,10 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def explain_routing(path: str, settings: Settings) -> None:
     """Print, for a sample event file, which handlers it would reach and why the others would skip it."""
+    import msgspec
+
+    from processor.models import Event, decode_body
+
     try:
         with open(path, "rb") as fh:
             body = decode_body(fh.read())
@@ -219,17 +289,43 @@ def explain_routing(path: str, settings: Settings) -> None:
 
 
 def cmd_poll(args: argparse.Namespace, settings: Settings) -> int:
+    from processor import runtime, service
+
     return service.run_async(service.poll_until_signal(settings, runtime.redis_url(settings), once=args.once))
 
 
 def sample_job(status: str) -> FineTuningJob:
     """A sample job in `status`, built from the packaged samples (closest one, status replaced)."""
+    from importlib import resources
+
+    import msgspec
+
+    from processor.models import decode_job
+
     name = {"succeeded": "succeeded", "failed": "failed"}.get(status, "running")
     job = decode_job((resources.files("processor") / "samples" / f"fine_tuning_job.{name}.json").read_bytes())
     return msgspec.structs.replace(job, status=status)
 
 
+def default_send_url(settings: Settings) -> str:
+    """Where `send` posts without `--url`: the configured receiver (`receiver.host`, `.port`, `.path`); a
+    wildcard host (0.0.0.0, ::, empty) is reached on loopback. A port given only as `serve --port` is not
+    known here: pass `--url` then."""
+    host = settings.receiver.host
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.receiver.port}{settings.receiver.path}"
+
+
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    import aiohttp
+    import msgspec
+
+    from processor import localsecret, signatures
+    from processor.models import Envelope, EventData, decode_job
+
     secrets = settings.receiver.secrets or [s for s in [localsecret.local_secret(settings, create=False)] if s]
     if not secrets:
         raise ConfigError("no webhook secret to sign with: set OPENAI_WEBHOOK_SECRET (or run `ftjobs serve` once)")
@@ -258,7 +354,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     webhook_id = args.webhook_id or f"wh_{uuid.uuid4().hex}"
     headers = signatures.signed_headers([signatures.parse_secret(secrets[0])], webhook_id, body)
     headers["content-type"] = "application/json"
-    url = args.url or f"http://127.0.0.1:{settings.receiver.port}{settings.receiver.path}"
+    url = args.url or default_send_url(settings)
 
     async def post() -> tuple[int, str]:
         # Not following redirects: they would carry the signed request somewhere else.

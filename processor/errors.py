@@ -10,6 +10,7 @@
     │   ├── PayloadTooLargeError    413: the body is over the limit
     │   ├── UnsupportedMediaError   415: the content type is not JSON
     │   └── UnavailableError        503: Redis could not take the write (the sender retries)
+    ├── CommandFailed               a CLI command could not do what was asked; the CLI prints it, exits 1 or 2
     └── HandlerError                raised by handlers; the worker owns what happens next
         ├── RetryLater              try again (optionally after `after` seconds)
         └── PermanentFailure        do not retry: dead-letter now
@@ -94,3 +95,12 @@ class RetryLater(HandlerError):
 
 class PermanentFailure(HandlerError):
     """A failure retrying cannot fix (e.g. the target answered 4xx): dead-letter the event now."""
+
+
+class CommandFailed(FtjobsError):
+    """A CLI command could not do what was asked (nothing to connect to, an unknown entry id): the CLI prints
+    the message on one line and exits with `code` (1 a runtime failure, 2 a usage error)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import os
+import pty
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -14,15 +20,29 @@ import pytest
 import yaml
 
 from processor.cli import _parser
-from tests.conftest import ROOT
+from processor.records import DeadLetterRecord, QuarantineRecord
+from tests.conftest import ROOT, SECRET, free_port
 
 COMMANDS = ["serve", "receive", "work", "check-config", "poll", "jobs", "job", "dlq", "quarantine", "status", "send"]
 
 
 def ftjobs(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "processor", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "processor", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,  # never a terminal: `drop --all` must not wait for an answer
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+
+
+def fails_cleanly(result: subprocess.CompletedProcess[str], code: int, says: str) -> None:
+    """The command exited `code` with `says` on its last stderr line, and no traceback."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert says in result.stderr.strip().splitlines()[-1], result.stderr
 
 
 def test_help_lists_every_command() -> None:
@@ -218,3 +238,134 @@ async def test_send_signs_any_sample_to_any_url(aiohttp_server: Any) -> None:
     full = msgspec.json.decode(full_body)
     assert (full["status"], full["id"], full["metadata"]["team"]) == ("queued", "ftjob-custom", "search")
     assert full_headers["webhook-id"] == "wh_fixed"
+
+
+OPS = [["status"], ["jobs"], ["job", "ftjob-x"], ["dlq", "list", "log"], ["quarantine", "list"]]
+
+
+def test_ops_commands_never_start_a_server(tmp_path: Path) -> None:
+    """From a folder where no embedded Valkey runs and without REDIS_URL: say so, exit 1, start nothing."""
+    for args in OPS[:2]:
+        result = ftjobs(*args, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+        fails_cleanly(result, 1, "no embedded Valkey runs in '.ftjobs' and REDIS_URL is not set")
+        assert "ftjobs serve" in result.stderr
+    assert not (tmp_path / ".ftjobs").exists()
+
+
+def test_ops_commands_say_redis_is_unreachable(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    for args in OPS:
+        result = ftjobs(*args, cwd=tmp_path, env=env)
+        fails_cleanly(result, 1, "Redis is unreachable")
+        assert len(result.stderr.strip().splitlines()) == 1 and "REDIS_URL" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "receive", "dashboard"])
+def test_a_port_in_use_is_one_line(command: str, redis_url: str, prefix: str, tmp_path: Path) -> None:
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "OPENAI_WEBHOOK_SECRET": SECRET}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = ftjobs(command, "-c", str(config), "--host", "127.0.0.1", "--port", port, cwd=tmp_path, env=env)
+    fails_cleanly(result, 1, "another process listens there; stop it or choose another --port")
+
+
+async def test_entry_ids_unknown_ids_replays_and_drop_all(
+    redis_url: str, prefix: str, rclient: Any, tmp_path: Path
+) -> None:
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return ftjobs(*args, "-c", str(config), env=env)
+
+    dead = DeadLetterRecord(entry_id="1-0", record=b"\xc1", error="boom", attempts=3).to_fields()
+    letter = (await rclient.xadd(f"{prefix}:dlq:log", dead)).decode()
+    body = QuarantineRecord(body=b"not json", error="bad", webhook_id="wh_q").to_fields()
+    kept = (await rclient.xadd(f"{prefix}:quarantine", body)).decode()
+
+    listed = run("dlq", "list", "log")
+    assert listed.returncode == 0 and listed.stdout.split()[:5] == ["ID", "EVENT", "JOB", "ATTEMPTS", "ERROR"]
+    assert [x["error"] for x in json.loads(run("dlq", "list", "log", "--json").stdout)] == ["boom"]
+    assert [x["id"] for x in json.loads(run("quarantine", "list", "--json").stdout)] == [kept]
+    fails_cleanly(run("dlq", "show", "log", "not-an-id"), 2, "'not-an-id' is not an entry id")
+    fails_cleanly(run("quarantine", "drop", "../x"), 2, "is not an entry id")
+    for action in ("show", "replay", "drop"):
+        fails_cleanly(run("dlq", action, "log", "999-0"), 1, "no entry 999-0 in log's dead letters")
+    fails_cleanly(run("quarantine", "show", "999-0"), 1, "no entry 999-0 in the quarantine")
+    fails_cleanly(run("dlq", "replay", "log", letter), 1, "1 undecodable dead letter(s) kept")
+    fails_cleanly(run("quarantine", "replay", kept), 1, f"1 still not readable, kept in quarantine: {kept}")
+    fails_cleanly(run("dlq", "drop", "log", "--all"), 2, "not at a terminal, so add --yes")
+    assert await rclient.xlen(f"{prefix}:dlq:log") == 1
+    dropped = run("dlq", "drop", "log", "--all", "--yes")
+    assert dropped.returncode == 0 and "dropped 1" in dropped.stdout
+    assert await rclient.xlen(f"{prefix}:dlq:log") == 0
+
+
+async def test_poll_once_with_a_refused_key_is_one_line(aiohttp_server: Any, redis_url: str, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "Incorrect API key provided"}}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    server = await aiohttp_server(app)
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[openai]\nbase_url = "{server.make_url("/v1")}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "OPENAI_API_KEY": "sk-wrong-key-0123456789"}
+    result = await asyncio.to_thread(ftjobs, "poll", "--once", "-c", str(config), env=env)
+    fails_cleanly(result, 1, "check OPENAI_API_KEY")
+    assert "sk-wrong" not in result.stdout + result.stderr
+
+
+async def test_send_posts_to_the_configured_host_and_port(aiohttp_server: Any, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    received: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.json_response({"status": "accepted"})
+
+    app = web.Application()
+    app.router.add_post("/in", hook)
+    server = await aiohttp_server(app, host="127.0.0.2")  # not 127.0.0.1: send must follow receiver.host
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[receiver]\nhost = "127.0.0.2"\nport = {server.port}\npath = "/in"\n')
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_WEBHOOK_SECRET": SECRET}
+    result = await asyncio.to_thread(ftjobs, "send", "-c", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(received) == 1 and f"http://127.0.0.2:{server.port}/in" in result.stdout
+
+
+async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rclient: Any, tmp_path: Path) -> None:
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    await rclient.xadd(f"{prefix}:dlq:log", DeadLetterRecord(entry_id="1-0", error="boom").to_fields())
+    for answer, code, left in ((b"n\n", 1, 1), (b"y\n", 0, 0)):
+        leader, follower = pty.openpty()
+        try:
+            os.write(leader, answer)  # typed ahead: the terminal keeps it until the prompt reads it
+            result = await asyncio.to_thread(
+                functools.partial(
+                    subprocess.run,
+                    [sys.executable, "-m", "processor", "dlq", "drop", "log", "--all", "-c", str(config)],
+                    stdin=follower,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            )
+        finally:
+            os.close(follower)
+            os.close(leader)
+        assert result.returncode == code, result.stderr
+        assert "drop all 1 dead letters of log? [y/N]" in result.stdout
+        assert await rclient.xlen(f"{prefix}:dlq:log") == left

@@ -42,7 +42,9 @@ async def test_dead_letter_replay_goes_to_its_handler_only(
     )
     listed = ftjobs(config, redis_url, "dlq", "list", "flaky")
     assert listed.returncode == 0, listed.stderr
-    assert "fine_tuning.job.failed ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD  attempts=2" in listed.stdout
+    header, row = listed.stdout.splitlines()[:2]
+    assert header.split() == ["ID", "EVENT", "JOB", "ATTEMPTS", "ERROR"]
+    assert row.split()[1:4] == ["fine_tuning.job.failed", "ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD", "2"]
     assert "RetryLater: sink flaky fails attempt 2" in listed.stdout
     assert ftjobs(config, redis_url, "dlq", "list", "nope").returncode != 0
     # The handler is fixed (it now succeeds); replay its dead letters.

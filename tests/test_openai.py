@@ -343,7 +343,7 @@ async def test_poll_jobs_and_job_commands(
     assert code == 0 and JOB_ID in out and "succeeded" in out
     code, out, _ = await run_cli("job", JOB_ID, env=env)
     assert code == 0 and "(new) → succeeded" in out and "via poll" in out
-    code, out, _ = await run_cli("job", "ftjob-unknown", env=env)
-    assert code == 1 and "no status changes recorded" in out
+    code, _, err = await run_cli("job", "ftjob-unknown", env=env)
+    assert code == 1 and "no status changes recorded" in err
     code, _, err = await run_cli("poll", "--once", env={"REDIS_URL": redis_url, "FTJOBS_CONFIG": str(config)})
     assert code == 2 and "OPENAI_API_KEY" in err
