@@ -18,17 +18,15 @@ import functools
 import json
 import time
 from collections import defaultdict
-from importlib import resources
 from typing import Any, Final, Literal
 from urllib.parse import quote
 
 import jinja2
-import msgspec
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from processor.errors import ConfigError
 from processor.humanize import human_duration, human_time, human_tokens
-from processor.models import KNOWN_STATUSES, Event, FineTuningJob, decode_job
+from processor.models import KNOWN_STATUSES, Event, FineTuningJob, sample_job
 
 Flavor = Literal["text", "html", "slack", "header", "json"]
 
@@ -168,21 +166,17 @@ class Template:
 @functools.cache
 def sample_events() -> tuple[Event, ...]:
     """One full event per known status (from the packaged samples) and a thin one, for template checks."""
-    samples = resources.files("processor") / "samples"
-    jobs = {
-        name: decode_job((samples / f"fine_tuning_job.{name}.json").read_bytes())
-        for name in ("succeeded", "failed", "running")
-    }
     events = []
     for status in sorted(KNOWN_STATUSES):
-        job = msgspec.structs.replace(jobs.get(status, jobs["running"]), status=status)
+        job = sample_job(status)
         events.append(Event.from_body(job, webhook_id=f"wh_sample_{status}", received_at=job.created_at))
+    failed = sample_job("failed")
     thin = Event(
         id="wh_sample_thin",
         type="fine_tuning.job.failed",
-        job_id=jobs["failed"].id,
+        job_id=failed.id,
         source="webhook",
-        created_at=jobs["failed"].created_at,
-        received_at=jobs["failed"].created_at,
+        created_at=failed.created_at,
+        received_at=failed.created_at,
     )
     return (*events, thin)

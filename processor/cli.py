@@ -22,7 +22,6 @@ from processor import __version__
 from processor.errors import CommandFailed, ConfigError
 
 if TYPE_CHECKING:
-    from processor.models import FineTuningJob
     from processor.settings import Settings
 
 Command = Callable[[argparse.Namespace, "Settings"], int]
@@ -136,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ftjobs` console script and `python -m processor`."""
     args = _parser().parse_args(argv)  # `--help` and `--version` exit here, before the imports below
-    from processor import logs
+    from processor import logs, registry
     from processor.settings import Settings
 
     try:
@@ -294,19 +293,6 @@ def cmd_poll(args: argparse.Namespace, settings: Settings) -> int:
     return service.run_async(service.poll_until_signal(settings, runtime.redis_url(settings), once=args.once))
 
 
-def sample_job(status: str) -> FineTuningJob:
-    """A sample job in `status`, built from the packaged samples (closest one, status replaced)."""
-    from importlib import resources
-
-    import msgspec
-
-    from processor.models import decode_job
-
-    name = {"succeeded": "succeeded", "failed": "failed"}.get(status, "running")
-    job = decode_job((resources.files("processor") / "samples" / f"fine_tuning_job.{name}.json").read_bytes())
-    return msgspec.structs.replace(job, status=status)
-
-
 def default_send_url(settings: Settings) -> str:
     """Where `send` posts without `--url`: the configured receiver (`receiver.host`, `.port`, `.path`); a
     wildcard host (0.0.0.0, ::, empty) is reached on loopback. A port given only as `serve --port` is not
@@ -336,6 +322,8 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         except (OSError, msgspec.DecodeError) as exc:
             raise ConfigError(f"--job {args.job}: {exc}") from None
     else:
+        from processor.models import sample_job
+
         job = sample_job(args.status)
     changes: dict[str, Any] = {}
     if args.job_id:
