@@ -323,7 +323,7 @@ async def test_poll_once_with_a_refused_key_is_one_line(aiohttp_server: Any, red
     assert "sk-wrong" not in result.stdout + result.stderr
 
 
-async def test_send_posts_to_the_configured_host_and_port(aiohttp_server: Any, tmp_path: Path) -> None:
+async def test_send_posts_to_the_configured_host_and_port(tmp_path: Path) -> None:
     from aiohttp import web
 
     received: list[bytes] = []
@@ -334,13 +334,20 @@ async def test_send_posts_to_the_configured_host_and_port(aiohttp_server: Any, t
 
     app = web.Application()
     app.router.add_post("/in", hook)
-    server = await aiohttp_server(app, host="127.0.0.2")  # not 127.0.0.1: send must follow receiver.host
-    config = tmp_path / "ftjobs.toml"
-    config.write_text(f'[receiver]\nhost = "127.0.0.2"\nport = {server.port}\npath = "/in"\n')
-    env = {"PATH": "/usr/bin:/bin", "OPENAI_WEBHOOK_SECRET": SECRET}
-    result = await asyncio.to_thread(ftjobs, "send", "-c", str(config), env=env)
-    assert result.returncode == 0, result.stderr
-    assert len(received) == 1 and f"http://127.0.0.2:{server.port}/in" in result.stdout
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.2", 0)  # not 127.0.0.1: send must follow receiver.host
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        config = tmp_path / "ftjobs.toml"
+        config.write_text(f'[receiver]\nhost = "127.0.0.2"\nport = {port}\npath = "/in"\n')
+        env = {"PATH": "/usr/bin:/bin", "OPENAI_WEBHOOK_SECRET": SECRET}
+        result = await asyncio.to_thread(ftjobs, "send", "-c", str(config), env=env)
+        assert result.returncode == 0, result.stderr
+        assert len(received) == 1 and f"http://127.0.0.2:{port}/in" in result.stdout
+    finally:
+        await runner.cleanup()
 
 
 async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rclient: Any, tmp_path: Path) -> None:
