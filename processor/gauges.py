@@ -58,7 +58,7 @@ async def read(streams: Streams, specs: Iterable[HandlerSpec], now: float | None
     specs = list(specs)
     groups = [spec.name for spec in specs]
     status = await streams.status(groups)
-    sizes = await retention.sizes(streams.client, streams.keys, groups)
+    sizes = await retention.sizes(streams.client, streams.keys)
     circuits = [await Guard(streams.client, streams.keys, spec).state(now) for spec in specs]
     last_poll = await streams.client.hget(streams.keys.poller, poller.LAST_SUCCESS)
 
@@ -87,9 +87,9 @@ async def read(streams: Streams, specs: Iterable[HandlerSpec], now: float | None
             heartbeat.add_metric([worker.get("consumer", "")], float(worker["last_loop"]))
     families: list[Metric] = [lag, pending, retrying, dead, circuit, heartbeat]
     families.append(
-        GaugeMetricFamily("ftjobs_quarantine_entries", "Entries in the quarantine stream.", sizes["quarantine"])
+        GaugeMetricFamily("ftjobs_quarantine_entries", "Entries in the quarantine stream.", status["quarantine"])
     )
-    families.append(GaugeMetricFamily("ftjobs_events_entries", "Entries in the events stream.", sizes["events"]))
+    families.append(GaugeMetricFamily("ftjobs_events_entries", "Entries in the events stream.", status["events"]))
     families.append(GaugeMetricFamily("ftjobs_jobs_tracked", "Fine-tuning jobs whose state is kept.", sizes["jobs"]))
     families.append(
         GaugeMetricFamily("ftjobs_redis_used_memory_bytes", "Memory the Redis server uses.", sizes["used_memory_bytes"])

@@ -56,7 +56,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         status = await runtime.streams.status(h.name for h in settings.handlers)
         for spec in settings.handlers:
             status["handlers"][spec.name] |= await Guard(runtime.client, runtime.keys, spec).state()
-        status["sizes"] = await retention.sizes(runtime.client, runtime.keys, [h.name for h in settings.handlers])
+        status["sizes"] = await retention.sizes(runtime.client, runtime.keys)
         return status
 
     status = with_redis(settings, collect)

@@ -56,22 +56,11 @@ async def _trim(client: redis.Redis, stream: str, min_id: str, max_len: int) -> 
     return removed
 
 
-async def sizes(client: redis.Redis, keys: Keys, groups: Iterable[str]) -> dict[str, Any]:
-    """How much ftjobs keeps, for `ftjobs status`: entries per stream, jobs tracked, the server's memory."""
-    groups = list(groups)
+async def sizes(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """What `Streams.status` does not count, for `ftjobs status`, the gauges and the dashboard: jobs tracked
+    and the server's memory. (Entries per stream come from `Streams.status`; asking again would read them twice.)"""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.events)
-        pipe.xlen(keys.quarantine)
         pipe.zcard(keys.jobs)
-        for group in groups:
-            pipe.xlen(keys.dlq(group))
         pipe.info("memory")
-        replies = await pipe.execute()
-    events, quarantine, jobs, *dead, memory = replies
-    return {
-        "events": events,
-        "quarantine": quarantine,
-        "jobs": jobs,
-        "dead_letters": dict(zip(groups, dead, strict=True)),
-        "used_memory_bytes": int(memory.get("used_memory", 0)),
-    }
+        jobs, memory = await pipe.execute()
+    return {"jobs": jobs, "used_memory_bytes": int(memory.get("used_memory", 0))}

@@ -9,7 +9,7 @@ import redis.asyncio as redis
 
 from processor.retention import sizes, sweep
 from processor.settings import RedisSettings
-from processor.stream import Keys
+from processor.stream import Keys, Streams
 
 
 async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: redis.Redis, prefix: str) -> None:
@@ -29,8 +29,9 @@ async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: r
     kept = [fields[b"e"] for _, fields in await rclient.xrange(keys.dlq("slack"))]
     assert kept == [b"3", b"4", b"5", b"6", b"7"]  # the newest five
     assert await rclient.xlen(keys.quarantine) == 5
-    report = await sizes(rclient, keys, ["slack"])
-    assert report["jobs"] == 1 and report["dead_letters"] == {"slack": 5} and report["quarantine"] == 5
+    report = await sizes(rclient, keys)
+    status = await Streams(rclient, keys).status(["slack"])
+    assert report["jobs"] == 1 and status["handlers"]["slack"]["dead_letters"] == 5 and status["quarantine"] == 5
     assert report["used_memory_bytes"] > 0
 
 

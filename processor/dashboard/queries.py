@@ -65,7 +65,7 @@ class Data:
         per_min = int(await self._count_since(keys=[self.keys.events], args=[since, RATE_CAP]))
         return {
             "status": status,
-            "sizes": await sizes(self.client, self.keys, names),
+            "sizes": await sizes(self.client, self.keys),
             "per_min": per_min,
             "per_min_capped": per_min >= RATE_CAP,
             "last": await self.last_event(),
