@@ -71,11 +71,12 @@ class DeadLetters:
                 continue
             note = f"dead-lettered after {letter.attempts} attempt(s) at {letter.failed_at:.0f}: {letter.error}"
             event = msgspec.structs.replace(letter.event, target=handler, history=[*letter.event.history, note])
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.keys.events, {RECORD_FIELD: encode_event(event), VERDICT_FIELD: letter.verdict.encode()})
-                pipe.xdel(self.keys.dlq(handler), letter.id)
-                added, _ = await pipe.execute()
-            new_ids.append(text(added))
+            # Back on the events stream (in the job's partition) under a dedupe id of its own, then out of the
+            # dead letters: a crash between the two steps makes a second replay find the first, not add another.
+            fields = {RECORD_FIELD: encode_event(event), VERDICT_FIELD: letter.verdict.encode()}
+            added = await self.enqueuer.add(f"dlq:{handler}:{letter.id}", fields, event, judge=False)
+            await self.client.xdel(self.keys.dlq(handler), letter.id)
+            new_ids.append(added.entry_id)
         return new_ids
 
     async def drop(self, handler: str, ids: list[str]) -> int:
@@ -104,9 +105,7 @@ class DeadLetters:
             # Enqueued like a fresh delivery (judged against the job's state), under its own dedupe id: the
             # webhook-id already names the quarantine entry.
             replay_id = f"{item.webhook_id}:replayed"
-            new, entry_id, _ = await self.enqueuer.add(
-                replay_id, self.keys.events, {RECORD_FIELD: encode_event(event)}, event
-            )
+            new, entry_id, _ = await self.enqueuer.add(replay_id, {RECORD_FIELD: encode_event(event)}, event)
             await self.client.xdel(self.keys.quarantine, item.id)
             what = f"enqueued as {event.type} for {event.job_id}" if new else f"already replayed as {entry_id}"
             outcomes.append((item.id, what))

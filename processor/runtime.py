@@ -19,7 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from processor import embedded
 from processor.deadletters import DeadLetters
-from processor.enqueue import Enqueuer
+from processor.enqueue import Enqueuer, wait_command
 from processor.errors import ConfigError
 from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
 from processor.hydration import Preparer
@@ -28,7 +28,7 @@ from processor.logs import redact
 from processor.openai import OpenAIClient
 from processor.poller import Poller
 from processor.settings import Settings
-from processor.stream import Keys, Streams, connect, text
+from processor.stream import Client, Keys, Streams, connect, open_client, text
 from processor.worker import Worker
 
 log = structlog.get_logger()
@@ -37,22 +37,21 @@ log = structlog.get_logger()
 class Runtime:
     """The objects one process shares, built from the settings and a Redis URL (use `open_runtime`)."""
 
-    def __init__(
-        self, settings: Settings, url: str, stack: contextlib.AsyncExitStack, *, socket_timeout: float = 5.0
-    ) -> None:
+    def __init__(self, settings: Settings, url: str, client: Client, stack: contextlib.AsyncExitStack) -> None:
         self.settings = settings
         self.url = url
         self._stack = stack
-        self.client = connect(url, socket_timeout=socket_timeout)
-        stack.push_async_callback(self.client.aclose)
-        self.keys = Keys(settings.redis.prefix)
+        self.client = client
+        store = settings.redis
+        self.keys = Keys(store.prefix, store.partitions)
         self.streams = Streams(self.client, self.keys)
         self.enqueuer = Enqueuer(
             self.client,
             self.keys,
             ttl_s=settings.receiver.dedupe_window_s,
-            state_ttl_s=settings.redis.retention_s,
+            state_ttl_s=store.retention_s,
             max_batch=settings.receiver.max_batch,
+            wait=wait_command(store.wait_replicas, store.wait_aof, store.wait_timeout_ms),
         )
         self.jobs = JobState(self.client, self.keys, settings.redis.retention_s)
         self.dead_letters = DeadLetters(self.streams, enqueuer=self.enqueuer)
@@ -94,7 +93,10 @@ async def open_runtime(settings: Settings, url: str, *, socket_timeout: float = 
     `socket_timeout` must exceed the longest blocking read on the client (the worker passes a larger one).
     """
     async with contextlib.AsyncExitStack() as stack:
-        yield Runtime(settings, url, stack, socket_timeout=socket_timeout)
+        cluster = {"auto": None, "yes": True, "no": False}[settings.redis.cluster]
+        client = await open_client(url, socket_timeout=socket_timeout, cluster=cluster)
+        stack.push_async_callback(client.aclose)
+        yield Runtime(settings, url, client, stack)
 
 
 @contextlib.asynccontextmanager

@@ -284,9 +284,9 @@ async def test_entry_ids_unknown_ids_replays_and_drop_all(
         return ftjobs(*args, "-c", str(config), env=env)
 
     dead = DeadLetterRecord(entry_id="1-0", record=b"\xc1", error="boom", attempts=3).to_fields()
-    letter = (await rclient.xadd(f"{prefix}:dlq:log", dead)).decode()
+    letter = (await rclient.xadd(f"{prefix}:{{dlq}}:log", dead)).decode()
     body = QuarantineRecord(body=b"not json", error="bad", webhook_id="wh_q").to_fields()
-    kept = (await rclient.xadd(f"{prefix}:quarantine", body)).decode()
+    kept = (await rclient.xadd(f"{prefix}:{{q}}:quarantine", body)).decode()
 
     listed = run("dlq", "list", "log")
     assert listed.returncode == 0 and listed.stdout.split()[:5] == ["ID", "EVENT", "JOB", "ATTEMPTS", "ERROR"]
@@ -300,10 +300,10 @@ async def test_entry_ids_unknown_ids_replays_and_drop_all(
     fails_cleanly(run("dlq", "replay", "log", letter), 1, "1 undecodable dead letter(s) kept")
     fails_cleanly(run("quarantine", "replay", kept), 1, f"1 still not readable, kept in quarantine: {kept}")
     fails_cleanly(run("dlq", "drop", "log", "--all"), 2, "not at a terminal, so add --yes")
-    assert await rclient.xlen(f"{prefix}:dlq:log") == 1
+    assert await rclient.xlen(f"{prefix}:{{dlq}}:log") == 1
     dropped = run("dlq", "drop", "log", "--all", "--yes")
     assert dropped.returncode == 0 and "dropped 1" in dropped.stdout
-    assert await rclient.xlen(f"{prefix}:dlq:log") == 0
+    assert await rclient.xlen(f"{prefix}:{{dlq}}:log") == 0
 
 
 async def test_poll_once_with_a_refused_key_is_one_line(aiohttp_server: Any, redis_url: str, tmp_path: Path) -> None:
@@ -354,7 +354,7 @@ async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rc
     config = tmp_path / "ftjobs.toml"
     config.write_text(f'[redis]\nprefix = "{prefix}"\n')
     env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
-    await rclient.xadd(f"{prefix}:dlq:log", DeadLetterRecord(entry_id="1-0", error="boom").to_fields())
+    await rclient.xadd(f"{prefix}:{{dlq}}:log", DeadLetterRecord(entry_id="1-0", error="boom").to_fields())
     for answer, code, left in ((b"n\n", 1, 1), (b"y\n", 0, 0)):
         leader, follower = pty.openpty()
         try:
@@ -375,4 +375,4 @@ async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rc
             os.close(leader)
         assert result.returncode == code, result.stderr
         assert "drop all 1 dead letters of log? [y/N]" in result.stdout
-        assert await rclient.xlen(f"{prefix}:dlq:log") == left
+        assert await rclient.xlen(f"{prefix}:{{dlq}}:log") == left

@@ -88,7 +88,7 @@ async def test_quarantine_replay_after_an_upgrade(rig: Any, redis_url: str, pref
         # A body an older version could not read but this one can (as after an upgrade).
         readable = compact(sample("fine_tuning_job.failed.json"))
         await r.rclient.xadd(
-            f"{prefix}:quarantine",
+            f"{prefix}:{{q}}:quarantine",
             {
                 b"body": readable,
                 b"error": b"old decoder",
@@ -118,7 +118,7 @@ async def test_a_sender_cannot_take_the_id_a_quarantine_replay_will_use(rig: Any
     async with rig([sink("a", redis_url, prefix)]) as r:
         # A body an older version could not read but this one can (as after an upgrade).
         await r.rclient.xadd(
-            f"{prefix}:quarantine",
+            f"{prefix}:{{q}}:quarantine",
             {
                 b"body": compact(sample("fine_tuning_job.failed.json")),
                 b"error": b"old decoder",
