@@ -272,3 +272,19 @@ def test_kubernetes_commands_serve_what_their_probes_ask(
     assert status == 200
     wait_for(lambda: any(line.get("event") == "event_received" for line in working.lines()), what="event delivered")
     assert receiving.stop() == 0 and working.stop() == 0
+
+
+def test_readmes_name_the_manifests_commands_and_secrets() -> None:
+    """The README's Deployment section and deploy/kubernetes/README.md describe what the manifests run."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Deployment\n") : readme.index("\n## Architecture\n")]
+    local = (KUBERNETES / "README.md").read_text()
+    objects = manifests()
+    for deployment in (RECEIVER, WORKER):
+        _, container = pod(objects[deployment])
+        command = f"`ftjobs {' '.join(container['args'])}`"
+        assert command in section and command in local, command
+    for text in (section, local):
+        assert all(f"`{name}`" in text for name in SECRET_ENV)
+        assert "partitions = 16" in text and "kubectl apply -k deploy/kubernetes/" in text
+    assert "deploy/kubernetes/" in section and "`ftjobs status`" in section
