@@ -288,3 +288,17 @@ def test_readmes_name_the_manifests_commands_and_secrets() -> None:
         assert all(f"`{name}`" in text for name in SECRET_ENV)
         assert "partitions = 16" in text and "kubectl apply -k deploy/kubernetes/" in text
     assert "deploy/kubernetes/" in section and "`ftjobs status`" in section
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_builds_the_set() -> None:
+    """`kubectl kustomize` (offline, no cluster) builds every listed object and names the image in each pod."""
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    expected = {key for key in manifests() if key[0] not in {"Kustomization", "Secret"}}
+    assert {(doc["kind"], doc["metadata"]["name"]) for doc in built} == expected
+    images = [pod(doc)[1]["image"] for doc in built if doc["kind"] == "Deployment"]
+    assert len(images) == 2 and all(image.startswith("ftjobs:") for image in images), images
