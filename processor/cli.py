@@ -107,9 +107,19 @@ def _parser() -> argparse.ArgumentParser:
         if name == "dlq":
             p.add_argument("handler", help="the handler's name")
         p.add_argument("ids", nargs="*", help="entry ids (for show, replay, drop)")
-        p.add_argument("--all", action="store_true", help="replay or drop every entry")
+        p.add_argument("--all", action="store_true", help="show, replay or drop every entry (that the filters match)")
         p.add_argument("--yes", "-y", action="store_true", help="drop --all without asking")
         p.add_argument("--json", action="store_true", help="list: print JSON instead of a table")
+        p.add_argument("--dry-run", action="store_true", help="replay, drop: print what would be done, change nothing")
+        filters = p.add_argument_group("filters (with list or --all; all given must match)")
+        filters.add_argument("--job", metavar="JOB_ID", help="only entries about this job")
+        filters.add_argument(
+            "--since", metavar="TIME", help="failed (or arrived) at or after TIME: ISO-8601 or 2h, 30m, 1d"
+        )
+        filters.add_argument(
+            "--until", metavar="TIME", help="failed (or arrived) at or before TIME: ISO-8601 or 2h, 30m, 1d"
+        )
+        filters.add_argument("--error", metavar="TEXT", help="the recorded error contains TEXT (ignoring case)")
     p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", _ops("cmd_status"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
