@@ -136,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="set a metadata pair (repeatable)",
     )
+    p = sub.add_parser(
+        "completion",
+        help='print a shell completion script (eval "$(ftjobs completion bash)")',
+        description="Print a completion script for bash, zsh or fish, generated from this command line.",
+    )
+    p.add_argument("shell", choices=["bash", "zsh", "fish"])
     p = add("dashboard", "serve the web dashboard alone (at /ui/; needs [dashboard] token off loopback)", cmd_dashboard)
     p.add_argument("--host", help="address to listen on (default: dashboard.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: dashboard.port, 8081)")
@@ -144,7 +150,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ftjobs` console script and `python -m processor`."""
-    args = _parser().parse_args(argv)  # `--help` and `--version` exit here, before the imports below
+    parser = _parser()
+    args = parser.parse_args(argv)  # `--help` and `--version` exit here, before the imports below
+    if args.command == "completion":  # needs no settings: works even where the configuration is broken
+        from processor import completion
+
+        print(completion.script(args.shell, parser), end="")
+        return 0
     from processor import logs, registry
     from processor.settings import Settings
 

@@ -23,7 +23,20 @@ from processor.cli import _parser
 from processor.records import DeadLetterRecord, QuarantineRecord
 from tests.conftest import ROOT, SECRET, free_port
 
-COMMANDS = ["serve", "receive", "work", "check-config", "poll", "jobs", "job", "dlq", "quarantine", "status", "send"]
+COMMANDS = [
+    "serve",
+    "receive",
+    "work",
+    "check-config",
+    "poll",
+    "jobs",
+    "job",
+    "dlq",
+    "quarantine",
+    "status",
+    "send",
+    "completion",
+]
 
 
 def ftjobs(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -524,3 +537,51 @@ async def test_bulk_actions_have_no_cap_and_draw_a_bar_on_a_terminal(
     frames = drawn.decode().replace("\r\n", "\n").split("\r")
     assert frames[-1].rstrip("\n").endswith("1203/1203 dropped") and frames[-1].startswith("[" + "#" * 10)
     assert len(frames) >= 13 and all(len(frame.rstrip("\n")) <= 60 for frame in frames)
+
+
+def _complete(script: Path, line: str) -> list[str]:
+    """What bash offers for `line` (the cursor at its end), calling the generated completion function the way
+    bash's programmable completion does: COMP_WORDS, COMP_CWORD, then the function registered for ftjobs."""
+    driver = (
+        'source "$1"\n'
+        'read -ra COMP_WORDS <<< "$2"\n'
+        '[[ "$2" == *" " ]] && COMP_WORDS+=("")\n'
+        "COMP_CWORD=$((${#COMP_WORDS[@]} - 1)) COMP_LINE=$2 COMP_POINT=${#2}\n"
+        'function=$(complete -p ftjobs | sed -E "s/.*-F ([^ ]+).*/\\1/")\n'
+        '"$function" ftjobs "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    bash = shutil.which("bash") or "/bin/bash"
+    result = subprocess.run([bash, "-c", driver, "_", str(script), line], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    return [word for word in result.stdout.splitlines() if word]
+
+
+def test_bash_completion_is_generated_from_the_parser(tmp_path: Path) -> None:
+    generated = ftjobs("completion", "bash")
+    assert generated.returncode == 0, generated.stderr
+    script = tmp_path / "ftjobs.bash"
+    script.write_text(generated.stdout)
+    assert _complete(script, "ftjobs dl") == ["dlq"]
+    assert _complete(script, "ftjobs dlq ") == ["list", "show", "replay", "drop"]
+    assert _complete(script, "ftjobs -c ftjobs.toml quarantine re") == ["replay"]
+    assert _complete(script, "ftjobs dlq --job ftjob-x ") == ["list", "show", "replay", "drop"]  # skips a value
+    assert {"--all", "--dry-run", "--job", "--since", "--until", "--error"} <= set(
+        _complete(script, "ftjobs dlq replay log --")
+    )
+    assert _complete(script, "ftjobs completion ") == ["bash", "zsh", "fish"]
+    assert set(_complete(script, "ftjobs ")) == set(COMMANDS) | {"dashboard"}
+
+
+def test_zsh_and_fish_completion_scripts() -> None:
+    zsh = ftjobs("completion", "zsh")
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef ftjobs\n") and "complete -F _ftjobs" in zsh.stdout
+    fish = ftjobs("completion", "fish")
+    assert fish.returncode == 0
+    assert "complete -c ftjobs -n __fish_use_subcommand -a dlq" in fish.stdout
+    assert "-a 'list show replay drop'" in fish.stdout and "-l dry-run" in fish.stdout
+    for shell in ("fish", "zsh"):
+        if shutil.which(shell):  # the shell parses the script without errors
+            checked = subprocess.run([shell, "-n"], input=ftjobs("completion", shell).stdout, text=True, timeout=60)
+            assert checked.returncode == 0
+    fails_cleanly(ftjobs("completion", "tcsh"), 2, "invalid choice: 'tcsh'")
