@@ -3,7 +3,9 @@
 `ftjobs status`, `jobs`, `job`, `dlq` and `quarantine`; each opens a `runtime.Runtime` on the deployment's
 Redis (`REDIS_URL`, or the embedded Valkey `ftjobs serve` runs under `redis.data_dir`) and closes it again.
 They never start a server: an empty one started here would only report "0 entries" about nothing.
-Every listing takes `--json`; the tables have headers.
+Every listing takes `--json`; the tables have headers. `dlq` and `quarantine` act on named entries, or with
+`--all` on every entry a `deadletters.EntryFilter` matches, read in pages and handled in chunks, with
+`Progress` on stderr; `--dry-run` only prints the selection.
 """
 
 from __future__ import annotations
