@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis.exceptions import RedisError, ResponseError
@@ -22,14 +22,16 @@ from processor.deadletters import DeadLetters
 from processor.enqueue import Enqueuer, wait_command
 from processor.errors import ConfigError
 from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
-from processor.hydration import Preparer
 from processor.jobstate import JobState
 from processor.logs import redact
-from processor.openai import OpenAIClient
-from processor.poller import Poller
 from processor.settings import Settings
 from processor.stream import Client, Keys, Streams, connect, open_client, text
-from processor.worker import Worker
+
+if TYPE_CHECKING:  # imported where used: the operator commands need none of them (nor aiohttp, under openai)
+    from processor.hydration import Preparer
+    from processor.openai import OpenAIClient
+    from processor.poller import Poller
+    from processor.worker import Worker
 
 log = structlog.get_logger()
 
@@ -60,11 +62,15 @@ class Runtime:
     async def openai(self) -> OpenAIClient:
         """The OpenAI API client: opened on first use, closed with the runtime."""
         if self._api is None:
+            from processor.openai import OpenAIClient
+
             self._api = await self._stack.enter_async_context(OpenAIClient(self.settings.openai))
         return self._api
 
     async def preparer(self) -> Preparer:
         """The hydration step, with the API client when hydration is on (it needs an API key)."""
+        from processor.hydration import Preparer
+
         openai = self.settings.openai
         api = await self.openai() if openai.api_key and openai.hydrate else None
         if api is None:
@@ -73,6 +79,8 @@ class Runtime:
 
     def poller(self, api: OpenAIClient) -> Poller:
         """The poller, enqueueing through this runtime's enqueuer."""
+        from processor.poller import Poller
+
         return Poller(self.settings, self.streams, api, self.enqueuer)
 
     async def set_up(self, handlers: list[Handler]) -> None:
@@ -104,6 +112,8 @@ async def running_worker(
     settings: Settings, url: str, handlers: list[Handler], *, with_poller: bool = False
 ) -> AsyncIterator[Worker]:
     """Set up handlers, run a `Worker` (and the poller, when asked and configured) until exit, then stop."""
+    from processor.worker import Worker
+
     async with open_runtime(settings, url, socket_timeout=settings.worker.block_ms / 1000 + 10) as runtime:
         await runtime.set_up(handlers)
         preparer = await runtime.preparer()
