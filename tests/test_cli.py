@@ -437,7 +437,7 @@ async def test_bulk_replay_and_drop_take_filters_and_a_dry_run(
     assert dry.returncode == 0, dry.stderr
     assert "would replay 3 dead letter(s) of log (dry run: nothing changed)" in dry.stdout
     assert dry.stdout.count("ftjob-a") == 3 and "ftjob-b" not in dry.stdout
-    assert await rclient.xlen(keys.dlq("log")) == 6 and await rclient.xlen(keys.events) == 0
+    assert await rclient.xlen(keys.dlq("log")) == 6 and await rclient.xlen(keys.parts[0].events) == 0
     assert len(json.loads(run("dlq", "list", "log", "--error", "timeout", "--json").stdout)) == 2
     assert "1 dead letter(s) for log matching" in run("dlq", "list", "log", "--error", "503", "--until", "1d").stdout
 
@@ -451,7 +451,7 @@ async def test_bulk_replay_and_drop_take_filters_and_a_dry_run(
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 3 to log" in replayed.stdout and "replayed 3/3" in replayed.stderr
     assert "\r" not in replayed.stderr
-    assert await rclient.xlen(keys.dlq("log")) == 3 and await rclient.xlen(keys.events) == 3
+    assert await rclient.xlen(keys.dlq("log")) == 3 and await rclient.xlen(keys.parts[0].events) == 3
 
     # drop --all takes the same filters (and still wants --yes off a terminal).
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - 4 * 86400))
