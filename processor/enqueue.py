@@ -25,6 +25,7 @@ from redis.exceptions import (
     NoScriptError,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 
@@ -146,6 +147,8 @@ class Lua:
         reports too few copies, the calls that wrote get `NotReplicated`."""
         if not isinstance(client, RedisCluster):
             return await self._on(_Route(client), calls, wait)
+        if not client.get_nodes():  # the layout is not known yet (the cluster was away at start)
+            await client.initialize()
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(_REDIRECTS):
@@ -276,7 +279,10 @@ class _Route:
 
 def _node_of(client: RedisCluster, key: str) -> str:
     """The name of the master serving `key`'s slot ("" when the layout does not know it yet)."""
-    node = client.get_node_from_key(key)
+    try:
+        node = client.get_node_from_key(key)
+    except SlotNotCoveredError:
+        return ""
     return node.name if node is not None else ""
 
 

@@ -202,7 +202,12 @@ async def open_client(url: str, *, socket_timeout: float = 5.0, cluster: bool | 
     if not cluster:
         return single
     await single.aclose()
-    return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0)
+    client = RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0)
+    try:
+        await client.initialize()  # learn the slots now: the enqueuer routes by them before any command ran
+    except (RedisError, OSError) as exc:  # away again: the first command tries once more
+        log.warning("redis_cluster_layout_unknown", error=str(exc))
+    return client
 
 
 def is_cluster(client: Client) -> bool:
