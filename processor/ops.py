@@ -47,7 +47,7 @@ def with_redis(settings: Settings, work: Callable[[Runtime], Awaitable[T]]) -> T
         )
 
     async def run(url: str) -> T:
-        async with open_runtime(settings, url) as runtime:
+        async with open_runtime(settings, url, quiet=True) as runtime:
             return await work(runtime)
 
     return asyncio.run(run(redis_url(settings)))

@@ -95,14 +95,17 @@ class Runtime:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, url: str, *, socket_timeout: float = 5.0) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    settings: Settings, url: str, *, socket_timeout: float = 5.0, quiet: bool = False
+) -> AsyncIterator[Runtime]:
     """A `Runtime` on `url` for the block; everything it opened is closed afterwards, in reverse order.
 
-    `socket_timeout` must exceed the longest blocking read on the client (the worker passes a larger one).
+    `socket_timeout` must exceed the longest blocking read on the client (the worker passes a larger one);
+    `quiet`: an operator command (no warning when Redis does not answer: the command says so itself).
     """
     async with contextlib.AsyncExitStack() as stack:
         cluster = {"auto": None, "yes": True, "no": False}[settings.redis.cluster]
-        client = await open_client(url, socket_timeout=socket_timeout, cluster=cluster)
+        client = await open_client(url, socket_timeout=socket_timeout, cluster=cluster, quiet=quiet)
         stack.push_async_callback(client.aclose)
         yield Runtime(settings, url, client, stack)
 

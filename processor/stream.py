@@ -186,18 +186,27 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
     )
 
 
-async def open_client(url: str, *, socket_timeout: float = 5.0, cluster: bool | None = None) -> Client:
+async def open_client(
+    url: str, *, socket_timeout: float = 5.0, cluster: bool | None = None, quiet: bool = False
+) -> Client:
     """A client for `url`: redis-py's cluster client when the server there is a node of a Redis/Valkey Cluster
     (any node's URL will do), else the one-server client. `cluster` None asks the server (`INFO cluster`); a
-    server that does not answer is taken for a single one (set `[redis] cluster = "yes"` where a cluster may
-    be away when ftjobs starts)."""
+    server that does not answer is taken for a single one, with a warning unless `quiet` (an operator command
+    then fails on its first command anyway); set `[redis] cluster = "yes"` where a cluster may be away when
+    ftjobs starts."""
     single = connect(url, socket_timeout=socket_timeout)
     if cluster is None:
         try:
             info: Any = await single.info("cluster")
             cluster = bool(int(info.get("cluster_enabled", 0)))
         except (RedisError, OSError) as exc:
-            log.debug("redis_cluster_unknown", error=type(exc).__name__, assuming="a single server")
+            if not quiet:
+                log.warning(
+                    "redis_cluster_unknown",
+                    error=type(exc).__name__,
+                    assuming="a single server",
+                    hint='if it is a cluster node, set [redis] cluster = "yes"',
+                )
             cluster = False
     if not cluster:
         return single
