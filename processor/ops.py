@@ -21,7 +21,7 @@ from typing import IO, Any, Final, TypeVar
 
 import msgspec
 
-from processor import embedded, retention
+from processor import embedded, partitions, retention
 from processor.deadletters import DeadLetter, EntryFilter, Quarantined, parse_time
 from processor.errors import CommandFailed
 from processor.humanize import human_time
@@ -63,6 +63,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         status = await runtime.streams.status(h.name for h in settings.handlers)
         for spec in settings.handlers:
             status["handlers"][spec.name] |= await Guard(runtime.client, runtime.keys, spec).state()
+            held = await partitions.holders(runtime.client, runtime.keys, spec.name)
+            status["handlers"][spec.name]["partitions"] = {str(p): who for p, who in sorted(held.items())}
         status["sizes"] = await retention.sizes(runtime.client, runtime.keys)
         return status
 
@@ -71,7 +73,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print_json(status)
         return 0
     sizes, kept = status["sizes"], settings.redis
-    print(f"events stream: {status['events']} entries · quarantine: {status['quarantine']}")
+    print(
+        f"events stream: {status['events']} entries in {status['partitions']} partition(s) · "
+        f"quarantine: {status['quarantine']}"
+    )
     print(
         f"kept: {sizes['jobs']} jobs tracked · server memory {sizes['used_memory_bytes'] / 2**20:.1f} MiB · "
         f"retention {kept.retention_s // 3600} h, dead letters {kept.dead_letter_retention_s // 3600} h "
@@ -82,8 +87,20 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         lag = "-" if row["lag"] is None else row["lag"]
         guards = ", ".join(f"{k}={row[k]}" for k in ("circuit", "consecutive_failures", "rate") if k in row)
         print(f"{name:<24} {lag!s:>8} {row['pending']:>8} {row['retrying']:>9} {row['dead_letters']:>6}  {guards}")
+    print_partitions(status["handlers"], status["partitions"])
     print_workers(status["workers"])
     return 0
+
+
+def print_partitions(handlers: dict[str, dict[str, Any]], count: int) -> None:
+    """Which worker consumes which partitions, per handler (from the partition leases)."""
+    for name, row in handlers.items():
+        by_worker: dict[str, list[str]] = {}
+        for partition, who in row.get("partitions", {}).items():
+            by_worker.setdefault(who, []).append(partition)
+        free = count - sum(len(ps) for ps in by_worker.values())
+        shares = "; ".join(f"{who}: {','.join(ps)}" for who, ps in sorted(by_worker.items()))
+        print(f"partitions of {name}: {shares or 'none taken'}" + (f" ({free} not taken)" if free and shares else ""))
 
 
 def print_workers(workers: list[dict[str, str]]) -> None:

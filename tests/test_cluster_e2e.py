@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -27,7 +28,8 @@ from redis.asyncio.cluster import RedisCluster
 from processor.stream import Keys, open_client
 from tests.cluster import LocalCluster
 from tests.conftest import SECRET, free_port, sample, signed
-from tests.processes import Proc, base_env, http_ready, wait_for, write_config
+from tests.processes import FTJOBS, Proc, base_env, http_ready, wait_for, write_config
+from tests.test_reliability import until
 
 pytestmark = pytest.mark.cluster
 
@@ -207,6 +209,18 @@ async def test_many_receivers_and_workers_deliver_every_event_once_in_order_over
             assert set(results.values()) == {200} and len(results) == len(jobs) * len(LIFE)
             assert await settle(target, expected, 120)
             done_s = time.monotonic() - started
+            # The operator's view covers every partition: counts summed, and who consumes which.
+            status = await asyncio.to_thread(
+                subprocess.run, [*FTJOBS, "status"], env=fleet.env, capture_output=True, text=True, timeout=60
+            )
+            assert status.returncode == 0, status.stderr
+            assert f"events stream: {len(results)} entries in {PARTITIONS} partition(s)" in status.stdout
+            consumers = {line.split()[0] for line in status.stdout.splitlines() if line.startswith("  ")}
+            assert len(consumers) == 2 and all(f"{c}:" in status.stdout for c in consumers), status.stdout
+            jobs_listed = await asyncio.to_thread(
+                subprocess.run, [*FTJOBS, "jobs", "--limit", "5"], env=fleet.env, capture_output=True, text=True
+            )
+            assert jobs_listed.returncode == 0 and "succeeded" in jobs_listed.stdout, jobs_listed.stderr
         finally:
             await fleet.stop()
     for path, keys in expected.items():
@@ -292,8 +306,7 @@ async def test_a_master_killed_mid_load_fails_over_and_loses_only_what_async_rep
                 # can be confirmed) until one is back, so a sender gives up on those jobs sooner.
                 give_up_s = 3.0 if wait_replicas else 15.0
                 sending = asyncio.create_task(send_lives(ports, jobs, results, give_up_s=give_up_s))
-                while sum(code == 200 for code in results.values()) < 400:
-                    await asyncio.sleep(0.01)
+                assert await until(lambda: sum(code == 200 for code in results.values()) >= 400, 60)
                 acked_before = sum(code == 200 for code in results.values())
                 await asyncio.to_thread(cluster.kill_master, 0)
                 await asyncio.to_thread(cluster.wait_failover)
