@@ -147,8 +147,9 @@ class Lua:
         reports too few copies, the calls that wrote get `NotReplicated`."""
         if not isinstance(client, RedisCluster):
             return await self._on(_Route(client), calls, wait)
-        if not client.get_nodes():  # the layout is not known yet (the cluster was away at start)
-            await client.initialize()
+        # A new cluster client knows no slot's node until its first command initializes it, and the enqueuer
+        # may be that first user (a poller's, a script's): initialize it here (a flag check once it is).
+        await client.initialize()
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(_REDIRECTS):

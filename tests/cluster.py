@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import os
 import random
@@ -142,7 +143,11 @@ def _info(port: int, section: str) -> dict[str, str]:
 def _raw(port: int, *args: str) -> str:
     """A bulk-string reply without redis-py's response parsing (CLUSTER NODES, CLUSTER INFO, INFO)."""
     with _client(port) as client:
-        connection = client.connection_pool.get_connection()
+        pool = client.connection_pool
+        # redis-py before 5.3 requires a command name here; 5.3 and later take none and warn when given one.
+        name = inspect.signature(pool.get_connection).parameters.get("command_name")
+        required = name is not None and name.default is inspect.Parameter.empty
+        connection = pool.get_connection(args[0]) if required else pool.get_connection()
         try:
             connection.send_command(*args)
             reply = connection.read_response()

@@ -20,7 +20,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -32,6 +31,8 @@ from processor.models import Event, decode_event
 from processor.receiver import create_app
 from processor.runtime import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings
+from processor.stream import Client
+from tests.clients import async_client
 from tests.processes import Proc
 
 PATH = "/webhooks/openai"
@@ -79,18 +80,21 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def rclient(redis_url: str, prefix: str) -> AsyncIterator[redis.Redis]:
-    """A client for assertions; deletes every key under the test's prefix afterwards."""
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+async def rclient(redis_url: str, prefix: str) -> AsyncIterator[Client]:
+    """A client for assertions (the cluster client on a cluster); deletes every key under the test's prefix
+    afterwards (on a cluster SCAN visits every master, and DELETE is split by slot)."""
+    client = await async_client(redis_url)
+    try:
+        yield client
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
-def make_settings(redis_url: str, prefix: str, tmp_path: Path, rclient: redis.Redis) -> Callable[..., Settings]:
+def make_settings(redis_url: str, prefix: str, tmp_path: Path, rclient: Client) -> Callable[..., Settings]:
     """Settings for a test: its own prefix (cleaned up by `rclient`), the test secret, fast worker timings."""
 
     def make(handlers: list[dict[str, Any]] | None = None, **tables: dict[str, Any]) -> Settings:
@@ -127,10 +131,11 @@ def aiohttp_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def sink(name: str, redis_url: str, prefix: str, **options: Any) -> dict[str, Any]:
-    """A `[[handlers]]` table for a `tests.sinks:Sink` writing under the test's prefix."""
+    """A `[[handlers]]` table for a `tests.sinks:Sink` writing under the test's prefix, at
+    `{prefix}:{sink:NAME}`: the hash tag keeps the sink's keys in one cluster slot, for its Lua step."""
     common = {k: options.pop(k) for k in list(options) if k in COMMON_HANDLER_KEYS}
     return (
-        {"name": name, "type": "tests.sinks:Sink", "redis_url": redis_url, "key": f"{prefix}:sink:{name}"}
+        {"name": name, "type": "tests.sinks:Sink", "redis_url": redis_url, "key": f"{prefix}:{{sink:{name}}}"}
         | common
         | options
     )
@@ -160,7 +165,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0)
 class Rig:
     """A receiver (aiohttp test server) and a running worker, for one settings object."""
 
-    def __init__(self, client: TestClient, settings: Settings, rclient: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: TestClient, settings: Settings, rclient: Client, prefix: str) -> None:
         self.client = client
         self.settings = settings
         self.rclient = rclient
@@ -173,7 +178,7 @@ class Rig:
         return answer
 
     async def delivered(self, name: str) -> list[Event]:
-        return [decode_event(raw) for raw in await self.rclient.lrange(f"{self.prefix}:sink:{name}", 0, -1)]
+        return [decode_event(raw) for raw in await self.rclient.lrange(f"{self.prefix}:{{sink:{name}}}", 0, -1)]
 
     async def dead(self, name: str) -> list[dict[bytes, bytes]]:
         return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:{{dlq}}:{name}")]
@@ -189,7 +194,7 @@ class Rig:
         return all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
 
     async def starts(self, name: str) -> int:
-        n: int = await self.rclient.llen(f"{self.prefix}:sink:{name}:starts")
+        n: int = await self.rclient.llen(f"{self.prefix}:{{sink:{name}}}:starts")
         return n
 
 
@@ -198,7 +203,7 @@ def rig(
     aiohttp_client: Callable[..., Any],
     make_settings: Callable[..., Settings],
     redis_url: str,
-    rclient: redis.Redis,
+    rclient: Client,
     prefix: str,
 ) -> Callable[..., Any]:
     """`async with rig(handlers) as r:` — receiver + worker for those handler tables."""

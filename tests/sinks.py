@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import redis.asyncio as redis
 
 from processor.handler import Delivery, PermanentFailure, RetryLater
 from processor.models import encode_event
+from processor.stream import Client
+from tests.clients import async_client
 
 _RECORD = """
 if ARGV[4] == '1' and redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
@@ -44,10 +45,10 @@ class Sink:
     def __init__(self, name: str, options: SinkOptions) -> None:
         self.name = name
         self.options = options
-        self.client: redis.Redis | None = None
+        self.client: Client | None = None
 
     async def setup(self, context: object) -> None:
-        self.client = redis.Redis.from_url(self.options.redis_url)
+        self.client = await async_client(self.options.redis_url)
 
     async def close(self) -> None:
         if self.client is not None:

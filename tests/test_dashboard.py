@@ -27,6 +27,7 @@ from processor.errors import ConfigError
 from processor.runtime import running_worker
 from processor.service import serve_app
 from processor.settings import Settings
+from tests.clients import async_client
 from tests.conftest import PATH, compact, eventually, free_port, sample, signed, sink
 from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config
 
@@ -153,9 +154,7 @@ async def _count(d: Dash, handler: str, n: int) -> bool:
 
 
 async def _dead(d: Dash, handler: str) -> list[Any]:
-    from processor.stream import connect
-
-    client = connect(d.settings.redis.url)
+    client = await async_client(d.settings.redis.url)
     try:
         return list(await client.xrange(f"{d.settings.redis.prefix}:{{dlq}}:{handler}"))
     finally:

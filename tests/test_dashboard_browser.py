@@ -208,7 +208,7 @@ async def test_dead_letter_replayed_from_the_page_is_delivered_once(
             await s.shot("after-replay")
 
             async def delivered() -> bool:
-                return int(await rclient.llen(f"{prefix}:sink:flaky")) == 1
+                return int(await rclient.llen(f"{prefix}:{{sink:flaky}}")) == 1
 
             await eventually(delivered)
 
@@ -217,8 +217,8 @@ async def test_dead_letter_replayed_from_the_page_is_delivered_once(
                 return groups[b"flaky"]["lag"] == 0 and groups[b"flaky"]["pending"] == 0
 
             await eventually(settled)
-        assert await rclient.hgetall(f"{prefix}:sink:flaky:count") == {b"wh_broken": b"1"}
-        assert int(await rclient.llen(f"{prefix}:sink:notify")) == 3  # the other handlers got nothing again
+        assert await rclient.hgetall(f"{prefix}:{{sink:flaky}}:count") == {b"wh_broken": b"1"}
+        assert int(await rclient.llen(f"{prefix}:{{sink:notify}}")) == 3  # the other handlers got nothing again
         assert int(await rclient.xlen(f"{prefix}:{{dlq}}:flaky")) == 7
         await s.goto("/ui/quarantine")
         await s.shot("quarantine")

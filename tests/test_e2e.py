@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import redis
 
 from processor.models import FineTuningJob, decode_event
+from tests.clients import sync_client
 from tests.conftest import SECRET, compact, free_port, sample, signed, sink
 from tests.processes import FTJOBS, Proc, base_env, http_ready, post, wait_for, write_config
 
@@ -62,7 +62,7 @@ def test_killed_worker_loses_nothing(
         handlers=[handler],
     )
     env = base_env(FTJOBS_CONFIG=str(config))
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         procs(["receive"], tmp_path, env, "receive")
         wait_for(http_ready(port), what="receiver ready")
@@ -70,15 +70,15 @@ def test_killed_worker_loses_nothing(
         body = compact(sample("fine_tuning_job.succeeded.json"))
         status, answer = post(port, body, signed(body, "wh_kill"))
         assert (status, answer["status"]) == (200, "accepted")
-        wait_for(lambda: client.llen(f"{prefix}:sink:sink:starts") == 1, what="handler started")
+        wait_for(lambda: client.llen(f"{prefix}:{{sink:sink}}:starts") == 1, what="handler started")
         first.stop(signal.SIGKILL)
-        assert client.llen(f"{prefix}:sink:sink") == 0  # killed before its side effect
+        assert client.llen(f"{prefix}:{{sink:sink}}") == 0  # killed before its side effect
         procs(["work"], tmp_path, env, "work2")
-        wait_for(lambda: client.llen(f"{prefix}:sink:sink") == 1, timeout=20, what="redelivery")
-        event = decode_event(client.lindex(f"{prefix}:sink:sink", 0))  # type: ignore[arg-type]
+        wait_for(lambda: client.llen(f"{prefix}:{{sink:sink}}") == 1, timeout=20, what="redelivery")
+        event = decode_event(client.lindex(f"{prefix}:{{sink:sink}}", 0))  # type: ignore[arg-type]
         assert event.job == msgspec.json.decode(body, type=FineTuningJob)
-        assert client.llen(f"{prefix}:sink:sink:starts") == 2
-        assert client.hget(f"{prefix}:sink:sink:count", "wh_kill") == b"1"
+        assert client.llen(f"{prefix}:{{sink:sink}}:starts") == 2
+        assert client.hget(f"{prefix}:{{sink:sink}}:count", "wh_kill") == b"1"
     finally:
         client.close()
 
@@ -96,15 +96,15 @@ def test_sigterm_finishes_in_flight_work(
         handlers=[handler],
     )
     env = base_env(FTJOBS_CONFIG=str(config))
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         serve = procs(["serve"], tmp_path, env, "serve")
         wait_for(http_ready(port), what="serve ready")
         body = compact(sample("fine_tuning_job.failed.json"))
         assert post(port, body, signed(body, "wh_term"))[0] == 200
-        wait_for(lambda: client.llen(f"{prefix}:sink:sink:starts") == 1, what="handler started")
+        wait_for(lambda: client.llen(f"{prefix}:{{sink:sink}}:starts") == 1, what="handler started")
         assert serve.stop(signal.SIGTERM) == 0
-        assert client.hget(f"{prefix}:sink:sink:count", "wh_term") == b"1"
+        assert client.hget(f"{prefix}:{{sink:sink}}:count", "wh_term") == b"1"
         assert client.xpending(f"{prefix}:{{p0}}:events", "sink")["pending"] == 0
     finally:
         client.close()

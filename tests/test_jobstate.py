@@ -12,14 +12,14 @@ import uuid
 from typing import Any
 
 import msgspec
-import redis.asyncio as redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.enqueue import Enqueuer, Verdict
 from processor.jobstate import JobState
 from processor.models import TERMINAL_STATUSES, Event, FineTuningJob, decode_job, encode_event
-from processor.stream import RECORD_FIELD, Keys
+from processor.stream import RECORD_FIELD, Client, Keys
+from tests.clients import async_client
 from tests.conftest import compact, eventually, sample, sink
 
 SUCCEEDED = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
@@ -126,14 +126,14 @@ EXAMPLES = int(os.environ.get("FTJOBS_PROPERTY_EXAMPLES", "80"))
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(heard=observations(), skew=st.integers(-3600, 3600), gap=st.floats(0.0, 120.0))
 def test_every_status_is_announced_at_most_once_and_the_terminal_exactly_once(
-    redis_url: str, prefix: str, rclient: redis.Redis, heard: tuple[list[str], list[Any]], skew: int, gap: float
+    redis_url: str, prefix: str, rclient: Client, heard: tuple[list[str], list[Any]], skew: int, gap: float
 ) -> None:
     life, arrivals = heard
     job_id = f"ftjob-prop{uuid.uuid4().hex[:12]}"
     api_start = 1_800_000_000  # the API's clock; ours is `skew` seconds off, and events arrive `gap` apart
 
     async def run() -> list[tuple[str, Verdict | None]]:
-        client = redis.Redis.from_url(redis_url)
+        client = await async_client(redis_url)
         try:
             enqueuer = Enqueuer(client, Keys(prefix), ttl_s=3600, state_ttl_s=3600)
             out = []

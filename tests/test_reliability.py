@@ -155,8 +155,8 @@ async def test_workers_killed_every_second_lose_nothing_and_resend_only_calls_in
     expected_failures = {w for i, (w, _) in enumerate(items) if i % 2}
 
     async def all_done() -> bool:
-        return len(await counts(rclient, f"{prefix}:sink:all")) == n and len(
-            await counts(rclient, f"{prefix}:sink:failures")
+        return len(await counts(rclient, f"{prefix}:{{sink:all}}")) == n and len(
+            await counts(rclient, f"{prefix}:{{sink:failures}}")
         ) == len(expected_failures)
 
     try:
@@ -167,15 +167,15 @@ async def test_workers_killed_every_second_lose_nothing_and_resend_only_calls_in
         for proc in [*workers, receiver]:
             await asyncio.to_thread(proc.stop, signal.SIGKILL)
     elapsed = time.monotonic() - started
-    done_all = await counts(rclient, f"{prefix}:sink:all")
-    done_failures = await counts(rclient, f"{prefix}:sink:failures")
+    done_all = await counts(rclient, f"{prefix}:{{sink:all}}")
+    done_failures = await counts(rclient, f"{prefix}:{{sink:failures}}")
     assert kills >= 3, "too few kills during the load to test anything"
     assert set(done_all) == expected_all and set(done_failures) == expected_failures
     # The sinks do not deduplicate: a call re-sent after a kill counts twice. Each call is acknowledged right
     # after it returns, so a kill re-sends at most the calls in flight: `concurrency` (8) per handler.
     twice = sum(c - 1 for c in done_all.values()) + sum(c - 1 for c in done_failures.values())
     assert twice <= kills * 2 * 8
-    starts = await rclient.llen(f"{prefix}:sink:all:starts")
+    starts = await rclient.llen(f"{prefix}:{{sink:all}}:starts")
     print(
         f"\nFIGURE worker-crash: {n} events, {kills} SIGKILLs in {elapsed:.1f}s: 0 lost, {twice} side effects done "
         f"twice at a non-deduplicating target (bound: calls in flight, {kills * 2 * 8}), "
@@ -231,7 +231,7 @@ async def test_redis_killed_mid_load_keeps_every_acknowledged_event(
     try:
 
         async def processed() -> set[str]:
-            return set(await counts(client, f"{prefix}:sink:all"))
+            return set(await counts(client, f"{prefix}:{{sink:all}}"))
 
         async def caught_up() -> bool:
             return acknowledged <= await processed() and await settled(client, prefix)
@@ -239,7 +239,7 @@ async def test_redis_killed_mid_load_keeps_every_acknowledged_event(
         await until(caught_up, 60)
         lost = acknowledged - await processed()
         # The sink writes to the crashed Redis too: a write applied whose answer was lost is done twice.
-        twice = sum(c - 1 for c in (await counts(client, f"{prefix}:sink:all")).values())
+        twice = sum(c - 1 for c in (await counts(client, f"{prefix}:{{sink:all}}")).values())
     finally:
         await client.aclose()
         for proc in (worker, receiver):
@@ -355,10 +355,10 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         while not sending.done():
             # Stop it once it is working: it logged its start and delivered something since (or the load ended).
             assert await until(lambda w=worker: logged(w, "worker_started"), 60)
-            before = len(await counts(rclient, f"{prefix}:sink:all"))
+            before = len(await counts(rclient, f"{prefix}:{{sink:all}}"))
 
             async def progressed(before: int = before) -> bool:
-                return sending.done() or len(await counts(rclient, f"{prefix}:sink:all")) > before
+                return sending.done() or len(await counts(rclient, f"{prefix}:{{sink:all}}")) > before
 
             await until(progressed, 60)
             assert await asyncio.to_thread(worker.stop, signal.SIGTERM) == 0
@@ -367,13 +367,13 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
         await sending
 
         async def all_done() -> bool:
-            return len(await counts(rclient, f"{prefix}:sink:all")) == n
+            return len(await counts(rclient, f"{prefix}:{{sink:all}}")) == n
 
         await until(all_done, 60)
     finally:
         for proc in (worker, receiver):
             await asyncio.to_thread(proc.stop, signal.SIGKILL)
-    done = await counts(rclient, f"{prefix}:sink:all")
+    done = await counts(rclient, f"{prefix}:{{sink:all}}")
     assert set(done) == {w for w, _ in items}
     assert set(done.values()) == {1}
     print(f"\nFIGURE graceful-shutdown: {n} events across {terms} SIGTERM restarts: 0 lost, 0 delivered twice")
@@ -448,13 +448,13 @@ async def test_live_workers_never_take_over_each_others_entries(
     try:
 
         async def all_done() -> bool:
-            return len(await counts(rclient, f"{prefix}:sink:slow")) == n and await settled(rclient, prefix)
+            return len(await counts(rclient, f"{prefix}:{{sink:slow}}")) == n and await settled(rclient, prefix)
 
         await until(all_done, 120)
     finally:
         for proc in workers:
             await asyncio.to_thread(proc.stop, signal.SIGKILL)
-    starts = Counter(k.decode() for k in await rclient.lrange(f"{prefix}:sink:slow:starts", 0, -1))
+    starts = Counter(k.decode() for k in await rclient.lrange(f"{prefix}:{{sink:slow}}:starts", 0, -1))
     taken_over = sum(
         line.get("count", 0) for w in workers for line in w.lines() if line["event"] == "entries_reclaimed"
     )
@@ -531,7 +531,7 @@ async def test_a_worker_started_before_redis_works_once_redis_comes(
         await enqueue(client, prefix, ["a"], 1)
 
         async def delivered() -> bool:
-            return bool(await client.llen(f"{prefix}:sink:a") == 1)
+            return bool(await client.llen(f"{prefix}:{{sink:a}}") == 1)
 
         assert await until(delivered, 30)
     finally:

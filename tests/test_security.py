@@ -26,7 +26,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, example, given, settings
@@ -36,6 +35,7 @@ from processor import signatures
 from processor.httpserver import SERVER_OPTIONS
 from processor.receiver import create_app
 from processor.settings import Settings
+from tests.clients import sync_client
 from tests.conftest import SECRET, compact, free_port, sample, signed
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.fake_targets import Recorder, slack_app
@@ -218,7 +218,7 @@ def test_fuzzed_requests_get_documented_answers_and_nothing_unsigned_gets_in(
         fuzz_case(live_receiver, case, counters)
 
     run()
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         stored = client.xlen(f"{prefix}:{{p0}}:events")
         quarantined = client.xlen(f"{prefix}:{{q}}:quarantine")

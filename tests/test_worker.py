@@ -219,7 +219,7 @@ async def test_entries_of_a_dead_consumer_are_reclaimed(
     async with running_worker(settings, redis_url, registry.build(settings.handlers)):
 
         async def delivered() -> bool:
-            return await rclient.llen(f"{prefix}:sink:a") == 1
+            return await rclient.llen(f"{prefix}:{{sink:a}}") == 1
 
         await eventually(delivered)
     pending = await rclient.xpending(f"{prefix}:{{p0}}:events", "a")
@@ -263,7 +263,7 @@ async def test_an_event_whose_consumer_keeps_dying_is_dead_lettered(
         await eventually(dead)
     [(_, fields)] = await rclient.xrange(f"{prefix}:{{dlq}}:a")
     assert b"taken over 5 times" in fields[b"error"]
-    assert await rclient.llen(f"{prefix}:sink:a:starts") == 0  # not handed to the handler again
+    assert await rclient.llen(f"{prefix}:{{sink:a}}:starts") == 0  # not handed to the handler again
     assert await rclient.hlen(f"{prefix}:{{p0}}:attempts:a") == 0
 
 
@@ -332,7 +332,7 @@ async def test_status_lists_live_workers_and_health_fails_while_a_loop_is_stuck(
     # A handler call that hangs (within its timeout) keeps the loop from turning: the health check fails.
     await enqueue_failed(rclient, prefix, "wh_hangs")
     await asyncio.to_thread(wait_for, health_is(health, 503), 20, "unhealthy worker")
-    assert await rclient.llen(f"{prefix}:sink:slow:starts") == 1
+    assert await rclient.llen(f"{prefix}:{{sink:slow}}:starts") == 1
 
 
 def ftjobs_out(env: dict[str, str], *args: str) -> str:
