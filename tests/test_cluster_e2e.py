@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -31,7 +32,12 @@ from tests.conftest import SECRET, free_port, sample, signed
 from tests.processes import FTJOBS, Proc, base_env, http_ready, wait_for, write_config
 from tests.test_reliability import until
 
-pytestmark = pytest.mark.cluster
+# These tests start clusters of their own: they run once, in the pass without REDIS_URL (`.ci/run` runs the
+# suite again against Redis and against a cluster, where they would only repeat themselves).
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(bool(os.environ.get("REDIS_URL")), reason="starts its own clusters; runs without REDIS_URL"),
+]
 
 LIFE = ["validating_files", "queued", "running", "succeeded"]
 JOB: dict[str, Any] = msgspec.json.decode(sample("fine_tuning_job.succeeded.json"))
