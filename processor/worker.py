@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from processor import retention
 from processor.handler import Handler
 from processor.hydration import Preparer
-from processor.liveness import Heartbeat, Progress, cancel_requested, supervise
+from processor.liveness import Heartbeat, Progress, cancel_requested, retry_delay, supervise
 from processor.partitions import Leases, plan
 from processor.runner import Runner
 from processor.settings import HandlerSpec, RedisSettings, WorkerSettings
@@ -87,6 +87,8 @@ class Worker:
         #: Set when a runner died for good (`TaskDied`: finished work could not be recorded).
         self._died = asyncio.Event()
         self._handovers: set[asyncio.Task[None]] = set()
+        #: Runners stopped for a hand-over that is not done yet.
+        self._stopping: set[tuple[str, int]] = set()
 
     def stop(self) -> None:
         """Begin a graceful stop (safe to call from a signal handler)."""
@@ -136,9 +138,11 @@ class Worker:
         for task in (*late, *(renewer for _, _, renewer in self.runners.values()), stopped):
             task.cancel()
         await asyncio.gather(*loops, *(r for _, _, r in self.runners.values()), stopped, return_exceptions=True)
-        for group, partition in list(self.runners):
+        for task in self._handovers:
+            task.cancel()
+        for group, partition in list(self.runners):  # what was cut off goes to the partitions' next owners now
             with contextlib.suppress(RedisError):
-                await self.leases.drop(group, partition)
+                await self._hand_over(group, partition)
         await self.heartbeat.stop()
         log.info("worker_stopped", cut_off=len(late))
         if self.failure:
@@ -168,16 +172,17 @@ class Worker:
         share = plan(keys.partitions, workers, self.consumer)
         running = set(self.partitions(group))
         held = await self.leases.take(group, running | share)
-        for p in running - held:  # lost (expired while Redis was away, and taken): stop at once, hand nothing
-            log.warning("partition_lost", handler=group, partition=p)
-            self._stop_runner(group, p, hand_over=False)
+        for p in running - held:  # lost (expired while Redis was away, and taken by another): stop at once
+            if (group, p) not in self._stopping:
+                log.warning("partition_lost", handler=group, partition=p)
+                self._stop_runner(group, p)
         for p in sorted((held & share) - running):
             self._start_runner(handler, spec, p)
         for p in held - share:
-            if p in running:
-                self._stop_runner(group, p, hand_over=True)
-            else:
+            if p not in running:
                 await self.leases.drop(group, p)
+            elif (group, p) not in self._stopping:  # its lease is renewed until the hand-over is done
+                self._stop_runner(group, p)
 
     def _start_runner(self, handler: Handler, spec: HandlerSpec, partition: int) -> None:
         streams = self.streams.at(partition)
@@ -196,25 +201,43 @@ class Worker:
             self.failure = f"{task.get_name()}: {task.exception()}"
             self._died.set()
 
-    def _stop_runner(self, group: str, partition: int, *, hand_over: bool) -> None:
-        """Stop the runner; once its batch is finished, give back what it still holds and the lease."""
-        runner, loop, renewer = self.runners[(group, partition)]
+    def _stop_runner(self, group: str, partition: int) -> None:
+        """Stop the runner; once its batch is finished, give back what it still holds (`Streams.release`: the
+        next owner takes it over at once) and the lease, retried while Redis is away."""
+        key = (group, partition)
+        runner, loop, renewer = self.runners[key]
         runner.stop()
+        self._stopping.add(key)
 
         async def hand_over_when_done() -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(loop)
-            renewer.cancel()
-            if hand_over:
-                released = await self.streams.at(partition).release(group, self.consumer, self.settings.lease_s)
-                await self.leases.drop(group, partition)
-                log.info("partition_handed_over", handler=group, partition=partition, entries=released)
-            if self.runners.get((group, partition), (None,))[0] is runner:
-                del self.runners[(group, partition)]
+            try:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(loop)
+                renewer.cancel()
+                failures = 0
+                while True:
+                    try:
+                        released = await self._hand_over(group, partition)
+                        log.info("partition_handed_over", handler=group, partition=partition, entries=released)
+                        return
+                    except RedisError as exc:
+                        failures += 1
+                        log.warning("partition_hand_over_retrying", handler=group, partition=partition, error=str(exc))
+                        await asyncio.sleep(retry_delay(failures))
+            finally:
+                self._stopping.discard(key)
+                if self.runners.get(key, (None,))[0] is runner:
+                    del self.runners[key]
 
         task = asyncio.create_task(hand_over_when_done())
         self._handovers.add(task)
         task.add_done_callback(self._handovers.discard)
+
+    async def _hand_over(self, group: str, partition: int) -> int:
+        """Give back what this worker still holds in the partition, then its lease (only if it still holds it)."""
+        released = await self.streams.at(partition).release(group, self.consumer, self.settings.lease_s)
+        await self.leases.drop(group, partition)
+        return released
 
     async def _trim_forever(self) -> None:
         while not cancel_requested():
