@@ -84,6 +84,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin(pid: int, core: int) -> None:
+    """Keep process `pid` (and the threads it starts later) on one core."""
+    os.sched_setaffinity(pid, [core])
+
+
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     # The servers must use the benchmark's own Valkey and config, whatever this shell has set.
     inherited = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "FTJOBS_CONFIG", "OPENAI_API_KEY"}}

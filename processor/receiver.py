@@ -47,6 +47,17 @@ STREAMS: Final = web.AppKey("streams", Streams)
 ENQUEUER: Final = web.AppKey("enqueuer", Enqueuer)
 SIGNING_KEYS: Final = web.AppKey("signing_keys", list[bytes])
 
+
+class _Groups:
+    """Whether every handler's consumer group is known to exist; then `_enqueue` skips `ensure_groups`, whose
+    call alone (a generator and a coroutine per request) costs more than its cached answer. Mutable, so it
+    can be set after the app is frozen."""
+
+    ready: bool = False
+
+
+GROUPS: Final = web.AppKey("groups", _Groups)
+
 _json: Final = msgspec.json.Encoder()
 #: `/readyz` answers within this long, even when Redis stalls.
 READY_TIMEOUT_S: Final = 1.0
@@ -65,7 +76,7 @@ async def errors_middleware(
     try:
         return await handler(request)
     except RequestError as exc:
-        metrics.REQUESTS.labels(exc.code).inc()
+        metrics.count_request(exc.code)
         response = reply(int(exc.status), error=exc.code, message=exc.message)
         if isinstance(exc, UnavailableError):
             response.headers["Retry-After"] = str(exc.retry_after)
@@ -76,7 +87,7 @@ async def errors_middleware(
             raise
         return reply(exc.status, error=exc.reason.lower().replace(" ", "_"), message=exc.reason)
     except Exception as exc:  # a bug: count it, and log one line (a traceback per request floods the logs)
-        metrics.REQUESTS.labels("internal_error").inc()
+        metrics.count_request("internal_error")
         where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)[-1:]]
         log.error("request_failed", path=request.path, error=type(exc).__name__, at=",".join(where))
         return reply(
@@ -100,8 +111,11 @@ async def receive_webhook(request: web.Request) -> web.Response:
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
         raise UnsupportedMediaError(f"content type must be application/json, not {request.content_type!r}")
     try:
-        async with asyncio.timeout(settings.body_timeout_s):  # unlike wait_for, no task per request
+        if request.content.is_eof():  # the whole body is already here (the common case): nothing to wait for
             body = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout_s):  # unlike wait_for, no task per request
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLargeError(f"body is over the limit of {settings.max_body_bytes} bytes") from None
     except TimeoutError:
@@ -119,7 +133,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
     except msgspec.DecodeError as exc:
         raise NotJSONError(f"body is not valid JSON: {exc}") from None
     if isinstance(decoded, Envelope) and not _accepted_type(decoded.type, settings.accept_event_types):
-        metrics.REQUESTS.labels("ignored").inc()
+        metrics.count_request("ignored")
         log.info("event_ignored", webhook_id=webhook_id, event_type=decoded.type)
         return reply(
             200,
@@ -132,7 +146,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
     event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
     fields = {RECORD_FIELD: encode_event(event)}
     new, entry_id, verdict = await _enqueue(request, webhook_id, request.app[STREAMS].keys.events, fields, event)
-    metrics.REQUESTS.labels("accepted" if new else "duplicate").inc()
+    metrics.count_request("accepted" if new else "duplicate")
     if not new:
         return reply(
             200,
@@ -166,7 +180,7 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
     fields = QuarantineRecord(body=body, error=error, webhook_id=webhook_id, received_at=time.time()).to_fields()
     keys = request.app[STREAMS].keys
     new, entry_id, _ = await _enqueue(request, webhook_id, keys.quarantine, fields)
-    metrics.REQUESTS.labels("quarantined" if new else "duplicate").inc()
+    metrics.count_request("quarantined" if new else "duplicate")
     log.warning("event_quarantined", webhook_id=webhook_id, error=error)
     return reply(
         200,
@@ -181,13 +195,21 @@ async def _enqueue(
     request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
 ) -> Enqueued:
     """Store the event, or raise `UnavailableError` (503) when Redis refuses or does not answer in time."""
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
     deadline_s = settings.receiver.enqueue_timeout_s
     try:
         async with asyncio.timeout(deadline_s):  # a stalled Redis must not hold the sender past its own timeout
-            await request.app[STREAMS].ensure_groups(h.name for h in settings.handlers)
-            with metrics.ENQUEUE_SECONDS.time(), tracing.enqueue_span(webhook_id) as trace_fields:
-                return await request.app[ENQUEUER].add(webhook_id, stream, fields | trace_fields, event)
+            groups = app[GROUPS]
+            if not groups.ready:
+                await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
+                groups.ready = True
+            started = time.perf_counter()  # cheaper than `Histogram.time()`'s context manager object
+            try:
+                with tracing.enqueue_span(webhook_id) as trace_fields:
+                    return await app[ENQUEUER].add(webhook_id, stream, fields | trace_fields, event)
+            finally:
+                metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
     except TimeoutError:  # before OSError, its base class: the write may have been applied after all
         log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
         raise UnavailableError(
@@ -239,6 +261,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[SERVER_OPTIONS] = server_options(receiver)
     quiet_bad_requests()
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
+    app[GROUPS] = _Groups()
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, redis_url) as runtime:
