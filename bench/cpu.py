@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,28 +23,45 @@ from bench.run import BODY, SECRET, config, cpu_seconds, free_port, pin, start, 
 from processor.embedded import EmbeddedValkey
 
 
-def one(kind: str, url: str, tmp: Path, count: int, connections: int, server_core: int | None) -> float:
+def one(
+    kind: str, url: str, tmp: Path, count: int, connections: int, server_core: int | None, callgrind: bool = False
+) -> float:
+    """Server CPU µs per request for `count` requests (with `callgrind`: instructions per request instead)."""
     port = free_port()
+    out = tmp / f"callgrind-{kind}-{port}.out"
+    wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"] if callgrind else []
     if kind == "bare":
-        process = start(["-m", "bench.apps", "bare", "--port", str(port)])
+        process = start(["-m", "bench.apps", "bare", "--port", str(port)], wrapper=wrapper)
     elif kind == "naive":
-        process = start(["-m", "bench.apps", "naive", "--port", str(port), "--redis-url", url])
+        process = start(["-m", "bench.apps", "naive", "--port", str(port), "--redis-url", url], wrapper=wrapper)
     else:
         cfg = config(tmp, url, f"cpu-{kind}", "bench.handlers:Noop", port)
-        process = start(["-m", "processor", "-c", str(cfg), "receive"])
+        process = start(["-m", "processor", "-c", str(cfg), "receive"], wrapper=wrapper)
     try:
         if server_core is not None:
             pin(process.pid, server_core)
-        wait_port(port)
+        wait_port(port, timeout=120)
         target = f"http://127.0.0.1:{port}/webhooks/openai"
         warm = rawclient.build(target, BODY, load.presign(BODY, SECRET, 2000).signed)
         asyncio.run(rawclient.run("127.0.0.1", port, warm, 30, connections))
         reqs = rawclient.build(target, BODY, load.presign(BODY, SECRET, count).signed)
+        if callgrind:
+            subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True, capture_output=True)
         before = cpu_seconds(process.pid)
-        latencies, errors, _ = asyncio.run(rawclient.run("127.0.0.1", port, reqs, 120, connections))
+        latencies, errors, _ = asyncio.run(rawclient.run("127.0.0.1", port, reqs, 3600, connections))
         used = cpu_seconds(process.pid) - before
         if errors:
             print(f"  {kind}: {errors} errors", file=sys.stderr)
+        if callgrind:
+            subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], check=True, capture_output=True)
+            totals = [
+                int(line.split()[1])
+                for path in tmp.glob(f"{out.name}*")
+                for line in path.read_text().splitlines()
+                if line.startswith(("summary:", "totals:"))
+            ]
+            return max(totals) / len(latencies)
         return used / len(latencies) * 1e6
     finally:
         stop(process)
@@ -55,6 +73,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--kinds", default="bare,naive,ftjobs")
+    parser.add_argument("--callgrind", action="store_true", help="instructions per request (valgrind), not CPU time")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     server_core = cores[-1] if len(cores) >= 2 else None
@@ -69,12 +88,17 @@ def main() -> int:
         try:
             for _ in range(args.rounds):
                 for kind in kinds:
-                    figures[kind].append(one(kind, server.url, tmp, args.requests, args.connections, server_core))
-                    print(f"  {kind}: {figures[kind][-1]:.1f} µs", file=sys.stderr)
+                    figures[kind].append(
+                        one(kind, server.url, tmp, args.requests, args.connections, server_core, args.callgrind)
+                    )
+                    print(f"  {kind}: {figures[kind][-1]:.1f}", file=sys.stderr)
         finally:
             server.stop()
     for kind, values in figures.items():
-        print(f"{kind:8} {statistics.median(values):7.1f} µs/request (min {min(values):.1f}, max {max(values):.1f})")
+        unit = "instructions" if args.callgrind else "µs"
+        print(
+            f"{kind:8} {statistics.median(values):9.1f} {unit}/request (min {min(values):.1f}, max {max(values):.1f})"
+        )
     return 0
 
 

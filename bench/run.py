@@ -89,11 +89,11 @@ def pin(pid: int, core: int) -> None:
     os.sched_setaffinity(pid, [core])
 
 
-def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(args: list[str], env: dict[str, str] | None = None, wrapper: list[str] = ()) -> subprocess.Popen[bytes]:  # type: ignore[assignment]
     # The servers must use the benchmark's own Valkey and config, whatever this shell has set.
     inherited = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "FTJOBS_CONFIG", "OPENAI_API_KEY"}}
     return subprocess.Popen(
-        [sys.executable, *args],
+        [*wrapper, sys.executable, *args],
         cwd=ROOT,
         env={**inherited, **(env or {})},
         stdout=subprocess.DEVNULL,
