@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def one(
                 for line in path.read_text().splitlines()
                 if line.startswith(("summary:", "totals:"))
             ]
+            if keep := os.environ.get("FTJOBS_BENCH_KEEP"):  # a folder to keep the profile in, for callgrind_annotate
+                for path in tmp.glob(f"{out.name}*"):
+                    shutil.copy(path, keep)
             return max(totals) / len(latencies)
         return used / len(latencies) * 1e6
     finally:
