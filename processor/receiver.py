@@ -154,7 +154,8 @@ async def errors_middleware(
 async def receive_webhook(request: web.Request) -> web.Response:
     """POST {receiver.path}: verify → decode → dedupe + enqueue → answer."""
     settings = request.app[SETTINGS].receiver
-    encodings = [e.strip().lower() for e in request.headers.getall(hdrs.CONTENT_ENCODING, [])]
+    sent_encodings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    encodings = [e.strip().lower() for e in sent_encodings] if sent_encodings else []
     if any(e not in ("", "identity") for e in encodings):  # the server never inflates: httpserver.py
         raise UnsupportedMediaError(
             f"content encoding {','.join(encodings)[:40]!r} is not accepted; send the body uncompressed "
