@@ -31,7 +31,7 @@ def calls(n: int) -> list[tuple[list[Any], list[Any]]]:
 
 
 async def old_way(client: redis.Redis, lua: Lua, batch: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-    return await lua._pipeline(client, batch)
+    return await lua.run(client, batch)
 
 
 async def new_way(client: redis.Redis, lua: Lua, batch: list[tuple[list[Any], list[Any]]]) -> list[Any]:

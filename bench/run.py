@@ -219,17 +219,17 @@ async def redis_memory(url: str, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {"used": int(info["used_memory"]), "events": 0}
         if not prefix:
             return out
-        events = int(await client.xlen(f"{prefix}:events"))
-        [(_, fields)] = await client.xrange(f"{prefix}:events", count=1)
+        events = int(await client.xlen(f"{prefix}:{{p0}}:events"))
+        [(_, fields)] = await client.xrange(f"{prefix}:{{p0}}:events", count=1)
         job_id = decode_event(fields[RECORD_FIELD]).job_id
-        seen = await anext(client.scan_iter(match=f"{prefix}:seen:*", count=100))
+        seen = await anext(client.scan_iter(match=f"{prefix}:{{p0}}:seen:*", count=100))
         out |= {
             "events": events,
-            "stream_per_event": await client.memory_usage(f"{prefix}:events", samples=0) / max(1, events),
+            "stream_per_event": await client.memory_usage(f"{prefix}:{{p0}}:events", samples=0) / max(1, events),
             "dedupe_key": await client.memory_usage(seen),
-            "job_state": await client.memory_usage(f"{prefix}:job:{job_id}")
-            + await client.memory_usage(f"{prefix}:timeline:{job_id}")
-            + await client.memory_usage(f"{prefix}:jobs", samples=0) / max(1, events),
+            "job_state": await client.memory_usage(f"{prefix}:{{p0}}:job:{job_id}")
+            + await client.memory_usage(f"{prefix}:{{p0}}:timeline:{job_id}")
+            + await client.memory_usage(f"{prefix}:{{p0}}:jobs", samples=0) / max(1, events),
         }
         return out
     finally:
@@ -242,13 +242,13 @@ async def dispatch(url: str, n: int) -> dict[str, Any]:
     job = decode_job(BODY)
 
     async def preload(prefix: str, group: str) -> None:
-        await client.xgroup_create(f"{prefix}:events", group, id="$", mkstream=True)
+        await client.xgroup_create(f"{prefix}:{{p0}}:events", group, id="$", mkstream=True)
         for start_at in range(0, n, 1000):
             async with client.pipeline(transaction=False) as pipe:
                 for i in range(start_at, min(n, start_at + 1000)):
                     job_i = msgspec.structs.replace(job, id=f"ftjob-{prefix}-{i}")
                     event = Event.from_body(job_i, webhook_id=f"wh_{prefix}_{i}", received_at=time.time())
-                    pipe.xadd(f"{prefix}:events", {RECORD_FIELD: encode_event(event)})
+                    pipe.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: encode_event(event)})
                 await pipe.execute()
 
     raw_prefix, worker_prefix = f"raw-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:6]}"
@@ -256,9 +256,9 @@ async def dispatch(url: str, n: int) -> dict[str, Any]:
     started = time.perf_counter()
     done = 0
     while done < n:
-        reply = await client.xreadgroup("raw", "c", {f"{raw_prefix}:events": ">"}, count=64)
+        reply = await client.xreadgroup("raw", "c", {f"{raw_prefix}:{{p0}}:events": ">"}, count=64)
         ids = [entry_id for _, entries in reply for entry_id, _ in entries]
-        await client.xack(f"{raw_prefix}:events", "raw", *ids)
+        await client.xack(f"{raw_prefix}:{{p0}}:events", "raw", *ids)
         done += len(ids)
     raw_s = time.perf_counter() - started
 
@@ -275,7 +275,7 @@ async def dispatch(url: str, n: int) -> dict[str, Any]:
     started = time.perf_counter()
     async with running_worker(settings, url, registry.build(settings.handlers)):
         while True:
-            [group] = await client.xinfo_groups(f"{worker_prefix}:events")
+            [group] = await client.xinfo_groups(f"{worker_prefix}:{{p0}}:events")
             if group["lag"] == 0 and group["pending"] == 0:
                 break
             await asyncio.sleep(0.005)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from handlers.templates import Template, context, slack_escape, slack_link
 from processor import outbound
@@ -73,7 +74,7 @@ class SlackHandler:
         self.options = options
         self.text = Template(options.text, "slack", f"{name}.text") if options.text else None
         self._session: aiohttp.ClientSession | None = None
-        self._redis: redis.Redis | None = None
+        self._redis: redis.Redis | RedisCluster | None = None
         self._thread_prefix = ""
         self.timeout_s = HandlerContext.timeout_s
 

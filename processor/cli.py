@@ -107,9 +107,19 @@ def _parser() -> argparse.ArgumentParser:
         if name == "dlq":
             p.add_argument("handler", help="the handler's name")
         p.add_argument("ids", nargs="*", help="entry ids (for show, replay, drop)")
-        p.add_argument("--all", action="store_true", help="replay or drop every entry")
+        p.add_argument("--all", action="store_true", help="show, replay or drop every entry (that the filters match)")
         p.add_argument("--yes", "-y", action="store_true", help="drop --all without asking")
         p.add_argument("--json", action="store_true", help="list: print JSON instead of a table")
+        p.add_argument("--dry-run", action="store_true", help="replay, drop: print what would be done, change nothing")
+        filters = p.add_argument_group("filters (with list or --all; all given must match)")
+        filters.add_argument("--job", metavar="JOB_ID", help="only entries about this job")
+        filters.add_argument(
+            "--since", metavar="TIME", help="failed (or arrived) at or after TIME: ISO-8601 or 2h, 30m, 1d"
+        )
+        filters.add_argument(
+            "--until", metavar="TIME", help="failed (or arrived) at or before TIME: ISO-8601 or 2h, 30m, 1d"
+        )
+        filters.add_argument("--error", metavar="TEXT", help="the recorded error contains TEXT (ignoring case)")
     p = add("status", "stream length and, per handler, lag, pending, retrying and dead letters", _ops("cmd_status"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("send", "sign a sample fine-tuning event with the configured secret and POST it", cmd_send)
@@ -126,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="set a metadata pair (repeatable)",
     )
+    p = sub.add_parser(
+        "completion",
+        help='print a shell completion script (eval "$(ftjobs completion bash)")',
+        description="Print a completion script for bash, zsh or fish, generated from this command line.",
+    )
+    p.add_argument("shell", choices=["bash", "zsh", "fish"])
     p = add("dashboard", "serve the web dashboard alone (at /ui/; needs [dashboard] token off loopback)", cmd_dashboard)
     p.add_argument("--host", help="address to listen on (default: dashboard.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: dashboard.port, 8081)")
@@ -134,7 +150,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ftjobs` console script and `python -m processor`."""
-    args = _parser().parse_args(argv)  # `--help` and `--version` exit here, before the imports below
+    parser = _parser()
+    args = parser.parse_args(argv)  # `--help` and `--version` exit here, before the imports below
+    if args.command == "completion":  # needs no settings: works even where the configuration is broken
+        from processor import completion
+
+        print(completion.script(args.shell, parser), end="")
+        return 0
     from processor import logs, registry
     from processor.settings import Settings
 

@@ -11,14 +11,28 @@ import functools
 import hashlib
 import inspect
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 import redis.asyncio as redis
-from redis.exceptions import NoScriptError, ResponseError
+import structlog
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from processor.models import TERMINAL_RANK, UNRANKED, Event, status_rank
-from processor.stream import Keys, text
+from processor.stream import Client, Keys, PartitionKeys, text
+
+log = structlog.get_logger()
 
 #: A job's timeline keeps its last this many events (transitions and skipped events alike).
 TIMELINE_MAX: Final = 200
@@ -111,44 +125,173 @@ class Enqueued(NamedTuple):
     verdict: Verdict | None = None
 
 
+class NotReplicated(RedisError):
+    """The write was applied but not confirmed by enough replicas (or AOFs) in time: the sender must retry."""
+
+
 class Lua:
     """A Lua script sent by EVALSHA in pipelines, and loaded again when the server lost it (NOSCRIPT, e.g.
-    after a restart). redis-py's `Script` asks SCRIPT EXISTS before every pipeline: a round trip we save."""
+    after a restart or a failover). redis-py's `Script` asks SCRIPT EXISTS before every pipeline: a round trip
+    we save. On a cluster, the calls are sent to the node of each call's slot (all of a call's keys share it),
+    one pipelined exchange per node."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def run(self, client: redis.Redis, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
-        """One pipelined round trip for `calls` of (keys, args); per-call errors come back as exceptions."""
-        replies = await self._pipeline(client, calls)
+    async def run(
+        self, client: Client, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]], wait: Sequence[Any] = ()
+    ) -> list[Any]:
+        """One pipelined round trip per node for `calls` of (keys, args); per-call errors come back as
+        exceptions. `wait`: a WAIT/WAITAOF command sent after the calls on the same connection; when it
+        reports too few copies, the calls that wrote get `NotReplicated`."""
+        if not isinstance(client, RedisCluster):
+            return await self._on(_Route(client), calls, wait)
+        if not client.get_nodes():  # the layout is not known yet (the cluster was away at start)
+            await client.initialize()
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(_REDIRECTS):
+            by_node: dict[str, list[int]] = defaultdict(list)
+            for i in todo:
+                by_node[_node_of(client, calls[i][0][0])].append(i)
+            results = await asyncio.gather(
+                *(self._on(_Route(client, node), [calls[i] for i in idx], wait) for node, idx in by_node.items()),
+                return_exceptions=True,
+            )
+            moved = False
+            for idx, result in zip(by_node.values(), results, strict=True):
+                if isinstance(result, BaseException):  # the node is away (a failover?): learn the new layout
+                    moved = True
+                    result = [result] * len(idx)
+                for i, reply in zip(idx, result, strict=True):
+                    replies[i] = reply
+                    moved = moved or isinstance(reply, _REDIRECTED)
+            todo = [i for i in todo if isinstance(replies[i], _REDIRECTED)]
+            if moved:
+                await _refresh(client)
+            if not todo:
+                break
+        return replies
+
+    async def _on(
+        self, route: _Route, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]], wait: Sequence[Any]
+    ) -> list[Any]:
+        replies = await self._exchange(route, calls, wait, load=False)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            await client.script_load(self.source)
-            for i, reply in zip(missing, await self._pipeline(client, [calls[i] for i in missing]), strict=True):
+            again = await self._exchange(route, [calls[i] for i in missing], wait, load=True)
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, client: redis.Redis, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    async def _exchange(
+        self, route: _Route, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]], wait: Sequence[Any], load: bool
+    ) -> list[Any]:
         # The commands are packed here, in one pass, and written on one pooled connection: redis-py's
         # pipeline packs each argument through several layers, which costs more than the Lua call itself.
         packed = b"".join(_pack(b"EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls)
-        pool = client.connection_pool
-        conn: Any = await _get_connection(pool)
+        if load:
+            packed = _pack(b"SCRIPT", b"LOAD", self.source) + packed
+        if wait:
+            packed += _pack(*wait)
+        conn = await route.acquire()
         try:
             await conn.send_packed_command(packed, check_health=False)
+            if load:
+                await conn.read_response()
             replies: list[Any] = []
             for _ in calls:
                 try:
                     replies.append(await conn.read_response())
-                except ResponseError as exc:  # one call's error (e.g. NOSCRIPT); the others still answer
+                except ResponseError as exc:  # one call's error (e.g. NOSCRIPT, MOVED); the others still answer
                     replies.append(exc)
+            if wait:
+                confirmed = await conn.read_response()
+                if not _enough(wait, confirmed):
+                    failure = NotReplicated(
+                        f"the write was not confirmed by {_wanted(wait)} within {wait[-1]} ms (got {confirmed!r})"
+                    )
+                    replies = [failure if _wrote(r) else r for r in replies]
             return replies
         except BaseException:
             await conn.disconnect()  # a half-read connection must not go back to the pool
             raise
         finally:
-            await pool.release(conn)
+            await route.release(conn)
+
+
+#: MOVED/ASK/TRYAGAIN/CLUSTERDOWN: the call was not applied; it is sent again once the layout is known.
+_REDIRECTED: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
+#: How many times calls redirected by the cluster are sent again before the error reaches the caller.
+_REDIRECTS: Final = 3
+
+
+def wait_command(replicas: int, aof: bool, timeout_ms: int) -> tuple[Any, ...]:
+    """The command that confirms a batch's writes: WAIT for `replicas`, or WAITAOF (the local AOF and
+    `replicas` replicas' AOFs); empty when nothing is to be confirmed."""
+    if aof:
+        return (b"WAITAOF", 1, replicas, timeout_ms)
+    return (b"WAIT", replicas, timeout_ms) if replicas else ()
+
+
+def _enough(wait: Sequence[Any], confirmed: Any) -> bool:
+    if wait[0] == b"WAITAOF":
+        return isinstance(confirmed, list) and confirmed[0] >= 1 and confirmed[1] >= wait[2]
+    return isinstance(confirmed, int) and confirmed >= wait[1]
+
+
+def _wanted(wait: Sequence[Any]) -> str:
+    if wait[0] == b"WAITAOF":
+        return f"the append-only file here and on {wait[2]} replica(s)"
+    return f"{wait[1]} replica(s)"
+
+
+def _wrote(reply: Any) -> bool:
+    """The enqueue script appended (a duplicate wrote nothing: there is nothing to confirm)."""
+    return isinstance(reply, list) and bool(reply) and reply[0] == 1
+
+
+class _Route:
+    """Where a batch goes: the one server's pool, or one cluster node's connections."""
+
+    def __init__(self, client: Client, node: str | None = None) -> None:
+        self.client = client
+        self.node: Any = None
+        if isinstance(client, RedisCluster):
+            self.node = client.get_node(node_name=node) if node else None
+            if self.node is None:
+                raise ClusterDownError("no node serves this slot now (a failover?)")
+
+    async def acquire(self) -> Any:
+        if self.node is not None:
+            return self.node.acquire_connection()
+        assert isinstance(self.client, redis.Redis)
+        return await _get_connection(self.client.connection_pool)
+
+    async def release(self, conn: Any) -> None:
+        if self.node is not None:
+            self.node.release(conn)
+        else:
+            assert isinstance(self.client, redis.Redis)
+            await self.client.connection_pool.release(conn)
+
+
+def _node_of(client: RedisCluster, key: str) -> str:
+    """The name of the master serving `key`'s slot ("" when the layout does not know it yet)."""
+    try:
+        node = client.get_node_from_key(key)
+    except SlotNotCoveredError:
+        return ""
+    return node.name if node is not None else ""
+
+
+async def _refresh(client: RedisCluster) -> None:
+    """Ask the cluster for its layout again (after a failover, or a slot that moved)."""
+    try:
+        await client.nodes_manager.initialize()
+    except (RedisError, OSError) as exc:
+        log.warning("redis_cluster_layout_unknown", error=str(exc))
 
 
 async def _get_connection(pool: redis.ConnectionPool) -> Any:
@@ -187,41 +330,53 @@ class Enqueuer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         keys: Keys,
         *,
         ttl_s: int,
         state_ttl_s: int = 7 * 24 * 3600,
         max_batch: int = 256,
         max_in_flight: int = 2,
+        wait: Sequence[Any] = (),
     ) -> None:
+        """`wait`: the command that confirms each batch's writes before anyone is answered (`wait_command`)."""
         self._client = client
         self._keys = keys
         self._ttl = ttl_s
         self._state_ttl = state_ttl_s
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
+        self._wait = tuple(wait)
         self._script = Lua(_ENQUEUE_LUA)
         self._pending: list[tuple[list[Any], asyncio.Future[Enqueued]]] = []
         self._in_flight = 0
         self._flushers: set[asyncio.Task[None]] = set()
 
     async def add(
-        self, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
+        self, webhook_id: str, fields: dict[bytes, bytes], event: Event | None = None, *, judge: bool = True
     ) -> Enqueued:
-        """Append `fields` to `stream` unless `webhook_id` was seen; returns (new?, entry id). With `event`, the
-        job's state judges it first (see `_ENQUEUE_LUA`). A caller that stops waiting (a deadline) leaves its
-        write in the batch: it may still be applied, and a retry with the same `webhook_id` finds it."""
-        status = event.status if event is not None else None
-        job_id = event.job_id if event is not None else ""
-        at, clock = event.observed if event is not None else (0.0, "")
-        keys = self._keys
+        """Append `fields` unless `webhook_id` was seen; returns (new?, entry id, verdict). With `event`, the
+        entry goes to the partition of its job, judged against the job's state first (see `_ENQUEUE_LUA`;
+        `judge=False`: not judged, for a replay whose fields carry the verdict it had); without one, to the
+        quarantine. A caller that stops waiting (a deadline) leaves its write in the batch: it may still be
+        applied, and a retry with the same `webhook_id` finds it."""
+        part: PartitionKeys
+        status: str | None = ""
+        job_id, at, clock = "", 0.0, ""
+        if event is None:
+            part, stream = self._keys.quarantine_part, self._keys.quarantine
+        else:
+            job_id = event.job_id or ""
+            part = self._keys.part(job_id)
+            stream = part.events
+            status = event.status if judge else ""
+            at, clock = event.observed
         args: list[Any] = [
-            keys.seen(webhook_id),
+            part.seen(webhook_id),
             stream,
-            keys.job(job_id),
-            keys.timeline(job_id),
-            keys.jobs,
+            part.job(job_id),
+            part.timeline(job_id),
+            part.jobs,
             self._ttl,
             status or "",
             at,
@@ -256,7 +411,7 @@ class Enqueuer:
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Enqueued]]]) -> None:
         try:
-            replies = await self._script.run(self._client, [(args[:5], args[5:]) for args, _ in batch])
+            replies = await self._script.run(self._client, [(args[:5], args[5:]) for args, _ in batch], self._wait)
         except Exception as exc:  # connection refused, timeout, ...: every caller gets a 503
             for _, future in batch:
                 if not future.done():

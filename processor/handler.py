@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import redis.asyncio as redis
 from msgspec import Struct
+from redis.asyncio.cluster import RedisCluster
 
 from processor.errors import ConfigError, PermanentFailure, RetryLater
 from processor.models import Event
@@ -60,7 +61,8 @@ class HandlerContext:
     """What `setup` gets: a Redis client, a key prefix of the handler's own (for state such as threads), and
     how long one outgoing request may take."""
 
-    redis: redis.Redis
+    #: The one-server client, or the cluster client on a Redis Cluster (keep a key's commands single-key).
+    redis: redis.Redis | RedisCluster
     #: `{prefix}:h:{handler name}`: keys under it belong to this handler.
     key_prefix: str
     #: The `[[handlers]]` table's `timeout_s`: the limit for the handler's outgoing request (HTTP, SMTP).

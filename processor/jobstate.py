@@ -15,11 +15,10 @@ import json
 from typing import Any, Final
 
 import msgspec
-import redis.asyncio as redis
 
 from processor.enqueue import Verdict
 from processor.models import Event, FineTuningJob
-from processor.stream import Keys, text
+from processor.stream import Client, Keys, text
 
 _NOT_FOUND: Final = b"!"
 _job_encoder: Final = msgspec.msgpack.Encoder()
@@ -65,7 +64,7 @@ def judge(event: Event, raw_verdict: bytes) -> Event:
 class JobState:
     """Reads the per-job state that enqueueing writes (`enqueue._ENQUEUE_LUA`)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, retention_s: int) -> None:
+    def __init__(self, client: Client, keys: Keys, retention_s: int) -> None:
         self.client = client
         self.keys = keys
         self.retention_s = retention_s
@@ -76,7 +75,10 @@ class JobState:
 
     async def recent(self, limit: int = 20) -> list[tuple[str, str, float]]:
         """(job id, latest status, when) for the most recently changed jobs."""
-        ids: Any = await self.client.zrevrange(self.keys.jobs, 0, limit - 1, withscores=True)
+        ids: list[Any] = []
+        for part in self.keys.parts:  # each partition has its slice of the index: the newest of all of them
+            ids += await self.client.zrevrange(part.jobs, 0, limit - 1, withscores=True)
+        ids = sorted(ids, key=lambda row: -float(row[1]))[:limit]
         out = []
         for raw_id, at in ids:
             job_id = text(raw_id)

@@ -6,21 +6,20 @@
   calls meanwhile are deferred (not attempted, not counted). After the cool-down one probe call is let
   through; success closes the circuit, failure opens it again.
 
-Keys (`stream.Keys`): `{p}:rate:{handler}:{minute}` (expires), `{p}:breaker:{handler}` (hash: failures,
-open_until) and its `:probe`.
+Keys (`stream.Keys`): `{p}:rate:{handler}:{minute}` (expires), `{p}:{b:handler}:breaker` (hash: failures,
+open_until) and `{p}:{b:handler}:probe`, in one slot.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Final
-
-import redis.asyncio as redis
+from typing import Any
 
 from processor.settings import HandlerSpec
-from processor.stream import Keys
+from processor.stream import Client, Keys, Script
 
-_FAILED_LUA: Final = """
+#: KEYS: the breaker hash, the probe marker (one slot). ARGV: threshold, open until.
+_FAILED = Script("""
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 if failures >= tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'open_until', ARGV[2])
@@ -28,19 +27,29 @@ if failures >= tonumber(ARGV[1]) then
   return 1
 end
 return 0
-"""
+""")
+_SUCCEEDED = Script("""
+redis.call('HSET', KEYS[1], 'failures', 0, 'open_until', 0)
+redis.call('DEL', KEYS[2])
+return 1
+""")
+#: This minute's calls: count one, and let the counter expire after the next minute.
+_COUNT = Script("""
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], 120) end
+return n
+""")
 
 
 class Guard:
     """The rate limit and circuit breaker of one handler (a no-op when neither is configured)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, spec: HandlerSpec) -> None:
+    def __init__(self, client: Client, keys: Keys, spec: HandlerSpec) -> None:
         self.client = client
         self.spec = spec
         self.rate_key = keys.rate(spec.name)
         self.breaker_key = keys.breaker(spec.name)
         self.probe_key = keys.breaker_probe(spec.name)
-        self._failed = client.register_script(_FAILED_LUA)
 
     @property
     def active(self) -> bool:
@@ -60,10 +69,7 @@ class Guard:
         if self.spec.rate_limit_per_min:
             window = int(now // 60)
             key = f"{self.rate_key}:{window}"
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 120)
-                count, _ = await pipe.execute()
+            count = int(await _COUNT(self.client, [key]))
             if count > self.spec.rate_limit_per_min:
                 return (window + 1) * 60 - now, "rate limited"
         return None
@@ -73,14 +79,11 @@ class Guard:
         if not self.spec.breaker_threshold:
             return False
         if ok:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(self.breaker_key, mapping={"failures": 0, "open_until": 0})
-                pipe.delete(self.probe_key)
-                await pipe.execute()
+            await _SUCCEEDED(self.client, [self.breaker_key, self.probe_key])
             return False
         open_until = (time.time() if now is None else now) + self.spec.breaker_cooldown_s
-        opened: Any = await self._failed(
-            keys=[self.breaker_key, self.probe_key], args=[self.spec.breaker_threshold, open_until]
+        opened = await _FAILED(
+            self.client, [self.breaker_key, self.probe_key], [self.spec.breaker_threshold, open_until]
         )
         return bool(opened)
 

@@ -3,7 +3,9 @@
 `ftjobs status`, `jobs`, `job`, `dlq` and `quarantine`; each opens a `runtime.Runtime` on the deployment's
 Redis (`REDIS_URL`, or the embedded Valkey `ftjobs serve` runs under `redis.data_dir`) and closes it again.
 They never start a server: an empty one started here would only report "0 entries" about nothing.
-Every listing takes `--json`; the tables have headers.
+Every listing takes `--json`; the tables have headers. `dlq` and `quarantine` act on named entries, or with
+`--all` on every entry a `deadletters.EntryFilter` matches, read in pages and handled in chunks, with
+`Progress` on stderr; `--dry-run` only prints the selection.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import IO, Any, Final, TypeVar
 
 import msgspec
 
 from processor import embedded, retention
+from processor.deadletters import DeadLetter, EntryFilter, Quarantined, parse_time
 from processor.errors import CommandFailed
 from processor.humanize import human_time
 from processor.jobstate import Transition
@@ -29,6 +33,9 @@ from processor.settings import Settings
 T = TypeVar("T")
 
 ENTRY_ID: Final = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+#: Entries replayed or dropped per round trip by a bulk action (and between two progress updates).
+CHUNK: Final = 100
 
 
 def with_redis(settings: Settings, work: Callable[[Runtime], Awaitable[T]]) -> T:
@@ -125,10 +132,58 @@ def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _ids(args: argparse.Namespace, available: list[str]) -> list[str]:
-    """The entry ids the command acts on: all of them with `--all`, else the named ones (checked: exit 2)."""
-    if args.all:
-        return available
+class Progress:
+    """How far a bulk action is, on stderr: a bar redrawn in place (carriage return, as wide as the terminal)
+    when stderr is a terminal; elsewhere a plain `replayed N/M` line at every tenth and at the end, so logs
+    stay readable."""
+
+    def __init__(self, total: int, verb: str, stream: IO[str] | None = None) -> None:
+        self.total, self.verb, self.done = total, verb, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.step = max(1, total // 10)
+        self._next_line = self.step
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.tty:
+            label = f" {self.done}/{self.total} {self.verb}"
+            width = max(10, shutil.get_terminal_size().columns - len(label) - 3)
+            filled = width * self.done // max(1, self.total)
+            self.stream.write(f"\r[{'#' * filled}{'-' * (width - filled)}]{label}")
+            if self.done >= self.total:
+                self.stream.write("\n")
+        elif self.done >= self._next_line or self.done >= self.total:
+            self.stream.write(f"{self.verb} {self.done}/{self.total}\n")
+            self._next_line = (self.done // self.step + 1) * self.step
+        self.stream.flush()
+
+
+def chunks(items: list[str], size: int = CHUNK) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def entry_filter(args: argparse.Namespace) -> EntryFilter:
+    """The `--job`, `--since`, `--until` and `--error` options as a filter (a bad time: exit 2)."""
+    now = time.time()
+    try:
+        since = parse_time(args.since, now) if args.since else None
+        until = parse_time(args.until, now) if args.until else None
+    except ValueError as exc:
+        raise CommandFailed(f"--since/--until: {exc}", code=2) from None
+    chosen = EntryFilter(job=args.job, since=since, until=until, error=args.error)
+    if chosen.active and args.ids and not args.all:
+        raise CommandFailed(
+            "--job, --since, --until and --error choose among all entries: use them with list or --all", 2
+        )
+    if args.dry_run and args.action not in ("replay", "drop"):
+        raise CommandFailed("--dry-run goes with replay or drop", code=2)
+    return chosen
+
+
+def _ids(args: argparse.Namespace) -> list[str]:
+    """The entry ids named on the command line (checked: exit 2); with `--all` none are needed."""
     if not args.ids:
         raise CommandFailed("name entry ids, or use --all", code=2)
     for entry_id in args.ids:
@@ -158,76 +213,159 @@ def _confirm_drop_all(args: argparse.Namespace, count: int, what: str) -> None:
         raise CommandFailed("nothing dropped")
 
 
+def print_letters(letters: list[DeadLetter]) -> None:
+    print(f"{'ID':<20} {'EVENT':<28} {'JOB':<32} {'ATTEMPTS':>8}  ERROR")
+    for letter in letters:
+        event = letter.event
+        kind, job = (event.type, event.job_id) if event else ("(undecodable record)", "-")
+        print(f"{letter.id:<20} {kind:<28} {job:<32} {letter.attempts:>8}  {letter.error[:100]}")
+
+
+def print_quarantined(items: list[Quarantined]) -> None:
+    print(f"{'ID':<20} {'WEBHOOK_ID':<40} ERROR")
+    for item in items:
+        print(f"{item.id:<20} {item.webhook_id:<40} {item.error[:120]}")
+
+
+def show_quarantined(item: Quarantined) -> None:
+    print(f"{item.id} webhook_id={item.webhook_id}\nerror: {item.error}")
+    print(item.body.decode(errors="replace"))
+
+
+def _some(ids: list[str]) -> str:
+    """New entry ids for a summary line: all of a few, none of many."""
+    return f": {' '.join(ids)}" if 0 < len(ids) <= 20 else ""
+
+
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     names = [h.name for h in settings.handlers]
     if args.handler not in names:
         raise CommandFailed(f"unknown handler {args.handler!r} (configured: {', '.join(names)})", code=2)
     where = f"{args.handler}'s dead letters"
+    chosen = entry_filter(args)
+    handler = args.handler
 
     async def act(runtime: Runtime) -> int:
         dead = runtime.dead_letters
-        letters = await dead.letters(args.handler, 10_000)
-        if args.action == "list":
+        if args.action == "list" or (args.all and args.dry_run):
+            letters = [x async for x in dead.scan(handler) if chosen.matches(x)]
             if args.json:
                 print_json(letters)
                 return 0
-            print(f"{'ID':<20} {'EVENT':<28} {'JOB':<32} {'ATTEMPTS':>8}  ERROR")
-            for letter in letters:
-                event = letter.event
-                kind, job = (event.type, event.job_id) if event else ("(undecodable record)", "-")
-                print(f"{letter.id:<20} {kind:<28} {job:<32} {letter.attempts:>8}  {letter.error[:100]}")
-            print(f"{len(letters)} dead letter(s) for {args.handler}")
+            print_letters(letters)
+            if args.action == "list":
+                print(f"{len(letters)} dead letter(s) for {handler}" + (" matching" if chosen.active else ""))
+            else:
+                print(f"would {args.action} {len(letters)} dead letter(s) of {handler} (dry run: nothing changed)")
             return 0
-        ids = _ids(args, [x.id for x in letters])
-        found = await dead.get(args.handler, ids)
-        if args.action == "show":
-            for letter in found:
-                print(msgspec.json.format(msgspec.json.encode(letter)).decode())
-        elif args.action == "replay":
-            new = await dead.replay(args.handler, [x.id for x in found])
-            print(f"replayed {len(new)} to {args.handler}: {' '.join(new)}")
-            if len(new) < len(found):
-                raise CommandFailed(f"{len(found) - len(new)} undecodable dead letter(s) kept (see `show`)")
+        if args.all:
+            ids = []
+            async for letter in dead.scan(handler):
+                if chosen.matches(letter):
+                    ids.append(letter.id)
+                    if args.action == "show":
+                        print(msgspec.json.format(msgspec.json.encode(letter)).decode())
+            found = set(ids)
         else:
+            ids = _ids(args)
+            letters = await dead.get(handler, ids)
+            found = {x.id for x in letters}
+            if args.action == "show":
+                for letter in letters:
+                    print(msgspec.json.format(msgspec.json.encode(letter)).decode())
+            elif args.dry_run:
+                print_letters(letters)
+                print(f"would {args.action} {len(letters)} dead letter(s) of {handler} (dry run: nothing changed)")
+                _must_exist(ids, found, where)
+                return 0
+        if args.action == "replay":
+            progress = Progress(len(ids), "replayed") if args.all else None
+            new: list[str] = []
+            kept = 0
+            for chunk in chunks(ids):
+                letters = await dead.get(handler, chunk)
+                new += await dead.replay_letters(handler, letters)
+                kept += sum(1 for x in letters if x.event is None)
+                if progress:
+                    progress.advance(len(chunk))
+            print(f"replayed {len(new)} to {handler}{_some(new)}")
+            if kept:
+                raise CommandFailed(f"{kept} undecodable dead letter(s) kept (see `show`)")
+        elif args.action == "drop":
             if args.all:
-                _confirm_drop_all(args, len(ids), f"dead letters of {args.handler}")
-            print(f"dropped {await dead.drop(args.handler, [x.id for x in found])}")
-        _must_exist(ids, {x.id for x in found}, where)
+                _confirm_drop_all(args, len(ids), f"dead letters of {handler}")
+            progress = Progress(len(ids), "dropped") if args.all else None
+            dropped = 0
+            for chunk in chunks([i for i in ids if i in found]):
+                dropped += await dead.drop(handler, chunk)
+                if progress:
+                    progress.advance(len(chunk))
+            print(f"dropped {dropped}")
+        _must_exist(ids, found, where)
         return 0
 
     return with_redis(settings, act)
 
 
 def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
+    chosen = entry_filter(args)
+    groups = [h.name for h in settings.handlers]
+
     async def act(runtime: Runtime) -> int:
         dead = runtime.dead_letters
-        items = await dead.quarantined(10_000)
-        if args.action == "list":
+        if args.action == "list" or (args.all and args.dry_run):
+            items = [x async for x in dead.scan_quarantined() if chosen.matches(x)]
             if args.json:
                 print_json([{"id": i.id, "webhook_id": i.webhook_id, "error": i.error} for i in items])
                 return 0
-            print(f"{'ID':<20} {'WEBHOOK_ID':<40} ERROR")
-            for item in items:
-                print(f"{item.id:<20} {item.webhook_id:<40} {item.error[:120]}")
-            print(f"{len(items)} quarantined")
+            print_quarantined(items)
+            if args.action == "list":
+                print(f"{len(items)} quarantined" + (" matching" if chosen.active else ""))
+            else:
+                print(f"would {args.action} {len(items)} quarantined (dry run: nothing changed)")
             return 0
-        ids = _ids(args, [i.id for i in items])
-        present = {i.id for i in items} & set(ids)
-        if args.action == "show":
-            for item in (i for i in items if i.id in present):
-                print(f"{item.id} webhook_id={item.webhook_id}\nerror: {item.error}")
-                print(item.body.decode(errors="replace"))
-        elif args.action == "replay":
-            outcomes = await dead.replay_quarantined(ids, [h.name for h in settings.handlers])
-            for entry_id, outcome in outcomes:
-                print(f"{entry_id}: {outcome}")
-            failed = [entry_id for entry_id, outcome in outcomes if outcome.startswith("still not readable")]
+        if args.all:
+            ids = []
+            async for item in dead.scan_quarantined():
+                if chosen.matches(item):
+                    ids.append(item.id)
+                    if args.action == "show":
+                        show_quarantined(item)
+            present = set(ids)
+        else:
+            ids = _ids(args)
+            items = await dead.get_quarantined(ids)
+            present = {i.id for i in items}
+            if args.action == "show":
+                for item in items:
+                    show_quarantined(item)
+            elif args.dry_run:
+                print_quarantined(items)
+                print(f"would {args.action} {len(items)} quarantined (dry run: nothing changed)")
+                _must_exist(ids, present, "the quarantine")
+                return 0
+        if args.action == "replay":
+            progress = Progress(len(ids), "replayed") if args.all else None
+            failed = []
+            for chunk in chunks([i for i in ids if i in present]):
+                for entry_id, outcome in await dead.replay_quarantined(chunk, groups):
+                    print(f"{entry_id}: {outcome}")
+                    if outcome.startswith("still not readable"):
+                        failed.append(entry_id)
+                if progress:
+                    progress.advance(len(chunk))
             if failed:
                 raise CommandFailed(f"{len(failed)} still not readable, kept in quarantine: {' '.join(failed)}")
-        else:
+        elif args.action == "drop":
             if args.all:
                 _confirm_drop_all(args, len(ids), "quarantined bodies")
-            print(f"dropped {await dead.drop_quarantined([i for i in ids if i in present])}")
+            progress = Progress(len(ids), "dropped") if args.all else None
+            dropped = 0
+            for chunk in chunks([i for i in ids if i in present]):
+                dropped += await dead.drop_quarantined(chunk)
+                if progress:
+                    progress.advance(len(chunk))
+            print(f"dropped {dropped}")
         _must_exist(ids, present, "the quarantine")
         return 0
 

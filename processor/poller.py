@@ -63,9 +63,7 @@ class Poller:
             quiet = last_status is None and not openai.poll_backfill and job.created_at < int(started)
             if not quiet:
                 event = _event(job)
-                new, *_ = await self.enqueuer.add(
-                    event.id, self.streams.keys.events, {RECORD_FIELD: encode_event(event)}, event
-                )
+                new, *_ = await self.enqueuer.add(event.id, {RECORD_FIELD: encode_event(event)}, event)
                 emitted += new
                 log.info("status_change_polled", job_id=job.id, status=job.status, previous=last_status, new=new)
             await client.hset(self.seen_key, job.id, job.status)

@@ -24,7 +24,7 @@ from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
 from processor import gauges, metrics, signatures, tracing
-from processor.enqueue import Enqueued, Enqueuer
+from processor.enqueue import Enqueued, Enqueuer, NotReplicated
 from processor.errors import (
     BodyTimeoutError,
     NotJSONError,
@@ -200,7 +200,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         )
     event = Event.from_body(decoded, webhook_id=webhook_id, received_at=time.time())
     fields = {RECORD_FIELD: encode_event(event)}
-    new, entry_id, verdict = await _enqueue(request, webhook_id, request.app[STREAMS].keys.events, fields, event)
+    new, entry_id, verdict = await _enqueue(request, webhook_id, fields, event)
     metrics.count_request("accepted" if new else "duplicate")
     if not new:
         return reply(
@@ -233,8 +233,7 @@ def _accepted_type(event_type: str, extra: list[str]) -> bool:
 async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error: str) -> web.Response:
     """A signed body we cannot read: keep it for replay (the sender cannot fix it; we can) and answer 2xx."""
     fields = QuarantineRecord(body=body, error=error, webhook_id=webhook_id, received_at=time.time()).to_fields()
-    keys = request.app[STREAMS].keys
-    new, entry_id, _ = await _enqueue(request, webhook_id, keys.quarantine, fields)
+    new, entry_id, _ = await _enqueue(request, webhook_id, fields)
     metrics.count_request("quarantined" if new else "duplicate")
     log.warning("event_quarantined", webhook_id=webhook_id, error=error)
     return reply(
@@ -247,9 +246,10 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
 
 
 async def _enqueue(
-    request: web.Request, webhook_id: str, stream: str, fields: dict[bytes, bytes], event: Event | None = None
+    request: web.Request, webhook_id: str, fields: dict[bytes, bytes], event: Event | None = None
 ) -> Enqueued:
-    """Store the event, or raise `UnavailableError` (503) when Redis refuses or does not answer in time."""
+    """Store the event (without one: the quarantine record), or raise `UnavailableError` (503) when Redis
+    refuses or does not answer in time."""
     app = request.app
     settings = app[SETTINGS]
     deadline = app[DEADLINE]
@@ -263,7 +263,7 @@ async def _enqueue(
         started = time.perf_counter()  # cheaper than `Histogram.time()`'s context manager object
         try:
             with tracing.enqueue_span(webhook_id) as trace_fields:
-                return await app[ENQUEUER].add(webhook_id, stream, fields | trace_fields, event)
+                return await app[ENQUEUER].add(webhook_id, fields | trace_fields, event)
         finally:
             metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
     except asyncio.CancelledError:
@@ -279,6 +279,12 @@ async def _enqueue(
         raise UnavailableError(
             f"the queue did not answer within {deadline_s} s; the event may or may not be stored: retry "
             "(a retried webhook-id is never enqueued twice)"
+        ) from None
+    except NotReplicated as exc:  # before RedisError, its base class
+        log.error("enqueue_unconfirmed", webhook_id=webhook_id, error=str(exc))
+        raise UnavailableError(
+            "the event is stored but no replica confirmed it in time; retry (a retried webhook-id is never "
+            "enqueued twice)"
         ) from None
     except (RedisError, OSError) as exc:
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)

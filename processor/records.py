@@ -5,8 +5,8 @@ A stream entry is a flat map of fields; each record here is a Struct whose field
 Like every record we write, they are `frozen` and `kw_only`, and every field has a default: entries written
 by an older version still read, and old and new workers can run side by side during a deploy.
 
-- `DeadLetterRecord`: an entry a handler gave up on, in `{p}:dlq:{handler}`;
-- `QuarantineRecord`: a signed body that did not decode, in `{p}:quarantine`.
+- `DeadLetterRecord`: an entry a handler gave up on, in `{p}:{dlq}:{handler}`;
+- `QuarantineRecord`: a signed body that did not decode, in `{p}:{q}:quarantine`.
 
 (The event itself is `models.Event`, msgpack in the entry's `e` field; a job's timeline items are written by
 the enqueue script and read as `jobstate.Transition`.)
@@ -61,6 +61,8 @@ class DeadLetterRecord(StreamRecord, frozen=True, kw_only=True):
     error: str = ""
     attempts: int = 0
     failed_at: float = 0.0
+    #: The partition of the events stream the entry was in (`entry_id` is unique only within it).
+    partition: int = 0
 
 
 class QuarantineRecord(StreamRecord, frozen=True, kw_only=True):

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import hiredis
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis._parsers.base import BaseParser  # its error table; a classmethod since redis-py 5.0
+from redis.exceptions import ConnectionError, ResponseError
 
 #: How much to read from the socket at once.
 READ_BYTES: Final = 65536
@@ -37,12 +38,11 @@ def pack(args: Sequence[Any]) -> bytes:
         return b"".join(parts)
 
 
-def error(reply: ResponseError) -> ResponseError:
-    """redis-py's exception for an error reply: `NoScriptError` for NOSCRIPT, as its parser maps it."""
-    message = str(reply)
-    if message.startswith("NOSCRIPT "):
-        return NoScriptError(message.removeprefix("NOSCRIPT "))
-    return reply
+def error(reply: ResponseError) -> Exception:
+    """redis-py's exception for an error reply, mapped by redis-py's own table (NOSCRIPT → `NoScriptError`,
+    MOVED → `MovedError`, ASK, TRYAGAIN, CLUSTERDOWN...), so callers test the same classes either way."""
+    mapped: Exception = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call,unused-ignore]
+    return mapped
 
 
 def parse_replies(reader: hiredis.Reader, data: bytes, replies: list[Any], n: int) -> None:
@@ -60,7 +60,9 @@ async def exchange(conn: Any, packed: bytes, n: int) -> list[Any]:
     """Send `packed` (`n` commands) on a connected redis-py asyncio connection and return its `n` replies.
 
     The connection must be idle (nothing unread) and is left idle when this returns. On any exception,
-    cancellation included, the caller must disconnect it: replies may be half read.
+    cancellation included, the caller must disconnect it: replies may be half read. Every reply counts in
+    `n`, a SCRIPT LOAD before the calls and a WAIT after them included; error replies come back as exceptions
+    in their place, never raised (a caller that wants a SCRIPT LOAD or WAIT error raised checks its slot).
     """
     await conn.send_packed_command(packed, check_health=False)
     stream: asyncio.StreamReader = conn._reader  # the socket redis-py's own parser reads

@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from processor.settings import RedisSettings
-from processor.stream import Keys
+from processor.stream import Client, Keys
 
 
 class Swept(msgspec.Struct, kw_only=True):
@@ -35,12 +35,13 @@ class Swept(msgspec.Struct, kw_only=True):
 
 
 async def sweep(
-    client: redis.Redis, keys: Keys, groups: Iterable[str], settings: RedisSettings, now: float | None = None
+    client: Client, keys: Keys, groups: Iterable[str], settings: RedisSettings, now: float | None = None
 ) -> Swept:
     """Trim the jobs index (jobs unchanged for the retention), the dead-letter and quarantine streams."""
     now = time.time() if now is None else now
     swept = Swept()
-    swept.jobs = int(await client.zremrangebyscore(keys.jobs, "-inf", now - settings.retention_s))
+    for part in keys.parts:
+        swept.jobs += int(await client.zremrangebyscore(part.jobs, "-inf", now - settings.retention_s))
     oldest = f"{int((now - settings.dead_letter_retention_s) * 1000)}-0"
     groups = list(groups)
     for group in groups:
@@ -49,18 +50,22 @@ async def sweep(
     return swept
 
 
-async def _trim(client: redis.Redis, stream: str, min_id: str, max_len: int) -> int:
+async def _trim(client: Client, stream: str, min_id: str, max_len: int) -> int:
     """Drop entries older than `min_id`, then the oldest beyond `max_len`; how many went."""
     removed: int = await client.xtrim(stream, minid=min_id, approximate=False)
     removed += await client.xtrim(stream, maxlen=max_len, approximate=False)
     return removed
 
 
-async def sizes(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+async def sizes(client: Client, keys: Keys) -> dict[str, Any]:
     """What `Streams.status` does not count, for `ftjobs status`, the gauges and the dashboard: jobs tracked
     and the server's memory. (Entries per stream come from `Streams.status`; asking again would read them twice.)"""
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.zcard(keys.jobs)
-        pipe.info("memory")
-        jobs, memory = await pipe.execute()
-    return {"jobs": jobs, "used_memory_bytes": int(memory.get("used_memory", 0))}
+    jobs = 0
+    for part in keys.parts:
+        jobs += int(await client.zcard(part.jobs))
+    if isinstance(client, RedisCluster):  # every master's memory (replicas hold copies of the same data)
+        by_node: Any = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        used = sum(int(info.get("used_memory", 0)) for info in by_node.values())
+    else:
+        used = int((await client.info("memory")).get("used_memory", 0))
+    return {"jobs": jobs, "used_memory_bytes": used}

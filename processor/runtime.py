@@ -12,24 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from processor import embedded
 from processor.deadletters import DeadLetters
-from processor.enqueue import Enqueuer
+from processor.enqueue import Enqueuer, wait_command
 from processor.errors import ConfigError
 from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
-from processor.hydration import Preparer
 from processor.jobstate import JobState
 from processor.logs import redact
-from processor.openai import OpenAIClient
-from processor.poller import Poller
 from processor.settings import Settings
-from processor.stream import Keys, Streams, connect, text
-from processor.worker import Worker
+from processor.stream import Client, Keys, Streams, connect, open_client, text
+
+if TYPE_CHECKING:  # imported where used: the operator commands need none of them (nor aiohttp, under openai)
+    from processor.hydration import Preparer
+    from processor.openai import OpenAIClient
+    from processor.poller import Poller
+    from processor.worker import Worker
 
 log = structlog.get_logger()
 
@@ -37,22 +39,21 @@ log = structlog.get_logger()
 class Runtime:
     """The objects one process shares, built from the settings and a Redis URL (use `open_runtime`)."""
 
-    def __init__(
-        self, settings: Settings, url: str, stack: contextlib.AsyncExitStack, *, socket_timeout: float = 5.0
-    ) -> None:
+    def __init__(self, settings: Settings, url: str, client: Client, stack: contextlib.AsyncExitStack) -> None:
         self.settings = settings
         self.url = url
         self._stack = stack
-        self.client = connect(url, socket_timeout=socket_timeout)
-        stack.push_async_callback(self.client.aclose)
-        self.keys = Keys(settings.redis.prefix)
+        self.client = client
+        store = settings.redis
+        self.keys = Keys(store.prefix, store.partitions)
         self.streams = Streams(self.client, self.keys)
         self.enqueuer = Enqueuer(
             self.client,
             self.keys,
             ttl_s=settings.receiver.dedupe_window_s,
-            state_ttl_s=settings.redis.retention_s,
+            state_ttl_s=store.retention_s,
             max_batch=settings.receiver.max_batch,
+            wait=wait_command(store.wait_replicas, store.wait_aof, store.wait_timeout_ms),
         )
         self.jobs = JobState(self.client, self.keys, settings.redis.retention_s)
         self.dead_letters = DeadLetters(self.streams, enqueuer=self.enqueuer)
@@ -61,11 +62,15 @@ class Runtime:
     async def openai(self) -> OpenAIClient:
         """The OpenAI API client: opened on first use, closed with the runtime."""
         if self._api is None:
+            from processor.openai import OpenAIClient
+
             self._api = await self._stack.enter_async_context(OpenAIClient(self.settings.openai))
         return self._api
 
     async def preparer(self) -> Preparer:
         """The hydration step, with the API client when hydration is on (it needs an API key)."""
+        from processor.hydration import Preparer
+
         openai = self.settings.openai
         api = await self.openai() if openai.api_key and openai.hydrate else None
         if api is None:
@@ -74,6 +79,8 @@ class Runtime:
 
     def poller(self, api: OpenAIClient) -> Poller:
         """The poller, enqueueing through this runtime's enqueuer."""
+        from processor.poller import Poller
+
         return Poller(self.settings, self.streams, api, self.enqueuer)
 
     async def set_up(self, handlers: list[Handler]) -> None:
@@ -94,7 +101,10 @@ async def open_runtime(settings: Settings, url: str, *, socket_timeout: float = 
     `socket_timeout` must exceed the longest blocking read on the client (the worker passes a larger one).
     """
     async with contextlib.AsyncExitStack() as stack:
-        yield Runtime(settings, url, stack, socket_timeout=socket_timeout)
+        cluster = {"auto": None, "yes": True, "no": False}[settings.redis.cluster]
+        client = await open_client(url, socket_timeout=socket_timeout, cluster=cluster)
+        stack.push_async_callback(client.aclose)
+        yield Runtime(settings, url, client, stack)
 
 
 @contextlib.asynccontextmanager
@@ -102,6 +112,8 @@ async def running_worker(
     settings: Settings, url: str, handlers: list[Handler], *, with_poller: bool = False
 ) -> AsyncIterator[Worker]:
     """Set up handlers, run a `Worker` (and the poller, when asked and configured) until exit, then stop."""
+    from processor.worker import Worker
+
     async with open_runtime(settings, url, socket_timeout=settings.worker.block_ms / 1000 + 10) as runtime:
         await runtime.set_up(handlers)
         preparer = await runtime.preparer()

@@ -84,6 +84,21 @@ class RedisSettings(_Config):
     dead_letter_retention_s: PositiveInt = 30 * 24 * 3600
     #: ... and at most this many per stream (each handler's dead letters; the quarantine), oldest dropped first.
     max_dead_letters: PositiveInt = 100_000
+    #: The events stream is split into this many partitions by job id; each handler consumes a partition in
+    #: one worker at a time (a job's events in order, never concurrently). 1 suits one server; 16 or more a
+    #: cluster or many workers. To change it on a live system: stop the receivers, let `ftjobs status` show
+    #: nothing pending, then restart everything with the new number.
+    partitions: Annotated[int, Meta(ge=1, le=1024)] = 1
+    #: Whether `url` is a Redis/Valkey Cluster node: "auto" asks the server at start.
+    cluster: Literal["auto", "yes", "no"] = "auto"
+    #: Answer a webhook only once this many replicas have its write (`WAIT`); 0: once the server has it.
+    #: On a cluster, replication is asynchronous: without it, a failover can lose acknowledged events.
+    wait_replicas: Annotated[int, Meta(ge=0, le=16)] = 0
+    #: Also wait for the write to reach the append-only file on the server and on `wait_replicas` replicas
+    #: (`WAITAOF`, Redis 7.2 / Valkey 8 and later).
+    wait_aof: bool = False
+    #: A write not confirmed within this long is answered 503 (the sender retries; the retry is deduplicated).
+    wait_timeout_ms: PositiveInt = 1000
 
 
 class WorkerSettings(_Config):

@@ -1,21 +1,29 @@
 """Redis streams: every key ftjobs uses, and every command it sends, in one place.
 
-Keys (all under `settings.redis.prefix`, default `ftjobs`):
+The events stream is split into `[redis] partitions` partitions by job id (`Keys.partition_of`). Every key
+one enqueue touches, and each handler's progress on the partition, carries the partition's hash tag, so on a
+Redis Cluster they share one slot and the atomic dedupe + verdict + XADD stays one Lua call. Keys (all under
+`settings.redis.prefix`, default `ftjobs`; `{pN}` is partition N's hash tag):
 
-    {p}:events              the events stream; one consumer group per handler (each its own progress)
-    {p}:seen:{webhook-id}   dedupe marker → the entry id, expires after the dedupe window
-    {p}:quarantine          signed bodies that did not match the schema, kept for replay
-    {p}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
-    {p}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error,
-                            `{id}:orphaned` → takeovers from consumers that died holding it
-    {p}:dlq:{handler}       dead letters: the record, the error and the attempt count
-    {p}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
-    {p}:h:{handler}:...     the handler's own state (e.g. Slack thread timestamps)
-    {p}:worker:{consumer}   a live worker's heartbeat (hash: handlers, pid, host, last loop), expires after a lease
-    {p}:job:{id}, {p}:timeline:{id}, {p}:jobs   job state, written at enqueue (`enqueue._ENQUEUE_LUA`)
-    {p}:hydrated:{event}    the job fetched for a thin event (`hydration`), and its `:lock`
-    {p}:rate:{handler}:{minute}, {p}:breaker:{handler}   the handler's guards (`limits`)
-    {p}:poller, {p}:poller:seen                          the poller's start time and last status per job
+    {p}:{pN}:events              partition N of the events stream; a consumer group per handler
+    {p}:{pN}:seen:{webhook-id}   dedupe marker → the entry id, expires after the dedupe window
+    {p}:{pN}:job:{id}, {p}:{pN}:timeline:{id}, {p}:{pN}:jobs   job state and the partition's slice of the index
+    {p}:{pN}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
+    {p}:{pN}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error,
+                                 `{id}:orphaned` → takeovers from consumers that died holding it
+    {p}:{pN}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
+    {p}:{q}:quarantine, {p}:{q}:seen:{webhook-id}   signed bodies that did not match the schema, for replay
+    {p}:{dlq}:{handler}          dead letters: the record, the error and the attempt count (one slot for all)
+    {p}:lease:{handler}:{N}      which worker consumes partition N for the handler (`partitions.Leases`)
+    {p}:h:{handler}:...          the handler's own state (e.g. Slack thread timestamps)
+    {p}:{w}:worker:{consumer}    a live worker's heartbeat (hash: handlers, pid, host, last loop), expires;
+    {p}:{w}:workers              and when each one's expires (sorted set)
+    {p}:hydrated:{event}         the job fetched for a thin event (`hydration`), and its `:lock`
+    {p}:rate:{handler}:{minute}, {p}:{b:handler}:breaker   the handler's guards (`limits`)
+    {p}:poller, {p}:poller:seen  the poller's start time and last status per job
+
+Atomic steps are Lua scripts on keys of one slot (a cluster has no MULTI across slots; redis-py's cluster
+client has none at all), so the same commands run on one server and on a cluster.
 
 An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
 an entry that a crashed consumer held is still pending and is taken over after the lease. Only a consumer
@@ -24,16 +32,25 @@ without a heartbeat counts as crashed: a live worker's entries are never taken f
 
 from __future__ import annotations
 
+import hashlib
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import redis.asyncio as redis
+import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from processor.records import DeadLetterRecord
+
+log = structlog.get_logger()
+
+#: A client of one server or of a cluster: the commands ftjobs sends are the same on both.
+Client: TypeAlias = "redis.Redis | RedisCluster"
 
 
 class Entry(NamedTuple):
@@ -55,9 +72,28 @@ VERDICT_FIELD: Final = b"v"
 TRACE_FIELD: Final = b"t"
 #: Pages of pending entries a takeover pass looks through (entries waiting for a retry are idle too).
 _RECLAIM_PAGES: Final = 10
+#: The consumer that holds what a worker let go of when it handed a partition over (`Streams.release`): it
+#: has no heartbeat, so the partition's next consumer takes those entries over (not counted as a crash).
+RELEASED: Final = "released"
+
+
+class Script:
+    """A Lua script run by EVALSHA, and sent whole (EVAL) when the server does not have it: after a restart,
+    or on a replica promoted by a failover (scripts are not replicated). Its keys must share one slot."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
 
 #: Renew only what this consumer still holds: an XCLAIM of an entry another consumer now holds would steal it.
-_RENEW_LUA: Final = """
+_RENEW = Script("""
 local lost = {}
 for i = 3, #ARGV do
   local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
@@ -68,9 +104,9 @@ for i = 3, #ARGV do
   end
 end
 return lost
-"""
+""")
 
-_FORGET_CONSUMERS_LUA: Final = """
+_FORGET_CONSUMERS = Script("""
 local deleted = 0
 for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local c = {}
@@ -81,14 +117,66 @@ for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   end
 end
 return deleted
-"""
+""")
+
+#: Acknowledge, forget the attempt counters, set the done-markers: one step. KEYS: stream, attempts hash,
+#: then the done-markers. ARGV: group, done ttl, number of ids, the ids, the ids whose counters to forget.
+_ACK = Script("""
+for i = 3, #KEYS do redis.call('SET', KEYS[i], 1, 'EX', ARGV[2]) end
+local n = tonumber(ARGV[3])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + n))
+for i = 4 + n, #ARGV do
+  redis.call('HDEL', KEYS[2], ARGV[i], ARGV[i] .. ':error', ARGV[i] .. ':orphaned')
+end
+return acked
+""")
+
+#: KEYS: attempts hash, retry set. ARGV: entry id, attempts, error, due.
+_SCHEDULE_RETRY = Script("""
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':error', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+""")
+
+#: A dead letter, written once: KEYS: the handler's dead-letter stream, the marker of this entry. ARGV: the
+#: marker's ttl, then the record's fields. A second call for the same entry (a crash between this step and
+#: the ack) adds nothing.
+_DEAD_LETTER = Script("""
+if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+return 1
+""")
+
+#: Finish a dead-lettered entry in its partition: KEYS: stream, retry set, attempts hash. ARGV: group, id.
+_FORGET_ENTRY = Script("""
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2], ARGV[2] .. ':error', ARGV[2] .. ':orphaned')
+return 1
+""")
+
+#: A heartbeat: the fields and the expiry in one step (a hash left without its expiry would look alive forever).
+#: KEYS: the worker's hash, the registry. ARGV: ttl ms, consumer, then the fields.
+_BEAT = Script("""
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[1]), ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+return 1
+""")
+#: KEYS: the worker's hash, the registry. ARGV: consumer.
+_UNBEAT = Script("""
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+""")
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
-    """A client for `url` (`redis://`, `rediss://`, `unix://`) that fails fast when the server is away.
-
-    Blocking reads need `socket_timeout` above their BLOCK time; the worker passes a larger one.
-    """
+    """A client of the one server at `url` (`redis://`, `rediss://`, `unix://`) that fails fast when the
+    server is away. Blocking reads need `socket_timeout` above their BLOCK time; the worker passes more."""
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
@@ -98,41 +186,102 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
     )
 
 
-class Keys:
-    """Key names for one prefix."""
+async def open_client(url: str, *, socket_timeout: float = 5.0, cluster: bool | None = None) -> Client:
+    """A client for `url`: redis-py's cluster client when the server there is a node of a Redis/Valkey Cluster
+    (any node's URL will do), else the one-server client. `cluster` None asks the server (`INFO cluster`); a
+    server that does not answer is taken for a single one (set `[redis] cluster = "yes"` where a cluster may
+    be away when ftjobs starts)."""
+    single = connect(url, socket_timeout=socket_timeout)
+    if cluster is None:
+        try:
+            info: Any = await single.info("cluster")
+            cluster = bool(int(info.get("cluster_enabled", 0)))
+        except (RedisError, OSError) as exc:
+            log.debug("redis_cluster_unknown", error=type(exc).__name__, assuming="a single server")
+            cluster = False
+    if not cluster:
+        return single
+    await single.aclose()
+    client = RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0)
+    try:
+        await client.initialize()  # learn the slots now: the enqueuer routes by them before any command ran
+    except (RedisError, OSError) as exc:  # away again: the first command tries once more
+        log.warning("redis_cluster_layout_unknown", error=str(exc))
+    return client
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.events = f"{prefix}:events"
-        self.quarantine = f"{prefix}:quarantine"
+
+def is_cluster(client: Client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+class PartitionKeys:
+    """The keys of one partition of the events stream. They all carry the partition's hash tag, so one
+    enqueue (dedupe key, stream, job hash, timeline, index slice) and a handler's progress (retries, attempts,
+    done-markers) stay in one cluster slot, and their atomic steps stay single Lua calls."""
+
+    def __init__(self, prefix: str, tag: str) -> None:
+        self.tag = tag
+        self.stem = stem = f"{prefix}:{{{tag}}}"
+        self.events = f"{stem}:events"
+        self.jobs = f"{stem}:jobs"
 
     def seen(self, webhook_id: str) -> str:
-        return f"{self.prefix}:seen:{webhook_id}"
+        return f"{self.stem}:seen:{webhook_id}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.stem}:job:{job_id}"
+
+    def timeline(self, job_id: str) -> str:
+        return f"{self.stem}:timeline:{job_id}"
 
     def retry(self, handler: str) -> str:
-        return f"{self.prefix}:retry:{handler}"
+        return f"{self.stem}:retry:{handler}"
 
     def attempts(self, handler: str) -> str:
-        return f"{self.prefix}:attempts:{handler}"
-
-    def dlq(self, handler: str) -> str:
-        return f"{self.prefix}:dlq:{handler}"
+        return f"{self.stem}:attempts:{handler}"
 
     def done(self, handler: str, event_id: str) -> str:
-        return f"{self.prefix}:done:{handler}:{event_id}"
+        return f"{self.stem}:done:{handler}:{event_id}"
+
+
+class Keys:
+    """Key names for one prefix and number of partitions."""
+
+    def __init__(self, prefix: str, partitions: int = 1) -> None:
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        self.prefix = prefix
+        self.partitions = partitions
+        self.parts = [PartitionKeys(prefix, f"p{n}") for n in range(partitions)]
+        #: Quarantined bodies have no job id yet: they have a slot of their own.
+        self.quarantine_part = PartitionKeys(prefix, "q")
+        self.quarantine = f"{self.quarantine_part.stem}:quarantine"
+
+    def partition_of(self, job_id: str) -> int:
+        """The partition of a job's events: a stable hash of its id (the same in every process and release)."""
+        return zlib.crc32(job_id.encode()) % self.partitions if self.partitions > 1 else 0
+
+    def part(self, job_id: str) -> PartitionKeys:
+        return self.parts[self.partition_of(job_id)]
+
+    def job(self, job_id: str) -> str:
+        return self.part(job_id).job(job_id)
+
+    def timeline(self, job_id: str) -> str:
+        return self.part(job_id).timeline(job_id)
+
+    def dlq(self, handler: str) -> str:
+        return f"{self.prefix}:{{dlq}}:{handler}"
+
+    def dlq_marker(self, handler: str, partition: int, entry_id: str) -> str:
+        """Set when an entry of `partition` was dead-lettered for `handler` (so it is written once)."""
+        return f"{self.prefix}:{{dlq}}:{handler}:of:{partition}:{entry_id}"
+
+    def lease(self, handler: str, partition: int) -> str:
+        return f"{self.prefix}:lease:{handler}:{partition}"
 
     def handler_state(self, handler: str) -> str:
         return f"{self.prefix}:h:{handler}"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def timeline(self, job_id: str) -> str:
-        return f"{self.prefix}:timeline:{job_id}"
-
-    @property
-    def jobs(self) -> str:
-        return f"{self.prefix}:jobs"
 
     def hydrated(self, event_id: str) -> str:
         return f"{self.prefix}:hydrated:{event_id}"
@@ -145,10 +294,10 @@ class Keys:
         return f"{self.prefix}:rate:{handler}"
 
     def breaker(self, handler: str) -> str:
-        return f"{self.prefix}:breaker:{handler}"
+        return f"{self.prefix}:{{b:{handler}}}:breaker"
 
     def breaker_probe(self, handler: str) -> str:
-        return f"{self.prefix}:breaker:{handler}:probe"
+        return f"{self.prefix}:{{b:{handler}}}:probe"
 
     @property
     def poller(self) -> str:
@@ -159,44 +308,66 @@ class Keys:
         return f"{self.prefix}:poller:seen"
 
     def worker(self, consumer: str) -> str:
-        return f"{self.prefix}:worker:{consumer}"
+        return f"{self.prefix}:{{w}}:worker:{consumer}"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: consumer → when its heartbeat expires (the live workers, without a SCAN)."""
+        return f"{self.prefix}:{{w}}:workers"
 
 
 class Streams:
-    """The consumer side: groups, reads, acks, retries, claims, dead letters, trimming and counts."""
+    """The consumer side: groups, reads, acks, retries, claims, dead letters, trimming and counts.
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    A `Streams` works on one partition (`at(n)`, what a runner uses) or, built without one, on all of them
+    (groups, trimming and counts); the heartbeats are not partitioned.
+    """
+
+    def __init__(self, client: Client, keys: Keys, partition: int | None = None) -> None:
         self.client = client
         self.keys = keys
-        self._ensured: set[str] = set()
+        self.partition = partition
+        self.parts = keys.parts if partition is None else [keys.parts[partition]]
+        #: This partition's keys (the first one's for an unbound `Streams`: one partition is the common case).
+        self.part = self.parts[0]
+        self._ensured: set[tuple[str, str]] = set()
+        self._bound: dict[int, Streams] = {}
+
+    def at(self, partition: int) -> Streams:
+        """The same streams, on one partition (built once per partition)."""
+        if partition not in self._bound:
+            self._bound[partition] = Streams(self.client, self.keys, partition)
+        return self._bound[partition]
 
     async def ensure_groups(self, groups: Iterable[str]) -> None:
-        """Create each handler's group (at the stream's end) if missing, and the stream with it.
-
-        A group starts at `$`, so a handler added later does not replay the retained history; the receiver
-        therefore makes sure the groups exist before it enqueues anything (cheap once done: a set lookup).
-        """
+        """Create each handler's group (at the stream's end) on each partition if missing, and the stream
+        with it. A group starts at `$`, so a handler added later does not replay the retained history; the
+        receiver therefore makes sure the groups exist before it enqueues anything (cheap once done)."""
         for group in groups:
-            if group in self._ensured:
-                continue
-            try:
-                await self.client.xgroup_create(self.keys.events, group, id="$", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            self._ensured.add(group)
+            for part in self.parts:
+                if (group, part.events) in self._ensured:
+                    continue
+                try:
+                    await self.client.xgroup_create(part.events, group, id="$", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._ensured.add((group, part.events))
 
     async def missing_groups(self, groups: Iterable[str]) -> list[str]:
-        """The groups among `groups` that do not exist (readiness)."""
-        try:
-            existing = {text(g["name"]) for g in await self.client.xinfo_groups(self.keys.events)}
-        except ResponseError:  # no stream yet
-            existing = set()
-        return [g for g in groups if g not in existing]
+        """The groups among `groups` missing on some partition (readiness)."""
+        wanted, missing = list(groups), set[str]()
+        for part in self.parts:
+            try:
+                existing = {text(g["name"]) for g in await self.client.xinfo_groups(part.events)}
+            except ResponseError:  # no stream yet
+                existing = set()
+            missing.update(g for g in wanted if g not in existing)
+        return [g for g in wanted if g in missing]
 
     async def read_new(self, group: str, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
         """Entries never delivered to `group` yet (XREADGROUP `>`), blocking up to `block_ms`."""
-        reply: Any = await self.client.xreadgroup(group, consumer, {self.keys.events: ">"}, count=count, block=block_ms)
+        reply: Any = await self.client.xreadgroup(group, consumer, {self.part.events: ">"}, count=count, block=block_ms)
         return [_entry(raw) for _, entries in reply or () for raw in entries if raw[1]]
 
     async def ack(
@@ -213,36 +384,28 @@ class Streams:
         if not ids:
             return
         forget = ids if retried is None else retried
+        part = self.part
         if not forget and not done:
-            await self.client.xack(self.keys.events, group, *ids)
+            await self.client.xack(part.events, group, *ids)
             return
-        async with self.client.pipeline(transaction=True) as pipe:
-            for event_id in done:
-                pipe.set(self.keys.done(group, event_id), 1, ex=done_ttl_s)
-            pipe.xack(self.keys.events, group, *ids)
-            if forget:
-                pipe.hdel(
-                    self.keys.attempts(group), *forget, *(f"{i}:{k}" for i in forget for k in ("error", "orphaned"))
-                )
-            await pipe.execute()
+        keys = [part.events, part.attempts(group), *(part.done(group, e) for e in done)]
+        await _ACK(self.client, keys, [group, max(1, done_ttl_s), len(ids), *ids, *forget])
 
     async def attempts(self, group: str, ids: Sequence[str]) -> list[int]:
         """Failed attempts so far for each of `ids`."""
         if not ids:
             return []
-        values = await self.client.hmget(self.keys.attempts(group), list(ids))
+        values = await self.client.hmget(self.part.attempts(group), list(ids))
         return [int(v) if v else 0 for v in values]
 
     async def schedule_retry(self, group: str, entry_id: str, attempts: int, due: float, error: str) -> None:
         """Record failed attempts so far and when to try again; the entry stays pending in the group."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.attempts(group), mapping={entry_id: attempts, f"{entry_id}:error": error})
-            pipe.zadd(self.keys.retry(group), {entry_id: due})
-            await pipe.execute()
+        keys = [self.part.attempts(group), self.part.retry(group)]
+        await _SCHEDULE_RETRY(self.client, keys, [entry_id, attempts, error, due])
 
     async def take_due(self, group: str, consumer: str, count: int, now: float | None = None) -> list[Entry]:
         """Claim up to `count` entries whose retry is due. ZREM decides which consumer gets each one."""
-        key = self.keys.retry(group)
+        key = self.part.retry(group)
         due: Any = await self.client.zrangebyscore(key, "-inf", now or time.time(), start=0, num=count)
         taken = []
         for raw_id in due:
@@ -252,13 +415,13 @@ class Streams:
 
     async def next_due(self, group: str) -> float | None:
         """When the group's earliest scheduled retry is due (epoch seconds), or None when none is."""
-        first: Any = await self.client.zrange(self.keys.retry(group), 0, 0, withscores=True)
+        first: Any = await self.client.zrange(self.part.retry(group), 0, 0, withscores=True)
         return float(first[0][1]) if first else None
 
     async def _claim(self, group: str, consumer: str, ids: list[str]) -> list[Entry]:
         if not ids:
             return []
-        claimed: Any = await self.client.xclaim(self.keys.events, group, consumer, 0, list[Any](ids))
+        claimed: Any = await self.client.xclaim(self.part.events, group, consumer, 0, list[Any](ids))
         entries = [_entry(raw) for raw in claimed if raw and raw[1]]
         gone = set(ids) - {entry.id for entry in entries}
         if gone:  # trimmed away while pending (only possible if retention was cut by hand)
@@ -268,51 +431,65 @@ class Streams:
     async def reclaim(self, group: str, consumer: str, lease_s: float, count: int) -> list[Entry]:
         """Take over entries idle longer than the lease whose consumer is dead (no heartbeat), and this
         consumer's own entries that it let go of (a batch cut short by a Redis error); never those waiting
-        for a retry. Only the takeovers from a dead consumer count toward `max_takeovers`.
+        for a retry. Only the takeovers from a dead consumer count toward `max_takeovers` (not those a worker
+        handed over with its partition: `release`).
 
         A live consumer renews every entry it holds and keeps its heartbeat, so its entries are never taken;
         XCLAIM's min-idle-time re-checks each entry at the moment of the claim.
         """
         lease_ms = int(lease_s * 1000)
+        events = self.part.events
         start, found, dead_owner = "-", list[str](), set[str]()
         for _ in range(_RECLAIM_PAGES):
             rows: Any = await self.client.xpending_range(
-                self.keys.events, group, min=start, max="+", count=max(count, 100), idle=lease_ms
+                events, group, min=start, max="+", count=max(count, 100), idle=lease_ms
             )
             if not rows:
                 break
-            owners = {text(r["consumer"]) for r in rows} - {consumer}
+            owners = {text(r["consumer"]) for r in rows} - {consumer, RELEASED}
             live = await self.live_consumers(owners)
             ids = [text(r["message_id"]) for r in rows]
-            scores = await self.client.zmscore(self.keys.retry(group), ids)
+            scores = await self.client.zmscore(self.part.retry(group), ids)
             for row, entry_id, score in zip(rows, ids, scores, strict=True):
                 owner = text(row["consumer"])
                 if score is None and owner not in live:
                     found.append(entry_id)
-                    if owner != consumer:
+                    if owner not in (consumer, RELEASED):
                         dead_owner.add(entry_id)
             start = "(" + ids[-1]
             if len(found) >= count or len(rows) < max(count, 100):
                 break
         if not found:
             return []
-        claimed: Any = await self.client.xclaim(self.keys.events, group, consumer, lease_ms, list[Any](found[:count]))
+        claimed: Any = await self.client.xclaim(events, group, consumer, lease_ms, list[Any](found[:count]))
         entries = [_entry(raw) for raw in claimed if raw and raw[1]]
         if not entries:
             return []
         # Count the takeovers: an event whose consumer keeps dying (it crashes the worker) must stop somewhere.
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline() as pipe:
             for entry in entries:
-                pipe.hincrby(self.keys.attempts(group), f"{entry.id}:orphaned", int(entry.id in dead_owner))
+                pipe.hincrby(self.part.attempts(group), f"{entry.id}:orphaned", int(entry.id in dead_owner))
             counts = await pipe.execute()
         return [entry._replace(orphaned=int(n)) for entry, n in zip(entries, counts, strict=True)]
+
+    async def release(self, group: str, consumer: str, lease_s: float) -> int:
+        """Hand over what `consumer` still holds in this partition (it stops consuming it): the entries go to
+        the `RELEASED` consumer, idle for a lease already, so the partition's next consumer takes them over at
+        once. Returns how many."""
+        rows: Any = await self.client.xpending_range(self.part.events, group, "-", "+", 10_000, consumername=consumer)
+        ids = [text(r["message_id"]) for r in rows]
+        if ids:
+            await self.client.xclaim(
+                self.part.events, group, RELEASED, 0, list[Any](ids), idle=int(lease_s * 1000), justid=True
+            )
+        return len(ids)
 
     async def live_consumers(self, consumers: Iterable[str]) -> set[str]:
         """Those of `consumers` whose worker has a heartbeat."""
         names = sorted(consumers)
         if not names:
             return set()
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline() as pipe:
             for name in names:
                 pipe.exists(self.keys.worker(name))
             alive = await pipe.execute()
@@ -320,21 +497,20 @@ class Streams:
 
     async def beat(self, consumer: str, fields: Mapping[str, str | int | float], ttl_s: float) -> None:
         """Write this worker's heartbeat; it expires after `ttl_s` unless written again."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.worker(consumer), mapping=dict[Any, Any](fields))
-            pipe.pexpire(self.keys.worker(consumer), max(1, int(ttl_s * 1000)))
-            await pipe.execute()
+        pairs = [x for item in fields.items() for x in item]
+        keys = [self.keys.worker(consumer), self.keys.workers]
+        await _BEAT(self.client, keys, [max(1, int(ttl_s * 1000)), consumer, *pairs])
 
     async def stop_beating(self, consumer: str) -> None:
         """Remove the heartbeat of a worker that stopped (its remaining entries can be taken over at once)."""
-        await self.client.delete(self.keys.worker(consumer))
+        await _UNBEAT(self.client, [self.keys.worker(consumer), self.keys.workers], [consumer])
 
     async def workers(self) -> list[dict[str, str]]:
         """The heartbeats of the live workers, oldest consumer name first."""
-        keys = sorted([k async for k in self.client.scan_iter(match=self.keys.worker("*"), count=1000)])
+        names: Any = await self.client.zrange(self.keys.workers, 0, -1)
         out = []
-        for key in keys:
-            fields = await self.client.hgetall(key)
+        for name in sorted(text(n) for n in names):
+            fields = await self.client.hgetall(self.keys.worker(name))
             if fields:
                 out.append({text(k): text(v) for k, v in fields.items()})
         return out
@@ -342,38 +518,45 @@ class Streams:
     async def forget_consumers(self, group: str, idle_s: float) -> int:
         """Delete the group's consumers that hold nothing and were idle for `idle_s` (workers long gone), so
         their number stays bounded. The check and the delete are one atomic step: nothing pending is lost."""
-        deleted: int = await self.client.eval(_FORGET_CONSUMERS_LUA, 1, self.keys.events, group, int(idle_s * 1000))
+        deleted = 0
+        for part in self.parts:
+            try:
+                deleted += int(await _FORGET_CONSUMERS(self.client, [part.events], [group, int(idle_s * 1000)]))
+            except ResponseError as exc:  # the partition has no stream or group yet
+                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                    raise
         return deleted
 
     async def already_done(self, group: str, event_id: str) -> bool:
         """True when an effectively-once handler already succeeded for this event."""
-        return bool(await self.client.exists(self.keys.done(group, event_id)))
+        return bool(await self.client.exists(self.part.done(group, event_id)))
 
     async def renew(self, group: str, consumer: str, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries this consumer still holds, so nobody takes them over; returns the
         ids it no longer holds (taken over, or acknowledged meanwhile)."""
         if not ids:
             return []
-        lost: Any = await self.client.eval(_RENEW_LUA, 1, self.keys.events, group, consumer, *ids)
+        lost: Any = await _RENEW(self.client, [self.part.events], [group, consumer, *ids])
         return [text(i) for i in lost]
 
     async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int) -> None:
-        """Move an entry to the group's dead-letter stream and acknowledge it, atomically."""
-        entry_id = entry.id
-        async with self.client.pipeline(transaction=True) as pipe:
-            record = DeadLetterRecord(
-                entry_id=entry_id,
-                record=entry.record,
-                verdict=entry.verdict,
-                error=error,
-                attempts=attempts,
-                failed_at=time.time(),
-            )
-            pipe.xadd(self.keys.dlq(group), record.to_fields())  # type: ignore[arg-type]  # bytes keys are fine
-            pipe.xack(self.keys.events, group, entry_id)
-            pipe.zrem(self.keys.retry(group), entry_id)
-            pipe.hdel(self.keys.attempts(group), entry_id, f"{entry_id}:error", f"{entry_id}:orphaned")
-            await pipe.execute()
+        """Move an entry to the group's dead-letter stream, then acknowledge it. The two keys live in different
+        slots; the dead letter is written once (a marker), so a crash between the steps cannot write it twice."""
+        entry_id, partition = entry.id, self.partition or 0
+        record = DeadLetterRecord(
+            entry_id=entry_id,
+            record=entry.record,
+            verdict=entry.verdict,
+            error=error,
+            attempts=attempts,
+            failed_at=time.time(),
+            partition=partition,
+        )
+        fields = [x for item in record.to_fields().items() for x in item]
+        marker = self.keys.dlq_marker(group, partition, entry_id)
+        await _DEAD_LETTER(self.client, [self.keys.dlq(group), marker], [_DEAD_LETTER_MARK_S, *fields])
+        part = self.part
+        await _FORGET_ENTRY(self.client, [part.events, part.retry(group), part.attempts(group)], [group, entry_id])
 
     async def trim(self, retention_s: float, now: float | None = None) -> int:
         """Delete entries older than the retention that every group has acknowledged; returns how many.
@@ -382,43 +565,58 @@ class Streams:
         after each group's last delivered one. XTRIM MINID never removes an id at or above the cut.
         """
         horizon_ms = int(((now or time.time()) - retention_s) * 1000)
-        cut = (horizon_ms, 0)
-        try:
-            groups = await self.client.xinfo_groups(self.keys.events)
-        except ResponseError:
-            return 0
-        for info in groups:
-            name = text(info["name"])
-            cut = min(cut, _next_id(text(info["last-delivered-id"])))
-            pending = await self.client.xpending(self.keys.events, name)
-            if pending["pending"]:
-                cut = min(cut, _parse_id(text(pending["min"])))
-        trimmed: int = await self.client.xtrim(self.keys.events, minid=f"{cut[0]}-{cut[1]}", approximate=False)
+        trimmed = 0
+        for part in self.parts:
+            cut = (horizon_ms, 0)
+            try:
+                groups = await self.client.xinfo_groups(part.events)
+            except ResponseError:
+                continue
+            for info in groups:
+                name = text(info["name"])
+                cut = min(cut, _next_id(text(info["last-delivered-id"])))
+                pending = await self.client.xpending(part.events, name)
+                if pending["pending"]:
+                    cut = min(cut, _parse_id(text(pending["min"])))
+            trimmed += int(await self.client.xtrim(part.events, minid=f"{cut[0]}-{cut[1]}", approximate=False))
         return trimmed
 
     async def status(self, groups: Iterable[str]) -> dict[str, Any]:
-        """Counts for `ftjobs status`: stream length, per group lag, pending, retrying, dead letters, and the
-        live workers' heartbeats."""
-        out: dict[str, Any] = {
-            "events": await self.client.xlen(self.keys.events),
+        """Counts for `ftjobs status`, summed over the partitions: stream length, per group lag, pending,
+        retrying, dead letters; the number of partitions, and the live workers' heartbeats."""
+        names = list(groups)
+        handlers: dict[str, dict[str, Any]] = {
+            g: {"exists": True, "lag": 0, "pending": 0, "retrying": 0} for g in names
+        }
+        events = 0
+        for part in self.parts:
+            events += await self.client.xlen(part.events)
+            try:
+                info = {text(g["name"]): g for g in await self.client.xinfo_groups(part.events)}
+            except ResponseError:
+                info = {}
+            for group in names:
+                row, g = handlers[group], info.get(group)
+                row["exists"] = row["exists"] and g is not None
+                lag = g.get("lag") if g else None
+                row["lag"] = None if row["lag"] is None or (g is not None and lag is None) else row["lag"] + (lag or 0)
+                row["pending"] += g["pending"] if g else 0
+                row["retrying"] += await self.client.zcard(part.retry(group))
+        for group in names:
+            handlers[group]["dead_letters"] = await self.client.xlen(self.keys.dlq(group))
+            if not handlers[group]["exists"]:
+                handlers[group]["lag"] = None
+        return {
+            "events": events,
             "quarantine": await self.client.xlen(self.keys.quarantine),
-            "handlers": {},
+            "partitions": len(self.parts),
+            "handlers": handlers,
             "workers": await self.workers(),
         }
-        try:
-            info = {text(g["name"]): g for g in await self.client.xinfo_groups(self.keys.events)}
-        except ResponseError:
-            info = {}
-        for group in groups:
-            g = info.get(group)
-            out["handlers"][group] = {
-                "exists": g is not None,
-                "lag": g.get("lag") if g else None,
-                "pending": g["pending"] if g else 0,
-                "retrying": await self.client.zcard(self.keys.retry(group)),
-                "dead_letters": await self.client.xlen(self.keys.dlq(group)),
-            }
-        return out
+
+
+#: A dead letter's marker outlives any takeover of its entry (it only guards against writing it twice).
+_DEAD_LETTER_MARK_S: Final = 7 * 24 * 3600
 
 
 def text(value: Any) -> str:

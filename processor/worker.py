@@ -6,11 +6,12 @@ periodic trimmer (with the retention sweep), each supervised; a graceful stop gi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import structlog
@@ -20,6 +21,7 @@ from processor import retention
 from processor.handler import Handler
 from processor.hydration import Preparer
 from processor.liveness import Heartbeat, Progress, cancel_requested, supervise
+from processor.partitions import Leases, plan
 from processor.runner import Runner
 from processor.settings import HandlerSpec, RedisSettings, WorkerSettings
 from processor.stream import Streams
@@ -43,7 +45,11 @@ class WorkerFailed(Exception):
 
 class Worker:
     """All runners of one process, their lease renewers, the heartbeat and the periodic trimmer, each
-    supervised; `run()` returns after a graceful stop and raises `WorkerFailed` when a task died for good."""
+    supervised; `run()` returns after a graceful stop and raises `WorkerFailed` when a task died for good.
+
+    A runner works on one handler and one partition; which partitions this worker runs for each handler is
+    decided by the partition leases (`partitions`), looked at every third of a lease.
+    """
 
     def __init__(
         self,
@@ -62,27 +68,35 @@ class Worker:
         self.streams = streams
         self.settings = settings
         self.storage = storage
-        retention_s = self.retention_s = storage.retention_s
+        self.retention_s = storage.retention_s
+        self.handlers = list(zip(handlers, specs, strict=True))
+        self.preparer = preparer
         names = [spec.name for spec in specs]
         block_s = settings.block_ms / 1000
         stuck_after_s = settings.stuck_after_s or 2 * max((s.timeout_s for s in specs), default=0) + block_s + 30
         self.progress = Progress(names, stuck_after_s)
-        self.runners = [
-            Runner(h, s, streams, settings, self.consumer, retention_s, preparer, self.progress)
-            for h, s in zip(handlers, specs, strict=True)
-        ]
+        self.leases = Leases(streams.client, streams.keys, self.consumer, settings.lease_s)
+        #: The runners now running: (handler, partition) → the runner and its tasks (loop, lease renewer).
+        self.runners: dict[tuple[str, int], tuple[Runner, asyncio.Task[None], asyncio.Task[None]]] = {}
         self.heartbeat = Heartbeat(streams, self.consumer, names, self.progress, settings.lease_s)
         #: Why the worker failed for good ("" while it did not); the health endpoint reports it.
         self.failure = ""
         #: Set when `run()` returned (stopped, or failed).
         self.finished = asyncio.Event()
         self._stopped = asyncio.Event()
+        #: Set when a runner died for good (`TaskDied`: finished work could not be recorded).
+        self._died = asyncio.Event()
+        self._handovers: set[asyncio.Task[None]] = set()
 
     def stop(self) -> None:
         """Begin a graceful stop (safe to call from a signal handler)."""
         self._stopped.set()
-        for runner in self.runners:
+        for runner, _, _ in self.runners.values():
             runner.stop()
+
+    def partitions(self, group: str) -> list[int]:
+        """The partitions this worker runs `group` on now."""
+        return sorted(p for g, p in self.runners if g == group)
 
     async def run(self) -> None:
         """Run until `stop()` or a task's death; then give in-flight work `grace_s`, and leave the rest pending
@@ -93,33 +107,114 @@ class Worker:
             self.finished.set()
 
     async def _run(self) -> None:
+        await self._beat_once()
         helpers = [asyncio.create_task(supervise("heartbeat", self.heartbeat.run), name="heartbeat")]
         helpers += [
-            asyncio.create_task(supervise(f"renewer:{r.group}", r.renew_leases), name=f"renewer:{r.group}")
-            for r in self.runners
+            asyncio.create_task(supervise(f"partitions:{spec.name}", self._assign_forever(handler, spec)))
+            for handler, spec in self.handlers
         ]
         helpers.append(asyncio.create_task(supervise("trimmer", self._trim_forever), name="trimmer"))
         helpers += [asyncio.create_task(supervise(name, run), name=name) for name, run in self.tasks.items()]
-        runners = [
-            asyncio.create_task(supervise(f"runner:{r.group}", r.run), name=f"runner:{r.group}") for r in self.runners
-        ]
-        log.info("worker_started", handlers=[r.group for r in self.runners], consumer=self.consumer)
+        log.info("worker_started", handlers=[spec.name for _, spec in self.handlers], consumer=self.consumer)
         stopped = asyncio.create_task(self._stopped.wait())
-        await asyncio.wait([*runners, *helpers, stopped], return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in (*runners, *helpers) if t.done() and not t.cancelled() and t.exception()]
-        if failed:
-            error = failed[0].exception()
-            self.failure = f"{failed[0].get_name()}: {error}"
-            log.critical("worker_failed", task=failed[0].get_name(), error=str(error))
+        died = asyncio.create_task(self._died.wait())
+        await asyncio.wait([*helpers, stopped, died], return_when=asyncio.FIRST_COMPLETED)
+        died.cancel()
+        failed = [t for t in helpers if t.done() and not t.cancelled() and t.exception()]
+        if failed and not self.failure:
+            self.failure = f"{failed[0].get_name()}: {failed[0].exception()}"
+        if self.failure:
+            log.critical("worker_failed", error=self.failure)
         self.stop()
-        _, late = await asyncio.wait(runners, timeout=self.settings.grace_s)
-        for task in (*late, *helpers, stopped):
+        for task in helpers:  # no new runners from here on
             task.cancel()
-        await asyncio.gather(*runners, *helpers, stopped, return_exceptions=True)
+        await asyncio.gather(*helpers, return_exceptions=True)
+        loops = [loop for _, loop, _ in self.runners.values()]
+        late: set[asyncio.Task[Any]] = set()
+        if loops:
+            _, late = await asyncio.wait(loops, timeout=self.settings.grace_s)
+        for task in (*late, *(renewer for _, _, renewer in self.runners.values()), stopped):
+            task.cancel()
+        await asyncio.gather(*loops, *(r for _, _, r in self.runners.values()), stopped, return_exceptions=True)
+        for group, partition in list(self.runners):
+            with contextlib.suppress(RedisError):
+                await self.leases.drop(group, partition)
         await self.heartbeat.stop()
         log.info("worker_stopped", cut_off=len(late))
-        if failed:
+        if self.failure:
             raise WorkerFailed(self.failure)
+
+    async def _beat_once(self) -> None:
+        with contextlib.suppress(RedisError):  # Redis away at start: the heartbeat task keeps trying
+            await self.heartbeat.beat_once()
+
+    def _assign_forever(self, handler: Handler, spec: HandlerSpec) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            while not cancel_requested() and not self._stopped.is_set():
+                try:
+                    await self._assign(handler, spec)
+                except RedisError as exc:
+                    log.warning("redis_unavailable", handler=spec.name, error=str(exc))
+                if not self.partitions(spec.name):
+                    self.progress.turn(spec.name)  # idle by plan, not stuck
+                await asyncio.sleep(self.settings.lease_s / 3)
+
+        return run
+
+    async def _assign(self, handler: Handler, spec: HandlerSpec) -> None:
+        """Renew this worker's leases for the handler, take its share of the partitions, hand over the rest."""
+        group, keys = spec.name, self.streams.keys
+        workers = [w["consumer"] for w in await self.streams.workers() if group in w.get("handlers", "").split(",")]
+        share = plan(keys.partitions, workers, self.consumer)
+        running = set(self.partitions(group))
+        held = await self.leases.take(group, running | share)
+        for p in running - held:  # lost (expired while Redis was away, and taken): stop at once, hand nothing
+            log.warning("partition_lost", handler=group, partition=p)
+            self._stop_runner(group, p, hand_over=False)
+        for p in sorted((held & share) - running):
+            self._start_runner(handler, spec, p)
+        for p in held - share:
+            if p in running:
+                self._stop_runner(group, p, hand_over=True)
+            else:
+                await self.leases.drop(group, p)
+
+    def _start_runner(self, handler: Handler, spec: HandlerSpec, partition: int) -> None:
+        streams = self.streams.at(partition)
+        runner = Runner(
+            handler, spec, streams, self.settings, self.consumer, self.retention_s, self.preparer, self.progress
+        )
+        name = f"runner:{spec.name}:{partition}"
+        loop = asyncio.create_task(supervise(name, runner.run), name=name)
+        renewer = asyncio.create_task(supervise(f"renewer:{spec.name}:{partition}", runner.renew_leases))
+        loop.add_done_callback(self._on_runner_done)
+        self.runners[(spec.name, partition)] = (runner, loop, renewer)
+        log.info("partition_taken", handler=spec.name, partition=partition)
+
+    def _on_runner_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() and not self.failure:
+            self.failure = f"{task.get_name()}: {task.exception()}"
+            self._died.set()
+
+    def _stop_runner(self, group: str, partition: int, *, hand_over: bool) -> None:
+        """Stop the runner; once its batch is finished, give back what it still holds and the lease."""
+        runner, loop, renewer = self.runners[(group, partition)]
+        runner.stop()
+
+        async def hand_over_when_done() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(loop)
+            renewer.cancel()
+            if hand_over:
+                released = await self.streams.at(partition).release(group, self.consumer, self.settings.lease_s)
+                await self.leases.drop(group, partition)
+                log.info("partition_handed_over", handler=group, partition=partition, entries=released)
+            if self.runners.get((group, partition), (None,))[0] is runner:
+                del self.runners[(group, partition)]
+
+        task = asyncio.create_task(hand_over_when_done())
+        self._handovers.add(task)
+        task.add_done_callback(self._handovers.discard)
 
     async def _trim_forever(self) -> None:
         while not cancel_requested():
@@ -128,7 +223,7 @@ class Worker:
                 trimmed = await self.streams.trim(self.retention_s)
                 if trimmed:
                     log.info("stream_trimmed", entries=trimmed)
-                groups = [runner.group for runner in self.runners]
+                groups = [spec.name for _, spec in self.handlers]
                 for group in groups:
                     await self.streams.forget_consumers(group, _FORGET_CONSUMERS_AFTER_S)
                 swept = await retention.sweep(self.streams.client, self.streams.keys, groups, self.storage)

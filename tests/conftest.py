@@ -176,16 +176,16 @@ class Rig:
         return [decode_event(raw) for raw in await self.rclient.lrange(f"{self.prefix}:sink:{name}", 0, -1)]
 
     async def dead(self, name: str) -> list[dict[bytes, bytes]]:
-        return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:dlq:{name}")]
+        return [fields for _, fields in await self.rclient.xrange(f"{self.prefix}:{{dlq}}:{name}")]
 
     async def redeliver_first(self) -> None:
         """Put the stream's first entry in again, as happens after a crash between a side effect and its ack."""
-        [(_, fields)] = await self.rclient.xrange(f"{self.prefix}:events", count=1)
-        await self.rclient.xadd(f"{self.prefix}:events", fields)
+        [(_, fields)] = await self.rclient.xrange(f"{self.prefix}:{{p0}}:events", count=1)
+        await self.rclient.xadd(f"{self.prefix}:{{p0}}:events", fields)
 
     async def settled(self) -> bool:
         """Every handler group has read and acknowledged everything."""
-        groups = await self.rclient.xinfo_groups(f"{self.prefix}:events")
+        groups = await self.rclient.xinfo_groups(f"{self.prefix}:{{p0}}:events")
         return all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
 
     async def starts(self, name: str) -> int:

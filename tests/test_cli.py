@@ -23,7 +23,20 @@ from processor.cli import _parser
 from processor.records import DeadLetterRecord, QuarantineRecord
 from tests.conftest import ROOT, SECRET, free_port
 
-COMMANDS = ["serve", "receive", "work", "check-config", "poll", "jobs", "job", "dlq", "quarantine", "status", "send"]
+COMMANDS = [
+    "serve",
+    "receive",
+    "work",
+    "check-config",
+    "poll",
+    "jobs",
+    "job",
+    "dlq",
+    "quarantine",
+    "status",
+    "send",
+    "completion",
+]
 
 
 def ftjobs(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -284,9 +297,9 @@ async def test_entry_ids_unknown_ids_replays_and_drop_all(
         return ftjobs(*args, "-c", str(config), env=env)
 
     dead = DeadLetterRecord(entry_id="1-0", record=b"\xc1", error="boom", attempts=3).to_fields()
-    letter = (await rclient.xadd(f"{prefix}:dlq:log", dead)).decode()
+    letter = (await rclient.xadd(f"{prefix}:{{dlq}}:log", dead)).decode()
     body = QuarantineRecord(body=b"not json", error="bad", webhook_id="wh_q").to_fields()
-    kept = (await rclient.xadd(f"{prefix}:quarantine", body)).decode()
+    kept = (await rclient.xadd(f"{prefix}:{{q}}:quarantine", body)).decode()
 
     listed = run("dlq", "list", "log")
     assert listed.returncode == 0 and listed.stdout.split()[:5] == ["ID", "EVENT", "JOB", "ATTEMPTS", "ERROR"]
@@ -300,10 +313,10 @@ async def test_entry_ids_unknown_ids_replays_and_drop_all(
     fails_cleanly(run("dlq", "replay", "log", letter), 1, "1 undecodable dead letter(s) kept")
     fails_cleanly(run("quarantine", "replay", kept), 1, f"1 still not readable, kept in quarantine: {kept}")
     fails_cleanly(run("dlq", "drop", "log", "--all"), 2, "not at a terminal, so add --yes")
-    assert await rclient.xlen(f"{prefix}:dlq:log") == 1
+    assert await rclient.xlen(f"{prefix}:{{dlq}}:log") == 1
     dropped = run("dlq", "drop", "log", "--all", "--yes")
     assert dropped.returncode == 0 and "dropped 1" in dropped.stdout
-    assert await rclient.xlen(f"{prefix}:dlq:log") == 0
+    assert await rclient.xlen(f"{prefix}:{{dlq}}:log") == 0
 
 
 async def test_poll_once_with_a_refused_key_is_one_line(aiohttp_server: Any, redis_url: str, tmp_path: Path) -> None:
@@ -354,7 +367,7 @@ async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rc
     config = tmp_path / "ftjobs.toml"
     config.write_text(f'[redis]\nprefix = "{prefix}"\n')
     env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
-    await rclient.xadd(f"{prefix}:dlq:log", DeadLetterRecord(entry_id="1-0", error="boom").to_fields())
+    await rclient.xadd(f"{prefix}:{{dlq}}:log", DeadLetterRecord(entry_id="1-0", error="boom").to_fields())
     for answer, code, left in ((b"n\n", 1, 1), (b"y\n", 0, 0)):
         leader, follower = pty.openpty()
         try:
@@ -375,4 +388,200 @@ async def test_drop_all_at_a_terminal_asks_first(redis_url: str, prefix: str, rc
             os.close(leader)
         assert result.returncode == code, result.stderr
         assert "drop all 1 dead letters of log? [y/N]" in result.stdout
-        assert await rclient.xlen(f"{prefix}:dlq:log") == left
+        assert await rclient.xlen(f"{prefix}:{{dlq}}:log") == left
+
+
+def _dead_letter(job_id: str | None, error: str, failed_at: float) -> dict[bytes, bytes]:
+    """A dead letter's fields: a decodable failed-job event for `job_id`, or an undecodable record for None."""
+    import msgspec
+
+    from processor.models import Event, decode_body, encode_event
+
+    record = b"\xc1"
+    if job_id is not None:
+        job = {**msgspec.json.decode(sample_bytes("fine_tuning_job.failed.json")), "id": job_id}
+        event = Event.from_body(decode_body(msgspec.json.encode(job)), webhook_id=f"wh_{job_id}", received_at=failed_at)
+        record = encode_event(event)
+    return DeadLetterRecord(entry_id="1-0", record=record, error=error, attempts=3, failed_at=failed_at).to_fields()
+
+
+def sample_bytes(name: str) -> bytes:
+    return (ROOT / "processor" / "samples" / name).read_bytes()
+
+
+async def test_bulk_replay_and_drop_take_filters_and_a_dry_run(
+    redis_url: str, prefix: str, rclient: Any, tmp_path: Path
+) -> None:
+    import time
+
+    from processor.stream import Keys
+
+    keys = Keys(prefix)
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return ftjobs(*args, "-c", str(config), env=env)
+
+    now = time.time()
+    for fields in (
+        *(_dead_letter("ftjob-a", "RetryLater: upstream 503", now - 60) for _ in range(3)),
+        *(_dead_letter("ftjob-b", "TimeoutError", now - 3 * 86400) for _ in range(2)),
+        _dead_letter(None, "RetryLater: upstream 503", now - 3 * 86400),
+    ):
+        await rclient.xadd(keys.dlq("log"), fields)
+
+    # --dry-run prints what would be replayed and changes nothing.
+    dry = run("dlq", "replay", "log", "--all", "--job", "ftjob-a", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would replay 3 dead letter(s) of log (dry run: nothing changed)" in dry.stdout
+    assert dry.stdout.count("ftjob-a") == 3 and "ftjob-b" not in dry.stdout
+    assert await rclient.xlen(keys.dlq("log")) == 6 and await rclient.xlen(keys.parts[0].events) == 0
+    assert len(json.loads(run("dlq", "list", "log", "--error", "timeout", "--json").stdout)) == 2
+    assert "1 dead letter(s) for log matching" in run("dlq", "list", "log", "--error", "503", "--until", "1d").stdout
+
+    # The filters choose among all entries; with named ids they are a usage error, as is a bad time.
+    fails_cleanly(run("dlq", "replay", "log", "1-0", "--job", "ftjob-a"), 2, "use them with list or --all")
+    fails_cleanly(run("dlq", "list", "log", "--since", "yesterday"), 2, "neither an ISO-8601 time nor an age")
+    fails_cleanly(run("dlq", "list", "log", "--dry-run"), 2, "--dry-run goes with replay or drop")
+
+    # Replay the recent 503s: exactly those go back, with progress lines on stderr (not a terminal here).
+    replayed = run("dlq", "replay", "log", "--all", "--since", "1h", "--error", "503")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 3 to log" in replayed.stdout and "replayed 3/3" in replayed.stderr
+    assert "\r" not in replayed.stderr
+    assert await rclient.xlen(keys.dlq("log")) == 3 and await rclient.xlen(keys.parts[0].events) == 3
+
+    # drop --all takes the same filters (and still wants --yes off a terminal).
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - 4 * 86400))
+    fails_cleanly(run("dlq", "drop", "log", "--all", "--job", "ftjob-b"), 2, "drop --all would delete 2 dead")
+    dry = run("dlq", "drop", "log", "--all", "--job", "ftjob-b", "--dry-run")  # a dry run needs no --yes
+    assert dry.returncode == 0 and "would drop 2" in dry.stdout
+    dropped = run("dlq", "drop", "log", "--all", "--job", "ftjob-b", "--since", since, "--until", "2d", "--yes")
+    assert dropped.returncode == 0 and "dropped 2" in dropped.stdout and "dropped 2/2" in dropped.stderr
+    [left] = json.loads(run("dlq", "list", "log", "--json").stdout)
+    assert left["event"] is None  # only the undecodable one is left
+
+
+async def test_quarantine_replay_all_takes_filters(redis_url: str, prefix: str, rclient: Any, tmp_path: Path) -> None:
+    from processor.stream import Keys
+
+    keys = Keys(prefix)
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    readable = json.loads(sample_bytes("fine_tuning_job.failed.json"))
+    for job_id in ("ftjob-q1", "ftjob-q2"):
+        body = json.dumps({**readable, "id": job_id}).encode()
+        await rclient.xadd(
+            keys.quarantine, QuarantineRecord(body=body, error="old", webhook_id=f"wh_{job_id}").to_fields()
+        )
+    dry = ftjobs("quarantine", "replay", "--all", "--job", "ftjob-q2", "--dry-run", "-c", str(config), env=env)
+    assert dry.returncode == 0 and "wh_ftjob-q2" in dry.stdout and "wh_ftjob-q1" not in dry.stdout
+    assert "would replay 1 quarantined" in dry.stdout and await rclient.xlen(keys.quarantine) == 2
+    result = ftjobs("quarantine", "replay", "--all", "--job", "ftjob-q2", "-c", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "enqueued as fine_tuning.job.failed for ftjob-q2" in result.stdout and "replayed 1/1" in result.stderr
+    [left] = json.loads(ftjobs("quarantine", "list", "--json", "-c", str(config), env=env).stdout)
+    assert left["webhook_id"] == "wh_ftjob-q1"
+
+
+async def test_bulk_actions_have_no_cap_and_draw_a_bar_on_a_terminal(
+    redis_url: str, prefix: str, rclient: Any, tmp_path: Path
+) -> None:
+    """More entries than a page (500) and than a chunk (100): every one is handled; on a terminal stderr
+    gets a bar redrawn in place, no wider than the terminal."""
+    from processor.stream import Keys
+
+    keys = Keys(prefix)
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    fields = DeadLetterRecord(entry_id="1-0", record=b"\xc1", error="boom", attempts=3).to_fields()
+    async with rclient.pipeline(transaction=False) as pipe:
+        for _ in range(1203):
+            pipe.xadd(keys.dlq("log"), fields)
+        await pipe.execute()
+    listed = ftjobs("dlq", "list", "log", "-c", str(config), env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url})
+    assert "1203 dead letter(s) for log" in listed.stdout
+    leader, follower = pty.openpty()
+    try:
+        env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "COLUMNS": "60"}
+        result = await asyncio.to_thread(
+            functools.partial(
+                subprocess.run,
+                [sys.executable, "-m", "processor", "dlq", "drop", "log", "--all", "--yes", "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=follower,
+                env=env,
+                text=True,
+                timeout=60,
+            )
+        )
+        os.set_blocking(leader, False)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert result.returncode == 0 and "dropped 1203" in result.stdout
+    assert await rclient.xlen(keys.dlq("log")) == 0
+    frames = drawn.decode().replace("\r\n", "\n").split("\r")
+    assert frames[-1].rstrip("\n").endswith("1203/1203 dropped") and frames[-1].startswith("[" + "#" * 10)
+    assert len(frames) >= 13 and all(len(frame.rstrip("\n")) <= 60 for frame in frames)
+
+
+def _complete(script: Path, line: str) -> list[str]:
+    """What bash offers for `line` (the cursor at its end), calling the generated completion function the way
+    bash's programmable completion does: COMP_WORDS, COMP_CWORD, then the function registered for ftjobs."""
+    driver = (
+        'source "$1"\n'
+        'read -ra COMP_WORDS <<< "$2"\n'
+        '[[ "$2" == *" " ]] && COMP_WORDS+=("")\n'
+        "COMP_CWORD=$((${#COMP_WORDS[@]} - 1)) COMP_LINE=$2 COMP_POINT=${#2}\n"
+        'function=$(complete -p ftjobs | sed -E "s/.*-F ([^ ]+).*/\\1/")\n'
+        '"$function" ftjobs "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    bash = shutil.which("bash") or "/bin/bash"
+    result = subprocess.run([bash, "-c", driver, "_", str(script), line], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    return [word for word in result.stdout.splitlines() if word]
+
+
+def test_bash_completion_is_generated_from_the_parser(tmp_path: Path) -> None:
+    generated = ftjobs("completion", "bash")
+    assert generated.returncode == 0, generated.stderr
+    script = tmp_path / "ftjobs.bash"
+    script.write_text(generated.stdout)
+    assert _complete(script, "ftjobs dl") == ["dlq"]
+    assert _complete(script, "ftjobs dlq ") == ["list", "show", "replay", "drop"]
+    assert _complete(script, "ftjobs -c ftjobs.toml quarantine re") == ["replay"]
+    assert _complete(script, "ftjobs dlq --job ftjob-x ") == ["list", "show", "replay", "drop"]  # skips a value
+    assert {"--all", "--dry-run", "--job", "--since", "--until", "--error"} <= set(
+        _complete(script, "ftjobs dlq replay log --")
+    )
+    assert _complete(script, "ftjobs completion ") == ["bash", "zsh", "fish"]
+    assert set(_complete(script, "ftjobs ")) == set(COMMANDS) | {"dashboard"}
+
+
+def test_zsh_and_fish_completion_scripts() -> None:
+    zsh = ftjobs("completion", "zsh")
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef ftjobs\n") and "complete -F _ftjobs" in zsh.stdout
+    fish = ftjobs("completion", "fish")
+    assert fish.returncode == 0
+    assert "complete -c ftjobs -n __fish_use_subcommand -a dlq" in fish.stdout
+    assert "-a 'list show replay drop'" in fish.stdout and "-l dry-run" in fish.stdout
+    for shell in ("fish", "zsh"):
+        if shutil.which(shell):  # the shell parses the script without errors
+            checked = subprocess.run([shell, "-n"], input=ftjobs("completion", shell).stdout, text=True, timeout=60)
+            assert checked.returncode == 0
+    fails_cleanly(ftjobs("completion", "tcsh"), 2, "invalid choice: 'tcsh'")

@@ -157,7 +157,7 @@ async def _dead(d: Dash, handler: str) -> list[Any]:
 
     client = connect(d.settings.redis.url)
     try:
-        return list(await client.xrange(f"{d.settings.redis.prefix}:dlq:{handler}"))
+        return list(await client.xrange(f"{d.settings.redis.prefix}:{{dlq}}:{handler}"))
     finally:
         await client.aclose()
 

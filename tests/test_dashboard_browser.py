@@ -174,8 +174,8 @@ async def test_dead_letter_replayed_from_the_page_is_delivered_once(
             answer = await s.post(job_body("ftjob-broken", "failed"), "wh_broken")
 
             async def dead() -> bool:
-                retrying = int(await rclient.zcard(f"{prefix}:retry:pipeline"))
-                return int(await rclient.xlen(f"{prefix}:dlq:flaky")) == 8 and retrying == 2
+                retrying = int(await rclient.zcard(f"{prefix}:{{p0}}:retry:pipeline"))
+                return int(await rclient.xlen(f"{prefix}:{{dlq}}:flaky")) == 8 and retrying == 2
 
             await eventually(dead)
         await s.login()
@@ -213,13 +213,13 @@ async def test_dead_letter_replayed_from_the_page_is_delivered_once(
             await eventually(delivered)
 
             async def settled() -> bool:
-                groups = {g["name"]: g for g in await rclient.xinfo_groups(f"{prefix}:events")}
+                groups = {g["name"]: g for g in await rclient.xinfo_groups(f"{prefix}:{{p0}}:events")}
                 return groups[b"flaky"]["lag"] == 0 and groups[b"flaky"]["pending"] == 0
 
             await eventually(settled)
         assert await rclient.hgetall(f"{prefix}:sink:flaky:count") == {b"wh_broken": b"1"}
         assert int(await rclient.llen(f"{prefix}:sink:notify")) == 3  # the other handlers got nothing again
-        assert int(await rclient.xlen(f"{prefix}:dlq:flaky")) == 7
+        assert int(await rclient.xlen(f"{prefix}:{{dlq}}:flaky")) == 7
         await s.goto("/ui/quarantine")
         await s.shot("quarantine")
         await s.page.fill("input[name=q]", answer["webhook_id"])
@@ -247,7 +247,7 @@ async def test_a_script_in_job_metadata_does_not_run(site: Any, redis_url: str, 
             await s.post(job_body("ftjob-xss", "failed", payloads))
 
             async def dead() -> bool:
-                return int(await rclient.xlen(f"{prefix}:dlq:broken")) == 1
+                return int(await rclient.xlen(f"{prefix}:{{dlq}}:broken")) == 1
 
             await eventually(dead)
         await s.login()

@@ -105,7 +105,7 @@ def test_sigterm_finishes_in_flight_work(
         wait_for(lambda: client.llen(f"{prefix}:sink:sink:starts") == 1, what="handler started")
         assert serve.stop(signal.SIGTERM) == 0
         assert client.hget(f"{prefix}:sink:sink:count", "wh_term") == b"1"
-        assert client.xpending(f"{prefix}:events", "sink")["pending"] == 0
+        assert client.xpending(f"{prefix}:{{p0}}:events", "sink")["pending"] == 0
     finally:
         client.close()
 

@@ -39,12 +39,12 @@ async def test_enqueue_works_with_either_get_connection_signature_and_warns_on_n
             enqueuer = Enqueuer(client, keys, ttl_s=3600)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", DeprecationWarning)
-                first = await enqueuer.add(f"wh_{name}", keys.events, {b"n": name.encode()})
-                again = await enqueuer.add(f"wh_{name}", keys.events, {b"n": b"again"})
+                first = await enqueuer.add(f"wh_{name}", {b"n": name.encode()})
+                again = await enqueuer.add(f"wh_{name}", {b"n": b"again"})
         finally:
             await client.aclose()
             await pool.disconnect()
         assert first.new, name
         assert (again.new, again.entry_id) == (False, first.entry_id), name
-    entries = await rclient.xrange(keys.events)
+    entries = await rclient.xrange(keys.quarantine)  # no event: the quarantine
     assert [fields[b"n"] for _, fields in entries] == [b"installed", b"before-5.3"]

@@ -346,11 +346,11 @@ async def test_rate_limit_defers_without_counting_attempts(
             await r.post(msgspec.json.encode(doc))
 
         async def deferred() -> bool:
-            return len(seen) == 2 and await r.rclient.zcard(f"{prefix}:retry:h") == 1
+            return len(seen) == 2 and await r.rclient.zcard(f"{prefix}:{{p0}}:retry:h") == 1
 
         await eventually(deferred)
         assert await r.dead("h") == []  # deferred, not failed (max_attempts = 1)
-        [(_, due)] = await r.rclient.zrange(f"{prefix}:retry:h", 0, -1, withscores=True)
+        [(_, due)] = await r.rclient.zrange(f"{prefix}:{{p0}}:retry:h", 0, -1, withscores=True)
         assert 0 < due - time.time() <= 60
 
 

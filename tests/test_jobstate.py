@@ -50,7 +50,7 @@ async def test_terminal_status_after_running_is_announced(rig: Any, redis_url: s
             ("succeeded", ""),
             ("succeeded", f"repeat of {done['webhook_id']}"),
         ]
-        assert (await r.rclient.hget(f"{prefix}:job:{job_id}", "status")) == b"succeeded"
+        assert (await r.rclient.hget(f"{prefix}:{{p0}}:job:{job_id}", "status")) == b"succeeded"
 
 
 async def test_late_non_terminal_status_after_the_end_is_stale(rig: Any, redis_url: str, prefix: str) -> None:
@@ -147,7 +147,7 @@ def test_every_status_is_announced_at_most_once_and_the_terminal_exactly_once(
                     local_at=api_start + skew + n * gap,
                     webhook_id=f"wh_{job_id}_{index}_{source}_{tag}",
                 )
-                result = await enqueuer.add(event.id, Keys(prefix).events, {RECORD_FIELD: encode_event(event)}, event)
+                result = await enqueuer.add(event.id, {RECORD_FIELD: encode_event(event)}, event)
                 if result.new:
                     out.append((status, result.verdict))
             return out

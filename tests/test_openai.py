@@ -263,7 +263,7 @@ async def test_poller_and_webhook_give_three_transitions_and_one_notification(
             ("running", "push", "stale"),
         ]
         # The webhook was judged a repeat of the poll, the late `running` push stale: the verdict is in each entry.
-        verdicts = [f[b"v"].decode() for _, f in await r.rclient.xrange(f"{prefix}:events")]
+        verdicts = [f[b"v"].decode() for _, f in await r.rclient.xrange(f"{prefix}:{{p0}}:events")]
         assert verdicts == [
             "new||",
             "new|queued|",

@@ -32,7 +32,7 @@ async def client(aiohttp_client: Client, make_settings: Callable[..., Settings],
 
 
 async def _events(rclient: redis.Redis, prefix: str) -> list[Any]:
-    return await rclient.xrange(f"{prefix}:events")
+    return await rclient.xrange(f"{prefix}:{{p0}}:events")
 
 
 async def test_full_job_is_accepted_and_stored_as_sent(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
@@ -73,7 +73,7 @@ async def test_duplicate_webhook_id_is_enqueued_once(client: TestClient, rclient
     assert (a["status"], b["status"]) == ("accepted", "duplicate")
     assert a["entry_id"] == b["entry_id"]
     assert len(await _events(rclient, prefix)) == 1
-    ttl = await rclient.ttl(f"{prefix}:seen:wh_dup")
+    ttl = await rclient.ttl(f"{prefix}:{{p0}}:seen:wh_dup")
     assert ttl > 72 * 3600
 
 
@@ -85,7 +85,7 @@ async def test_signed_but_off_schema_is_quarantined(client: TestClient, rclient:
     assert answer["status"] == "quarantined"
     assert "created_at" in answer["message"]
     assert await _events(rclient, prefix) == []
-    [(_, fields)] = await rclient.xrange(f"{prefix}:quarantine")
+    [(_, fields)] = await rclient.xrange(f"{prefix}:{{q}}:quarantine")
     assert fields[b"body"] == body and fields[b"webhook_id"] == b"wh_q"
     assert b"created_at: Expected `int`, got `str`" in fields[b"error"]
 
@@ -129,7 +129,7 @@ async def test_signed_bodies_beyond_our_limits_are_quarantined(
     answer = await resp.json()
     assert answer["status"] == "quarantined" and message in answer["message"]
     assert await _events(rclient, prefix) == []
-    [(_, fields)] = await rclient.xrange(f"{prefix}:quarantine")
+    [(_, fields)] = await rclient.xrange(f"{prefix}:{{q}}:quarantine")
     assert fields[b"body"] == body
 
 
@@ -156,8 +156,8 @@ async def test_webhook_ids_outside_their_grammar_are_refused(
     unsigned = await client.post(PATH, data=body, headers=signed(body, webhook_id) | {"webhook-signature": "v1,AA"})
     assert unsigned.status == 401  # a stranger learns nothing more than "not signed"
     assert await _events(rclient, prefix) == []
-    assert await rclient.xlen(f"{prefix}:quarantine") == 0
-    assert [key async for key in rclient.scan_iter(match=f"{prefix}:seen:*")] == []
+    assert await rclient.xlen(f"{prefix}:{{q}}:quarantine") == 0
+    assert [key async for key in rclient.scan_iter(match=f"{prefix}:{{p0}}:seen:*")] == []
 
 
 async def test_webhook_ids_are_accepted_up_to_128_characters(client: TestClient) -> None:
@@ -218,7 +218,7 @@ async def test_rejects(
     answer = await resp.json()
     assert answer["error"] == error and message in answer["message"]
     assert await _events(rclient, prefix) == []
-    assert await rclient.xlen(f"{prefix}:quarantine") == 0
+    assert await rclient.xlen(f"{prefix}:{{q}}:quarantine") == 0
 
 
 async def test_oversized_body_is_refused_by_its_content_length(
@@ -297,7 +297,7 @@ async def test_concurrent_requests_share_round_trips(client: TestClient, rclient
     ids = [f"wh_{uuid.uuid4().hex}" for _ in range(200)]
     answers = await asyncio.gather(*(client.post(PATH, data=body, headers=signed(body, i)) for i in ids))
     assert [a.status for a in answers] == [200] * 200
-    assert await rclient.xlen(f"{prefix}:events") == 200
+    assert await rclient.xlen(f"{prefix}:{{p0}}:events") == 200
 
 
 async def test_metrics_count_outcomes(client: TestClient) -> None:

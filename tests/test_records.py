@@ -22,7 +22,7 @@ def test_a_dead_letter_reads_back_as_written(
         entry_id=entry_id, record=record, verdict=b"new||", error=error, attempts=attempts, failed_at=failed_at
     )
     fields = letter.to_fields()
-    assert set(fields) == {b"entry_id", b"e", b"v", b"error", b"attempts", b"failed_at"}
+    assert set(fields) == {b"entry_id", b"e", b"v", b"error", b"attempts", b"failed_at", b"partition"}
     assert DeadLetterRecord.from_fields(fields) == letter
 
 

@@ -210,7 +210,7 @@ async def test_redis_killed_mid_load_keeps_every_acknowledged_event(
     client = redis.Redis.from_url(server.url)
 
     async def a_third_in() -> bool:
-        return bool(await client.xlen(f"{prefix}:events") >= n // 3)
+        return bool(await client.xlen(f"{prefix}:{{p0}}:events") >= n // 3)
 
     await until(a_third_in, 30)
     await client.aclose()
@@ -420,12 +420,12 @@ async def enqueue(client: redis.Redis, prefix: str, groups: list[str], n: int) -
     for i in range(n):
         job = msgspec.convert(SUCCEEDED | {"id": f"ftjob-backlog-{i:04d}"}, FineTuningJob)
         event = Event.from_body(job, webhook_id=f"wh_backlog_{i:04d}", received_at=time.time())
-        await client.xadd(f"{prefix}:events", {RECORD_FIELD: encode_event(event)})
+        await client.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: encode_event(event)})
 
 
 async def settled(client: redis.Redis, prefix: str) -> bool:
     """Every group read and acknowledged everything."""
-    groups = await client.xinfo_groups(f"{prefix}:events")
+    groups = await client.xinfo_groups(f"{prefix}:{{p0}}:events")
     return bool(groups) and all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
 
 
@@ -523,7 +523,9 @@ async def test_a_worker_started_before_redis_works_once_redis_comes(
     try:
 
         async def group_made() -> bool:
-            return await client.exists(f"{prefix}:events") and bool(await client.xinfo_groups(f"{prefix}:events"))
+            return await client.exists(f"{prefix}:{{p0}}:events") and bool(
+                await client.xinfo_groups(f"{prefix}:{{p0}}:events")
+            )
 
         assert await until(group_made, 30)
         await enqueue(client, prefix, ["a"], 1)

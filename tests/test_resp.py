@@ -8,7 +8,7 @@ import hiredis
 import redis.asyncio as redis
 from hypothesis import given
 from hypothesis import strategies as st
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import MovedError, NoScriptError, ResponseError
 
 from processor import resp
 from processor.enqueue import Lua, _get_connection, _pack
@@ -35,16 +35,20 @@ def test_pack_matches_the_python_packer(args: list[Any]) -> None:
 @given(sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30))
 def test_replies_split_anywhere_parse_the_same(sizes: list[int]) -> None:
     """However the bytes are cut into reads, the same replies come out, errors as exceptions in place."""
-    data = b"*3\r\n:1\r\n$15\r\n1700000000000-0\r\n$0\r\n\r\n-NOSCRIPT No matching script\r\n-ERR nope\r\n:7\r\n"
+    data = (
+        b"*3\r\n:1\r\n$15\r\n1700000000000-0\r\n$0\r\n\r\n-NOSCRIPT No matching script\r\n-ERR nope\r\n"
+        b"-MOVED 3999 127.0.0.1:6381\r\n:7\r\n"
+    )
     reader, replies, at, turn = hiredis.Reader(replyError=ResponseError), [], 0, 0
     while at < len(data):
         size = sizes[turn % len(sizes)]
-        resp.parse_replies(reader, data[at : at + size], replies, 4)
+        resp.parse_replies(reader, data[at : at + size], replies, 5)
         at, turn = at + size, turn + 1
     assert replies[0] == [1, b"1700000000000-0", b""]
     assert type(replies[1]) is NoScriptError and str(replies[1]) == "No matching script"
-    assert type(replies[2]) is ResponseError and str(replies[2]) == "ERR nope"
-    assert replies[3] == 7
+    assert type(replies[2]) is ResponseError and str(replies[2]) == "nope"  # as redis-py words it
+    assert type(replies[3]) is MovedError and (replies[3].slot_id, replies[3].port) == (3999, 6381)
+    assert replies[4] == 7
 
 
 async def test_exchange_answers_as_read_response_does(redis_url: str, prefix: str, rclient: redis.Redis) -> None:
@@ -60,7 +64,7 @@ async def test_exchange_answers_as_read_response_does(redis_url: str, prefix: st
         assert all(isinstance(r, NoScriptError) for r in missing)
         await rclient.script_load(lua.source)
         replies = await resp.exchange(conn, packed, len(calls))
-        assert replies == await lua._pipeline(rclient, calls)
+        assert replies == await lua.run(rclient, calls)
         assert replies[3] == [1, b"v3", f"{prefix}:k3".encode()]
         assert await resp.exchange(conn, resp.pack((b"PING",)), 1) == [b"PONG"]
     finally:

@@ -15,7 +15,7 @@ from processor.stream import Keys, Streams
 async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: redis.Redis, prefix: str) -> None:
     keys, now = Keys(prefix), time.time()
     settings = RedisSettings(retention_s=3600, dead_letter_retention_s=7200, max_dead_letters=5)
-    await rclient.zadd(keys.jobs, {"ftjob-old": now - 3601, "ftjob-new": now - 10})
+    await rclient.zadd(keys.parts[0].jobs, {"ftjob-old": now - 3601, "ftjob-new": now - 10})
     old_ms = int((now - 7201) * 1000)
     await rclient.xadd(keys.dlq("slack"), {"e": b"old"}, id=f"{old_ms}-0")
     for i in range(8):
@@ -25,7 +25,7 @@ async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: r
     swept = await sweep(rclient, keys, ["slack"], settings, now=now)
 
     assert (swept.jobs, swept.dead_letters, swept.quarantined) == (1, 4, 3)
-    assert await rclient.zrange(keys.jobs, 0, -1) == [b"ftjob-new"]
+    assert await rclient.zrange(keys.parts[0].jobs, 0, -1) == [b"ftjob-new"]
     kept = [fields[b"e"] for _, fields in await rclient.xrange(keys.dlq("slack"))]
     assert kept == [b"3", b"4", b"5", b"6", b"7"]  # the newest five
     assert await rclient.xlen(keys.quarantine) == 5
@@ -41,9 +41,9 @@ async def test_the_workers_trimmer_sweeps(rig: Any, redis_url: str, prefix: str)
     handlers = [sink("all", redis_url, prefix)]
     async with rig(handlers, worker={"trim_interval_s": 0.05}) as r:
         retention_s = r.settings.redis.retention_s
-        await r.rclient.zadd(f"{prefix}:jobs", {"ftjob-long-gone": time.time() - retention_s - 60})
+        await r.rclient.zadd(f"{prefix}:{{p0}}:jobs", {"ftjob-long-gone": time.time() - retention_s - 60})
 
         async def swept() -> bool:
-            return await r.rclient.zcard(f"{prefix}:jobs") == 0
+            return await r.rclient.zcard(f"{prefix}:{{p0}}:jobs") == 0
 
         await eventually(swept)

@@ -220,8 +220,8 @@ def test_fuzzed_requests_get_documented_answers_and_nothing_unsigned_gets_in(
     run()
     client = redis.Redis.from_url(redis_url)
     try:
-        stored = client.xlen(f"{prefix}:events")
-        quarantined = client.xlen(f"{prefix}:quarantine")
+        stored = client.xlen(f"{prefix}:{{p0}}:events")
+        quarantined = client.xlen(f"{prefix}:{{q}}:quarantine")
     finally:
         client.close()
     # Exactly what was answered "accepted"/"quarantined" was stored; nothing else.
@@ -299,7 +299,7 @@ async def test_compressed_bodies_are_refused_and_never_inflated(
         assert resp.status == 415, (encoding, await resp.text())
     resp = await client.post("/webhooks/openai", data=GOOD_BODY, headers=signed(GOOD_BODY, content_encoding="identity"))
     assert (await resp.json())["status"] == "accepted"
-    assert await rclient.xlen(f"{prefix}:events") == 1
+    assert await rclient.xlen(f"{prefix}:{{p0}}:events") == 1
     # The body is never run through a decoder: one that is not gzip at all draws no decoder error either
     # (with aiohttp's default, inflating it fails in the protocol layer and logs a traceback).
     junk = b"not gzip at all " * 100
@@ -502,7 +502,7 @@ async def test_secrets_never_appear_in_logs_errors_or_responses(
                     outputs.append(await r.text())
 
         async def dead_lettered() -> bool:
-            counts = [await rclient.xlen(f"{prefix}:dlq:{name}") for name in ("hook", "api", "mail", "pipe")]
+            counts = [await rclient.xlen(f"{prefix}:{{dlq}}:{name}") for name in ("hook", "api", "mail", "pipe")]
             return all(counts)
 
         deadline = time.monotonic() + 30

@@ -142,7 +142,7 @@ async def test_retry_later_after_is_honoured(rig: Any, redis_url: str, prefix: s
             return await r.starts("later") == 1
 
         await eventually(started)
-        [(_, due)] = await r.rclient.zrange(f"{prefix}:retry:later", 0, -1, withscores=True)
+        [(_, due)] = await r.rclient.zrange(f"{prefix}:{{p0}}:retry:later", 0, -1, withscores=True)
         assert 0.3 < due - time.time() <= 0.5
 
         async def delivered() -> bool:
@@ -164,7 +164,7 @@ async def test_hung_handler_is_cut_off_by_its_timeout(rig: Any, redis_url: str, 
 
 async def test_undecodable_record_is_dead_lettered_not_retried(rig: Any, redis_url: str, prefix: str) -> None:
     async with rig([sink("a", redis_url, prefix)]) as r:
-        await r.rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"\xc1 not msgpack"})
+        await r.rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: b"\xc1 not msgpack"})
 
         async def dead() -> bool:
             return len(await r.dead("a")) == 1
@@ -206,7 +206,7 @@ async def orphan_one(rclient: redis.Redis, prefix: str, webhook_id: str) -> str:
     await streams.ensure_groups(["a"])
     job = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json")), type=FineTuningJob)
     record = encode_event(Event.from_body(job, webhook_id=webhook_id, received_at=time.time()))
-    entry_id: bytes = await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
+    entry_id: bytes = await rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: record})
     assert len(await streams.read_new("a", "dead-consumer", 10, None)) == 1
     return entry_id.decode()
 
@@ -222,7 +222,7 @@ async def test_entries_of_a_dead_consumer_are_reclaimed(
             return await rclient.llen(f"{prefix}:sink:a") == 1
 
         await eventually(delivered)
-    pending = await rclient.xpending(f"{prefix}:events", "a")
+    pending = await rclient.xpending(f"{prefix}:{{p0}}:events", "a")
     assert pending["pending"] == 0
 
 
@@ -231,13 +231,13 @@ async def test_trim_keeps_everything_a_group_still_needs(
 ) -> None:
     streams = Streams(rclient, Keys(prefix))
     await streams.ensure_groups(["fast", "slow"])
-    ids = [await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"x"}) for _ in range(10)]
+    ids = [await rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: b"x"}) for _ in range(10)]
     fast = await streams.read_new("fast", "c", 10, None)
     await streams.ack("fast", [e.id for e in fast])
     slow = await streams.read_new("slow", "c", 4, None)
     await streams.ack("slow", [e.id for e in slow[:2]])  # 2 acked, 2 pending, 6 unread
     assert await streams.trim(retention_s=0, now=time.time() + 10) == 2
-    remaining = [i for i, _ in await rclient.xrange(f"{prefix}:events")]
+    remaining = [i for i, _ in await rclient.xrange(f"{prefix}:{{p0}}:events")]
     assert remaining == ids[2:]
     await streams.ack("slow", [e.id for e in slow[2:]])
     rest = await streams.read_new("slow", "c", 10, None)
@@ -254,17 +254,17 @@ async def test_an_event_whose_consumer_keeps_dying_is_dead_lettered(
     settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 0.5, "block_ms": 100})
     entry_id = await orphan_one(rclient, prefix, "wh_poison")
     # Four consumers already died holding it; the next takeover is the fifth.
-    await rclient.hset(f"{prefix}:attempts:a", f"{entry_id}:orphaned", 4)
+    await rclient.hset(f"{prefix}:{{p0}}:attempts:a", f"{entry_id}:orphaned", 4)
     async with running_worker(settings, redis_url, registry.build(settings.handlers)):
 
         async def dead() -> bool:
-            return bool(await rclient.xlen(f"{prefix}:dlq:a") == 1)
+            return bool(await rclient.xlen(f"{prefix}:{{dlq}}:a") == 1)
 
         await eventually(dead)
-    [(_, fields)] = await rclient.xrange(f"{prefix}:dlq:a")
+    [(_, fields)] = await rclient.xrange(f"{prefix}:{{dlq}}:a")
     assert b"taken over 5 times" in fields[b"error"]
     assert await rclient.llen(f"{prefix}:sink:a:starts") == 0  # not handed to the handler again
-    assert await rclient.hlen(f"{prefix}:attempts:a") == 0
+    assert await rclient.hlen(f"{prefix}:{{p0}}:attempts:a") == 0
 
 
 async def test_a_due_retry_is_not_held_back_by_the_blocking_read(rig: Any, redis_url: str, prefix: str) -> None:
@@ -361,7 +361,7 @@ async def enqueue_failed(rclient: redis.Redis, prefix: str, webhook_id: str, job
     if job_id:
         job = msgspec.structs.replace(job, id=job_id)
     record = encode_event(Event.from_body(job, webhook_id=webhook_id, received_at=time.time()))
-    entry_id: bytes = await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: record})
+    entry_id: bytes = await rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: record})
     return entry_id.decode()
 
 
@@ -371,7 +371,7 @@ async def test_only_a_consumer_without_heartbeat_has_its_entries_taken_over(rcli
     await streams.beat("dead-consumer", {"pid": 1}, ttl_s=60)  # ... which is alive after all
 
     async def idle_past_lease() -> bool:
-        [row] = await rclient.xpending_range(f"{prefix}:events", "a", "-", "+", 1)
+        [row] = await rclient.xpending_range(f"{prefix}:{{p0}}:events", "a", "-", "+", 1)
         return bool(row["time_since_delivered"] > 50)
 
     await eventually(idle_past_lease)
@@ -385,11 +385,11 @@ async def test_consumers_that_hold_nothing_are_forgotten(rclient: redis.Redis, p
     """Every worker start is a new consumer; those gone and holding nothing are deleted, so they stay few."""
     streams = Streams(rclient, Keys(prefix))
     await orphan_one(rclient, prefix, "wh_one")  # "dead-consumer" holds it
-    await rclient.xadd(f"{prefix}:events", {RECORD_FIELD: b"x"})
+    await rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: b"x"})
     [finished] = await streams.read_new("a", "finished-consumer", 10, None)
     await streams.ack("a", [finished.id])
     assert await streams.forget_consumers("a", idle_s=0) == 1
-    consumers = await rclient.xinfo_consumers(f"{prefix}:events", "a")
+    consumers = await rclient.xinfo_consumers(f"{prefix}:{{p0}}:events", "a")
     assert [(c["name"], c["pending"]) for c in consumers] == [(b"dead-consumer", 1)]
 
 

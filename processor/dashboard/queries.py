@@ -18,10 +18,11 @@ from redis.exceptions import ResponseError
 from processor.jobstate import Transition, judge
 from processor.limits import Guard
 from processor.models import Event, FineTuningJob, decode_event
+from processor.records import DeadLetterRecord
 from processor.retention import sizes
 from processor.runtime import Runtime
 from processor.settings import HandlerSpec
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, text
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, PartitionKeys, Script, text
 
 from .delivery import Facts, State, decide, unknown
 
@@ -33,7 +34,7 @@ DEAD_LETTER_SCAN: Final = 1_000
 JOB_EVENTS: Final = 50
 ENTRY_ID: Final = re.compile(r"\d{1,19}-\d{1,19}")  # within 64 bits: Redis refuses larger ids
 
-_COUNT_SINCE_LUA: Final = "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])"
+_COUNT_SINCE: Final = Script("return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])")
 _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)
 
 
@@ -52,7 +53,6 @@ class Data:
         self.jobs = runtime.jobs
         self.dead = runtime.dead_letters
         self.handlers = {spec.name: spec for spec in self.settings.handlers}
-        self._count_since = self.client.register_script(_COUNT_SINCE_LUA)
 
     async def overview(self) -> dict[str, Any]:
         """Everything the overview page shows."""
@@ -62,7 +62,9 @@ class Data:
             status["handlers"][spec.name] |= await Guard(self.client, self.keys, spec).state()
             status["handlers"][spec.name]["type"] = spec.type
         since = f"{int((time.time() - 60) * 1000)}-0"
-        per_min = int(await self._count_since(keys=[self.keys.events], args=[since, RATE_CAP]))
+        per_min = 0
+        for part in self.keys.parts:
+            per_min += int(await _COUNT_SINCE(self.client, [part.events], [since, RATE_CAP]))
         return {
             "status": status,
             "sizes": await sizes(self.client, self.keys),
@@ -74,10 +76,12 @@ class Data:
 
     async def last_event(self) -> tuple[str, Event | None] | None:
         """The newest entry of the events stream: its id and its event (None when it does not decode)."""
-        raw: Any = await self.client.xrevrange(self.keys.events, count=1)
-        if not raw:
+        newest: list[Any] = []
+        for part in self.keys.parts:
+            newest += await self.client.xrevrange(part.events, count=1) or []
+        if not newest:
             return None
-        entry_id, fields = raw[0]
+        entry_id, fields = max(newest, key=lambda row: _id(text(row[0])))
         return text(entry_id), _decoded(fields)
 
     async def poller(self) -> dict[str, Any]:
@@ -96,46 +100,52 @@ class Data:
     async def job(self, job_id: str) -> list[tuple[Transition, Event | None, str, dict[str, State]]]:
         """A job's latest events, newest first: (transition, event, entry id, state per handler)."""
         timeline = (await self.jobs.timeline(job_id))[-JOB_EVENTS:]
-        groups = await self._groups()
+        part = self.keys.part(job_id)
+        groups = await self._groups(part)
         out = []
         for step in reversed(timeline):
-            entry_id = text(await self.client.get(self.keys.seen(step.event)))
-            event = await self._entry_event(entry_id) if entry_id else None
-            states = {name: await self._state(spec, entry_id, event, groups) for name, spec in self.handlers.items()}
+            entry_id = text(await self.client.get(part.seen(step.event)))
+            event = await self._entry_event(part, entry_id) if entry_id else None
+            states = {
+                name: await self._state(part, spec, entry_id, event, groups) for name, spec in self.handlers.items()
+            }
             out.append((step, event, entry_id, states))
         return out
 
     async def entry_for(self, webhook_id: str) -> tuple[str, Event | None] | None:
         """The entry a webhook id (or any event id) created, while its dedupe marker lives."""
-        entry_id = text(await self.client.get(self.keys.seen(webhook_id)))
-        if not entry_id:
-            return None
-        return entry_id, await self._entry_event(entry_id)
+        for part in self.keys.parts:  # the event's job (so its partition) is what we look for
+            entry_id = text(await self.client.get(part.seen(webhook_id)))
+            if entry_id:
+                return entry_id, await self._entry_event(part, entry_id)
+        return None
 
-    async def _groups(self) -> dict[str, dict[str, Any]]:
+    async def _groups(self, part: PartitionKeys) -> dict[str, dict[str, Any]]:
         try:
-            return {text(g["name"]): g for g in await self.client.xinfo_groups(self.keys.events)}
+            return {text(g["name"]): g for g in await self.client.xinfo_groups(part.events)}
         except ResponseError:  # no stream yet
             return {}
 
-    async def _entry_event(self, entry_id: str) -> Event | None:
-        raw: Any = await self.client.xrange(self.keys.events, entry_id, entry_id)
+    async def _entry_event(self, part: PartitionKeys, entry_id: str) -> Event | None:
+        raw: Any = await self.client.xrange(part.events, entry_id, entry_id)
         return _decoded(raw[0][1]) if raw else None
 
-    async def _state(self, spec: HandlerSpec, entry_id: str, event: Event | None, groups: dict[str, Any]) -> State:
+    async def _state(
+        self, part: PartitionKeys, spec: HandlerSpec, entry_id: str, event: Event | None, groups: dict[str, Any]
+    ) -> State:
         """Gather the facts about one entry in one handler's group, and decide."""
         if not entry_id:
             return unknown("no entry: its dedupe marker expired")
         name, client = spec.name, self.client
-        dead = await self._dead_letter(name, entry_id)
+        dead = await self._dead_letter(name, self.keys.parts.index(part), entry_id)
         if event is None and dead is None:
             return unknown("the entry was trimmed from the stream")
         group = groups.get(name)
         if group is None:
             return unknown("the handler's group does not exist yet")
-        pending: Any = await client.xpending_range(self.keys.events, name, min=entry_id, max=entry_id, count=1)
-        retry_at = await client.zscore(self.keys.retry(name), entry_id)
-        attempts, error = await client.hmget(self.keys.attempts(name), [entry_id, f"{entry_id}:error"])
+        pending: Any = await client.xpending_range(part.events, name, min=entry_id, max=entry_id, count=1)
+        retry_at = await client.zscore(part.retry(name), entry_id)
+        attempts, error = await client.hmget(part.attempts(name), [entry_id, f"{entry_id}:error"])
         skip = ""
         if event is not None:
             if event.target and event.target != name:
@@ -150,15 +160,16 @@ class Data:
             error=text(error),
             dead=dead,
             skip=skip,
-            done_marker=event is not None and bool(await client.exists(self.keys.done(name, event.id))),
+            done_marker=event is not None and bool(await client.exists(part.done(name, event.id))),
         )
         return decide(facts)
 
-    async def _dead_letter(self, handler: str, entry_id: str) -> tuple[str, float, int, str] | None:
-        """The dead letter of `entry_id`, searched among those written after the entry was added."""
+    async def _dead_letter(self, handler: str, partition: int, entry_id: str) -> tuple[str, float, int, str] | None:
+        """The dead letter of `entry_id` (of `partition`), searched among those written after it was added."""
         raw: Any = await self.client.xrange(self.keys.dlq(handler), entry_id, "+", count=DEAD_LETTER_SCAN)
         for letter_id, fields in raw:
-            if text(fields.get(b"entry_id")) == entry_id:
+            record = DeadLetterRecord.from_fields(fields)
+            if record.entry_id == entry_id and record.partition == partition:
                 failed_at, attempts = float(fields.get(b"failed_at", b"0")), int(fields.get(b"attempts", b"0"))
                 return text(letter_id), failed_at, attempts, text(fields.get(b"error"))
         return None

@@ -36,6 +36,8 @@ SESSION: Final = web.RequestKey("dashboard_session", str)
 
 #: The job id grammar the receiver enforces (`models.JobId`); anything else cannot have a page.
 JOB_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+#: Dead letters or quarantined bodies listed on one page (the oldest); the page says how many more there are.
+LISTED: Final = 200
 STATIC: Final = {"style.css": "text/css", "time.js": "text/javascript"}
 #: What a redirect after an action may announce (`?done=`): fixed words, never text from the request.
 NOTICES: Final = {"replayed": "Replayed {n} dead letter(s).", "dropped": "Dropped {n} entry(ies)."}
@@ -163,8 +165,10 @@ async def dead_index(request: web.Request) -> web.Response:
 
 async def dead_letters(request: web.Request) -> web.Response:
     handler = _handler(request)
-    letters = await request.app[DATA].dead.letters(handler, 200)
-    return render(request, "dead.html", handler=handler, letters=letters, notice=_notice(request))
+    dead = request.app[DATA].dead
+    letters = await dead.letters(handler, LISTED)
+    total = await dead.count(handler)
+    return render(request, "dead.html", handler=handler, letters=letters, total=total, notice=_notice(request))
 
 
 async def dead_letter(request: web.Request) -> web.Response:
@@ -192,13 +196,14 @@ async def dead_action(request: web.Request) -> web.Response:
 
 
 async def quarantine(request: web.Request) -> web.Response:
-    items = await request.app[DATA].dead.quarantined(200)
-    return render(request, "quarantine.html", items=items, outcomes=[], notice=_notice(request))
+    dead = request.app[DATA].dead
+    items, total = await dead.quarantined(LISTED), await dead.count_quarantined()
+    return render(request, "quarantine.html", items=items, total=total, outcomes=[], notice=_notice(request))
 
 
 async def quarantined(request: web.Request) -> web.Response:
     entry_id = _entry_id(request)
-    found = [i for i in await request.app[DATA].dead.quarantined(10_000) if i.id == entry_id]
+    found = await request.app[DATA].dead.get_quarantined([entry_id])
     if not found:
         raise not_found("no such quarantined body")
     return render(request, "quarantined.html", item=found[0], body=found[0].body.decode(errors="replace"))
@@ -214,8 +219,8 @@ async def quarantine_action(request: web.Request) -> web.Response:
         return redirect(f"/ui/quarantine?done=dropped&n={count}")
     outcomes = await data.dead.replay_quarantined(ids, list(data.handlers))
     log.info("dashboard_replayed_quarantined", count=len(outcomes))
-    items = await data.dead.quarantined(200)
-    return render(request, "quarantine.html", items=items, outcomes=outcomes, notice="")
+    items, total = await data.dead.quarantined(LISTED), await data.dead.count_quarantined()
+    return render(request, "quarantine.html", items=items, total=total, outcomes=outcomes, notice="")
 
 
 async def search(request: web.Request) -> web.Response:

@@ -1,0 +1,101 @@
+"""The local cluster: a real 3-master, 3-replica Valkey cluster that spreads slots and fails over."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio.cluster import RedisCluster
+
+from tests.cluster import LocalCluster, pid_alive
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def owner(client: RedisCluster, key: str) -> int:
+    """The port of the master the client sends `key` to."""
+    node = client.get_node_from_key(key)
+    assert node is not None
+    return int(node.port)
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as running:
+        yield running
+
+
+async def test_keys_spread_over_every_master(cluster: LocalCluster) -> None:
+    assert len(cluster.masters()) == 3
+    for master in cluster.masters():
+        assert cluster.replica_of(master).master_port == master.port
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        keys = [f"job:{{{tag}}}" for tag in range(30)]
+        for key in keys:
+            await client.set(key, key)
+        owners = {owner(client, key) for key in keys}
+        assert owners == {m.port for m in cluster.masters()}
+        for key in keys:
+            slot = await client.cluster_keyslot(key)
+            port = owner(client, key)
+            assert client.nodes_manager.get_node_from_slot(slot).port == port
+            # The owner holds the key itself: no redirection involved.
+            with redis.Redis(port=port) as direct:
+                assert direct.get(key) == key.encode()
+        cluster.flushall()
+        assert await client.dbsize() == 0
+    finally:
+        await client.aclose()
+
+
+async def test_replica_takes_over_a_killed_master(cluster: LocalCluster) -> None:
+    client = RedisCluster.from_url(cluster.url)
+    await client.initialize()
+    try:
+        victim = cluster.masters()[1]
+        replica = cluster.replica_of(victim)
+        key = next(k for k in (f"k{{{i}}}" for i in range(100)) if owner(client, k) == victim.port)
+        await client.set(key, "before")
+
+        cluster.kill_master(victim.port)
+        (promoted,) = await asyncio.to_thread(cluster.wait_failover)
+
+        assert promoted.port == replica.port
+        assert promoted.role == "master"
+        assert victim.port not in {m.port for m in cluster.masters()}
+        # The client fails over on its next call: the node is gone, it rereads the slots from a live one.
+        assert await client.get(key) == b"before"
+        await client.set(key, "after")
+        assert owner(client, key) == promoted.port
+        with redis.Redis(port=promoted.port) as direct:
+            assert direct.get(key) == b"after"
+    finally:
+        await client.aclose()
+
+
+def test_command_line_starts_detached_and_stops(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "tests.cluster"]
+    started = subprocess.run(
+        [*command, "start", "--dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    url = started.stdout.splitlines()[0]
+    try:
+        assert (tmp_path / "url").read_text().strip() == url
+        with redis.RedisCluster.from_url(url) as client:
+            assert client.cluster_info()["cluster_state"] == "ok"
+            assert len(client.get_primaries()) == 3
+            assert len(client.get_replicas()) == 3
+        pids = [n.pid for n in LocalCluster.attach(tmp_path).nodes]
+        assert all(pid_alive(pid) for pid in pids)
+    finally:
+        subprocess.run([*command, "stop", "--dir", str(tmp_path)], cwd=ROOT, check=True)
+    assert not (tmp_path / "url").exists()
+    assert not any(pid_alive(pid) for pid in pids)
