@@ -31,8 +31,8 @@ def one(
     port = free_port()
     out = tmp / f"callgrind-{kind}-{port}.out"
     wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"] if callgrind else []
-    if kind == "bare":
-        process = start(["-m", "bench.apps", "bare", "--port", str(port)], wrapper=wrapper)
+    if kind in ("bare", "lowlevel"):
+        process = start(["-m", "bench.apps", kind, "--port", str(port)], wrapper=wrapper)
     elif kind == "naive":
         process = start(["-m", "bench.apps", "naive", "--port", str(port), "--redis-url", url], wrapper=wrapper)
     else:
