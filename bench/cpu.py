@@ -19,9 +19,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+import redis.asyncio as redis
+
 from bench import load, rawclient
 from bench.run import BODY, SECRET, config, cpu_seconds, free_port, pin, start, stop, wait_port
 from processor.embedded import EmbeddedValkey
+
+
+async def redis_reads(url: str) -> int:
+    """How many socket reads Redis has processed: with one client writing, its round trips (batches)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return int((await client.info("stats"))["total_reads_processed"])
+    finally:
+        await client.aclose()
 
 
 def one(
@@ -48,9 +59,12 @@ def one(
         reqs = rawclient.build(target, BODY, load.presign(BODY, SECRET, count).signed)
         if callgrind:
             subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True, capture_output=True)
+        reads_before = asyncio.run(redis_reads(url))
         before = cpu_seconds(process.pid)
         latencies, errors, _ = asyncio.run(rawclient.run("127.0.0.1", port, reqs, 3600, connections))
         used = cpu_seconds(process.pid) - before
+        round_trips = (asyncio.run(redis_reads(url)) - reads_before) / len(latencies)
+        print(f"  {kind}: {round_trips:.3f} Redis reads (round trips) per request", file=sys.stderr)
         if errors:
             print(f"  {kind}: {errors} errors", file=sys.stderr)
         if callgrind:
