@@ -290,6 +290,9 @@ async def latency(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, A
     probe = tmp / "starts.txt"
     cfg = config(tmp, url, f"lat-{uuid.uuid4().hex[:6]}", "bench.handlers:StartProbe", port)
     process = start(["-m", "processor", "-c", str(cfg), "serve"], env={"FTJOBS_BENCH_PROBE": str(probe)})
+    _, server_core = cores()
+    if server_core is not None:  # as in P1: the server alone on its core, the client and Valkey on the others
+        pin(process.pid, server_core)
     wait_port(port)
     # One job per request: the same job's status twice would be a repeat, and no handler would start.
     job, key = decode_job(BODY), signatures.parse_secret(SECRET)
