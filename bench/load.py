@@ -6,7 +6,6 @@ ahead of time (wrk cannot compute HMACs); there are more of them than a run can 
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -14,10 +13,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import aiohttp
 import msgspec
 
+from bench import rawclient
 from processor import signatures
 
 WRK_SCRIPT = """
@@ -119,34 +119,13 @@ def _wrk_ms(out: str, percentile: str) -> float:
 
 
 async def run_python(url: str, requests: Requests, seconds: float, connections: int = 32) -> Result:
-    """The fallback (no wrk): aiohttp clients in this process. Slower than wrk; ratios still compare."""
-    latencies: list[float] = []
-    errors = 0
-    index = 0
-    deadline = time.monotonic() + seconds
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal index, errors
-        while time.monotonic() < deadline and index < len(requests.signed):
-            msg_id, ts, sig = requests.signed[index]
-            index += 1
-            headers = {
-                "Content-Type": "application/json",
-                "webhook-id": msg_id,
-                "webhook-timestamp": ts,
-                "webhook-signature": sig,
-            }
-            started = time.perf_counter()
-            async with session.post(url, data=requests.body, headers=headers) as resp:
-                await resp.read()
-                errors += resp.status >= 300
-            latencies.append((time.perf_counter() - started) * 1000)
-
-    begun = time.monotonic()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
-        await asyncio.gather(*(client(session) for _ in range(connections)))
-    elapsed = time.monotonic() - begun
-    latencies.sort()
+    """The fallback (no wrk): `bench.rawclient`'s lean keep-alive connections in this process, far cheaper per
+    request than an HTTP client library, so the client takes less of a small machine from the server."""
+    parts = urlsplit(url)
+    built = rawclient.build(url, requests.body, requests.signed)
+    latencies, errors, elapsed = await rawclient.run(
+        parts.hostname or "127.0.0.1", parts.port or 80, built, seconds, connections
+    )
     return Result(
         requests=len(latencies),
         seconds=elapsed,

@@ -7,6 +7,12 @@ P1 ingest throughput (one receiver process) ÷ a bare aiohttp app that reads the
 P2 dispatch throughput (one worker, no-op handler, acked) ÷ a raw XREADGROUP + XACK loop on the same entries;
 P3 POST → handler start latency at 1,000 events/s offered; P4 Redis memory per queued event ÷ body size;
 P5 receiver RSS under load. It is not a test: it never fails on a number, it reports them.
+
+Each figure is the median of `--rounds` rounds (3 by default) that alternate the targets (limit, naive,
+ftjobs, limit, ...), so a drift of the machine hits them alike; min and max stand beside it. On a machine
+with two cores or more the server under test runs alone on the last core, and the load generator and
+Valkey on the others. Each server's CPU per request (user + system, from /proc) is reported with its
+throughput: on a shared machine it is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import platform
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,11 +91,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def pin(pid: int, core: int) -> None:
+    """Keep process `pid` (and the threads it starts later) on one core."""
+    os.sched_setaffinity(pid, [core])
+
+
+def cores() -> tuple[list[int], int | None]:
+    """(the cores for the load generator and Valkey, the core for the server under test); no dedicated core
+    for the server (None) when this process may run on only one."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return allowed, None
+    return allowed[:-1], allowed[-1]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    client_cores, server_core = cores()
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "system": platform.platform(),
+        "server_core": server_core,
+        "client_cores": client_cores,
+    }
+
+
+def start(args: list[str], env: dict[str, str] | None = None, wrapper: list[str] = ()) -> subprocess.Popen[bytes]:  # type: ignore[assignment]
     # The servers must use the benchmark's own Valkey and config, whatever this shell has set.
     inherited = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "FTJOBS_CONFIG", "OPENAI_API_KEY"}}
     return subprocess.Popen(
-        [sys.executable, *args],
+        [*wrapper, sys.executable, *args],
         cwd=ROOT,
         env={**inherited, **(env or {})},
         stdout=subprocess.DEVNULL,
@@ -115,17 +157,21 @@ def config(tmp: Path, url: str, prefix: str, handler: str, port: int) -> Path:
 
 
 def ingest(
-    kind: str, url: str, tmp: Path, args: argparse.Namespace, requests: load.Requests, redis_pid: int
+    kind: str, url: str, tmp: Path, args: argparse.Namespace, requests: load.Requests, redis_pid: int, prefix: str
 ) -> dict[str, Any]:
-    """P1/P4/P5: one server process under load; its throughput, latency, peak RSS (and Redis memory)."""
+    """P1/P4/P5: one server process under load; its throughput, latency, CPU per request, peak RSS (and, for
+    ftjobs, Redis memory per event under `prefix`, this round's own)."""
     port = free_port()
     if kind == "bare":
         process = start(["-m", "bench.apps", "bare", "--port", str(port)])
     elif kind == "naive":
         process = start(["-m", "bench.apps", "naive", "--port", str(port), "--redis-url", url])
     else:
-        cfg = config(tmp, url, "bench-ingest", "bench.handlers:Noop", port)
+        cfg = config(tmp, url, prefix, "bench.handlers:Noop", port)
         process = start(["-m", "processor", "-c", str(cfg), "receive"])
+    _, server_core = cores()
+    if server_core is not None:
+        pin(process.pid, server_core)
     wait_port(port)
     target = f"http://127.0.0.1:{port}/webhooks/openai"
     warmup = load.presign(BODY, SECRET, 2000)
@@ -153,7 +199,7 @@ def ingest(
         "cpu_us_per_request": per_request,
     }
     if kind == "ftjobs":
-        after = asyncio.run(redis_memory(url, "bench-ingest"))
+        after = asyncio.run(redis_memory(url, prefix))
         out |= {
             "stored": after["events"],
             "bytes_per_event": after["stream_per_event"] + after["dedupe_key"],
@@ -244,6 +290,9 @@ async def latency(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, A
     probe = tmp / "starts.txt"
     cfg = config(tmp, url, f"lat-{uuid.uuid4().hex[:6]}", "bench.handlers:StartProbe", port)
     process = start(["-m", "processor", "-c", str(cfg), "serve"], env={"FTJOBS_BENCH_PROBE": str(probe)})
+    _, server_core = cores()
+    if server_core is not None:  # as in P1: the server alone on its core, the client and Valkey on the others
+        pin(process.pid, server_core)
     wait_port(port)
     # One job per request: the same job's status twice would be a repeat, and no handler would start.
     job, key = decode_job(BODY), signatures.parse_secret(SECRET)
@@ -293,9 +342,49 @@ async def latency(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, A
     }
 
 
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one figure as one: each number the median over the rounds (at its usual key), and under
+    `min` and `max` the same keys with the extremes; `rounds` says how many there were."""
+
+    def pick(values: list[Any], how: Any) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: pick([v[k] for v in values], how) for k in values[0]}
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return how(values)
+        return values[0]
+
+    keys = [k for k in rounds[0] if k not in {"min", "max", "rounds"}]
+    out = {k: pick([r[k] for r in rounds], statistics.median) for k in keys}
+    out["min"] = {k: pick([r[k] for r in rounds], min) for k in keys}
+    out["max"] = {k: pick([r[k] for r in rounds], max) for k in keys}
+    out["rounds"] = len(rounds)
+    return out
+
+
+def ratios(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """P1's ratios, each taken within a round (the targets ran back to back) and then summarized:
+    `efficiency` = the limit's server CPU per request ÷ ftjobs' (the P1 target), `rps` = ftjobs' req/s ÷ the
+    limit's, and against naive: req/s and CPU per request, each as "times better"."""
+
+    def cpu(result: dict[str, Any]) -> float:
+        return max(0.001, float(result["cpu_us_per_request"]["server"]))
+
+    per_round = [
+        {
+            "efficiency": cpu(bare) / cpu(ftjobs),
+            "rps": ftjobs["rps"] / max(1e-9, bare["rps"]),
+            "vs_naive_rps": ftjobs["rps"] / max(1e-9, naive["rps"]),
+            "vs_naive_cpu": cpu(naive) / cpu(ftjobs),
+        }
+        for bare, naive, ftjobs in zip(rounds["bare"], rounds["naive"], rounds["ftjobs"], strict=True)
+    ]
+    return summarize(per_round)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each ingest run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; each figure is their median")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--client", choices=["wrk", "python"], default="wrk" if load.have_wrk() else "python")
     parser.add_argument("--dispatch-events", type=int, default=20_000)
@@ -306,9 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure("warning", "json")
     if args.smoke:
-        args.seconds, args.connections, args.client = 1.0, 4, "python"
+        args.seconds, args.connections, args.client = 0.5, 4, "python"
         args.dispatch_events, args.rate, args.latency_seconds = 300, 100, 1.0
     args.out.mkdir(parents=True, exist_ok=True)
+    client_cores, server_core = cores()
+    if server_core is not None:  # this process, and what it starts (wrk, Valkey) unless moved: not the server's
+        os.sched_setaffinity(0, client_cores)
+    kinds = ("bare", "naive", "ftjobs", "ftjobs_everysec")
     with tempfile.TemporaryDirectory(prefix="ftjobs-bench-") as tmp_name:
         tmp = Path(tmp_name)
         server = EmbeddedValkey(tmp / "valkey")  # durable default: AOF, appendfsync always
@@ -316,26 +409,45 @@ def main(argv: list[str] | None = None) -> int:
         relaxed = EmbeddedValkey(tmp / "valkey-everysec", appendfsync="everysec")
         relaxed.start()
         try:
-            requests = load.presign(BODY, SECRET, 300_000 if not args.smoke else 20_000)
             assert server.pid is not None and relaxed.pid is not None
-            p1 = {
-                kind: ingest(kind, server.url, tmp, args, requests, server.pid) for kind in ("bare", "naive", "ftjobs")
-            }
-            p1["ratio"] = p1["ftjobs"]["rps"] / p1["bare"]["rps"]
-            fresh = load.presign(BODY, SECRET, len(requests.signed))
-            p1["ftjobs_everysec"] = ingest("ftjobs", relaxed.url, tmp, args, fresh, relaxed.pid)
+            rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+            for n in range(args.rounds):
+                # Fresh webhook-ids each round, so no round's requests are duplicates of an earlier one's.
+                requests = load.presign(BODY, SECRET, 300_000 if not args.smoke else 20_000)
+                for kind in kinds:
+                    valkey = relaxed if kind == "ftjobs_everysec" else server
+                    assert valkey.pid is not None
+                    result = ingest(
+                        kind.removesuffix("_everysec"),
+                        valkey.url,
+                        tmp,
+                        args,
+                        requests,
+                        valkey.pid,
+                        f"ingest-{kind}-{n}",
+                    )
+                    rounds[kind].append(result)
+            p1: dict[str, Any] = {kind: summarize(results) for kind, results in rounds.items()}
+            p1["ratios"] = ratios(rounds)
+            p1["ratio"] = p1["ratios"]["efficiency"]
             relaxed.stop()
-            p2 = asyncio.run(dispatch(server.url, args.dispatch_events))
-            p3 = asyncio.run(latency(server.url, tmp, args.rate, args.latency_seconds))
+            p2 = summarize([asyncio.run(dispatch(server.url, args.dispatch_events)) for _ in range(args.rounds)])
             relaxed = EmbeddedValkey(tmp / "valkey-everysec-2", appendfsync="everysec")
             relaxed.start()
-            p3["everysec"] = asyncio.run(latency(relaxed.url, tmp, args.rate, args.latency_seconds))
+            always: list[dict[str, Any]] = []
+            everysec: list[dict[str, Any]] = []
+            for _ in range(args.rounds):
+                always.append(asyncio.run(latency(server.url, tmp, args.rate, args.latency_seconds)))
+                everysec.append(asyncio.run(latency(relaxed.url, tmp, args.rate, args.latency_seconds)))
+            p3 = summarize(always)
+            p3["everysec"] = summarize(everysec)
         finally:
             relaxed.stop()
             server.stop()
     results = {
-        "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
+        "machine": machine(),
         "client": args.client,
+        "rounds": args.rounds,
         "p1": p1,
         "p2": p2,
         "p3": p3,

@@ -58,6 +58,19 @@ def _instruments(registry: CollectorRegistry | None) -> tuple[Counter, Histogram
 
 
 REQUESTS, ENQUEUE_SECONDS, DELIVERIES, HANDLER_SECONDS = _instruments(REGISTRY)
+#: `REQUESTS`' child per outcome, looked up once: `labels()` takes a lock and builds a key (~2 µs a call),
+#: the child's `inc()` alone costs a quarter of that.
+_outcomes: dict[str, Counter] = {}
+
+
+def count_request(outcome: str) -> None:
+    """Count one answered webhook request under `outcome`."""
+    child = _outcomes.get(outcome)
+    if child is None:
+        child = _outcomes[outcome] = REQUESTS.labels(outcome)
+    child.inc()
+
+
 #: The folder of the per-process files once `share_between_processes` was called (None: one process).
 _shared_dir: str | None = None
 
@@ -71,6 +84,7 @@ def share_between_processes(directory: str) -> None:
     for metric in (REQUESTS, ENQUEUE_SECONDS, DELIVERIES, HANDLER_SECONDS):
         REGISTRY.unregister(metric)
     REQUESTS, ENQUEUE_SECONDS, DELIVERIES, HANDLER_SECONDS = _instruments(None)
+    _outcomes.clear()
     _shared_dir = directory
 
 

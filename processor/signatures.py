@@ -18,7 +18,7 @@ import re
 import secrets as _secrets
 import time
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 from processor.errors import ConfigError, SignatureError, WebhookIdError
 
@@ -70,8 +70,36 @@ def generate_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(32)).decode()
 
 
+#: SHA-256's block size: HMAC pads (or first hashes) the key to it.
+_BLOCK: Final = 64
+#: Per key, SHA-256 states that already absorbed the key XOR ipad and XOR opad (RFC 2104).
+_pads: dict[bytes, tuple[Any, Any]] = {}
+
+
+def _key_pads(key: bytes) -> tuple[Any, Any]:
+    pads = _pads.get(key)
+    if pads is None:
+        block = (hashlib.sha256(key).digest() if len(key) > _BLOCK else key).ljust(_BLOCK, b"\0")
+        pads = hashlib.sha256(bytes(b ^ 0x36 for b in block)), hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        if len(_pads) < 64:  # configured keys, a handful; a caller passing fresh keys must not grow it forever
+            _pads[key] = pads
+    return pads
+
+
 def _digest(key: bytes, msg_id: str, timestamp: str, body: bytes) -> bytes:
-    return hmac.digest(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    """HMAC-SHA256 of `{msg_id}.{timestamp}.{body}`, equal to `hmac.digest` (the tests check it).
+
+    Written out from its definition, H(K^opad || H(K^ipad || m)), starting from states that already
+    absorbed the padded key: `hmac.digest` sets the key up again on every call, which costs more than
+    hashing a 1 KB body (~4.3 µs against ~1.6 µs here). The body is hashed in place, never copied.
+    """
+    inner_pad, outer_pad = _key_pads(key)
+    inner = inner_pad.copy()
+    inner.update(f"{msg_id}.{timestamp}.".encode())
+    inner.update(body)
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    return outer.digest()  # type: ignore[no-any-return]
 
 
 def sign(key: bytes, msg_id: str, timestamp: int | str, body: bytes) -> str:
@@ -118,9 +146,26 @@ def verify(
     saying what was wrong (a header outside the grammar included); the message never contains a secret or
     the expected signature.
     """
-    msg_id = headers.get(ID_HEADER)
-    timestamp = headers.get(TIMESTAMP_HEADER)
-    signature = headers.get(SIGNATURE_HEADER)
+    # A header sent twice is refused: a proxy that reads the other copy would disagree with us about the id.
+    getall = getattr(headers, "getall", None)  # a multidict (aiohttp's headers) can hold repeats
+    msg_id: str | None
+    timestamp: str | None
+    signature: str | None
+    if getall is not None:  # one lookup per header tells both whether it is there and whether it repeats
+        id_values, ts_values, sig_values = (
+            getall(ID_HEADER, ()),
+            getall(TIMESTAMP_HEADER, ()),
+            getall(SIGNATURE_HEADER, ()),
+        )
+        msg_id = id_values[0] if id_values else None
+        timestamp = ts_values[0] if ts_values else None
+        signature = sig_values[0] if sig_values else None
+    else:
+        msg_id, timestamp, signature = (
+            headers.get(ID_HEADER),
+            headers.get(TIMESTAMP_HEADER),
+            headers.get(SIGNATURE_HEADER),
+        )
     missing = [
         name
         for name, value in ((ID_HEADER, msg_id), (TIMESTAMP_HEADER, timestamp), (SIGNATURE_HEADER, signature))
@@ -129,9 +174,9 @@ def verify(
     if missing:
         raise SignatureError(f"missing header: {', '.join(missing)}")
     assert msg_id is not None and timestamp is not None and signature is not None
-    # A header sent twice is refused: a proxy that reads the other copy would disagree with us about the id.
-    getall = getattr(headers, "getall", None)  # a multidict (aiohttp's headers) can hold repeats
-    if getall is not None and (repeated := [n for n in _SIGNED_HEADERS if len(getall(n, ())) > 1]):
+    if getall is not None and (
+        repeated := [n for n, v in zip(_SIGNED_HEADERS, (id_values, ts_values, sig_values), strict=True) if len(v) > 1]
+    ):
         raise SignatureError(f"header sent more than once: {', '.join(repeated)}")
     if not _ID.fullmatch(msg_id):
         raise SignatureError(f"webhook-id must be 1 to {MAX_ID_CHARS} visible ASCII characters")

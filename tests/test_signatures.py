@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import time
 from datetime import UTC
 
 import pytest
 import standardwebhooks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processor import signatures
 from processor.errors import ConfigError, SignatureError
@@ -199,3 +202,18 @@ def test_a_signed_header_sent_twice_is_refused(name: str) -> None:
     headers.add(name, "zzz")
     with pytest.raises(SignatureError, match=f"header sent more than once: {name}"):
         signatures.verify(headers, body, keys)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.binary(min_size=1, max_size=200),
+    msg_id=st.text(max_size=40),
+    timestamp=st.text(max_size=12),
+    body=st.binary(max_size=3000),
+)
+def test_digest_is_hmac_sha256(key: bytes, msg_id: str, timestamp: str, body: bytes) -> None:
+    """The signature digest, written out from RFC 2104 over precomputed pads, equals the standard library's
+    HMAC-SHA256 for any key (longer than SHA-256's 64-byte block included) and any message."""
+    expected = hmac.digest(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    assert signatures._digest(key, msg_id, timestamp, body) == expected
+    assert signatures._digest(key, msg_id, timestamp, body) == expected  # again, from the cached pads
