@@ -24,11 +24,11 @@ from redis.exceptions import (
     MovedError,
     NoScriptError,
     RedisError,
-    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
 
+from processor import resp
 from processor.models import TERMINAL_RANK, UNRANKED, Event, status_rank
 from processor.stream import Client, Keys, PartitionKeys, text
 
@@ -189,26 +189,25 @@ class Lua:
     async def _exchange(
         self, route: _Route, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]], wait: Sequence[Any], load: bool
     ) -> list[Any]:
-        # The commands are packed here, in one pass, and written on one pooled connection: redis-py's
-        # pipeline packs each argument through several layers, which costs more than the Lua call itself.
-        packed = b"".join(_pack(b"EVALSHA", self.sha, len(keys), *keys, *args) for keys, args in calls)
+        # The commands are packed here (hiredis' packer) and written on one pooled connection, and the replies
+        # parsed in one pass (`resp.exchange`): redis-py's pipeline packs each argument through several layers
+        # and reads each reply on its own, which costs more than the Lua calls themselves.
+        packed = b"".join(resp.pack((b"EVALSHA", self.sha, len(keys), *keys, *args)) for keys, args in calls)
         if load:
-            packed = _pack(b"SCRIPT", b"LOAD", self.source) + packed
+            packed = resp.pack((b"SCRIPT", b"LOAD", self.source)) + packed
         if wait:
-            packed += _pack(*wait)
+            packed += resp.pack(wait)
         conn = await route.acquire()
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            if load:
-                await conn.read_response()
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # one call's error (e.g. NOSCRIPT, MOVED); the others still answer
-                    replies.append(exc)
+            got = await resp.exchange(conn, packed, int(load) + len(calls) + int(bool(wait)))
+            if load and isinstance(got[0], Exception):
+                raise got[0]
+            # One call's error (e.g. NOSCRIPT, MOVED) comes back in its place; the others still answer.
+            replies = got[int(load) : int(load) + len(calls)]
             if wait:
-                confirmed = await conn.read_response()
+                confirmed = got[-1]
+                if isinstance(confirmed, Exception):  # e.g. WAITAOF on a server without it
+                    raise confirmed
                 if not _enough(wait, confirmed):
                     failure = NotReplicated(
                         f"the write was not confirmed by {_wanted(wait)} within {wait[-1]} ms (got {confirmed!r})"
@@ -310,15 +309,6 @@ def _wants_command_name(pool_class: type[redis.ConnectionPool]) -> bool:
     per pool class."""
     parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
     return parameter is not None and parameter.default is inspect.Parameter.empty
-
-
-def _pack(*args: Any) -> bytes:
-    """One command in RESP: `*N` then each argument as a bulk string."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(parts)
 
 
 class Enqueuer:
