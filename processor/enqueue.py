@@ -157,7 +157,7 @@ class Lua:
             for i in todo:
                 by_node[_node_of(client, calls[i][0][0])].append(i)
             results = await asyncio.gather(
-                *(self._on(_Route(client, node), [calls[i] for i in idx], wait) for node, idx in by_node.items()),
+                *(self._on_node(client, node, [calls[i] for i in idx], wait) for node, idx in by_node.items()),
                 return_exceptions=True,
             )
             moved = False
@@ -171,9 +171,16 @@ class Lua:
             todo = [i for i in todo if isinstance(replies[i], _REDIRECTED)]
             if moved:
                 await _refresh(client)
+            if any(isinstance(replies[i], TryAgainError | ClusterDownError) for i in todo):
+                await asyncio.sleep(_REDIRECT_PAUSE_S)  # a slot in migration, or a failover under way
             if not todo:
                 break
         return replies
+
+    async def _on_node(
+        self, client: RedisCluster, node: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]], wait: Sequence[Any]
+    ) -> list[Any]:
+        return await self._on(_Route(client, node), calls, wait)
 
     async def _on(
         self, route: _Route, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]], wait: Sequence[Any]
@@ -212,7 +219,8 @@ class Lua:
                     failure = NotReplicated(
                         f"the write was not confirmed by {_wanted(wait)} within {wait[-1]} ms (got {confirmed!r})"
                     )
-                    replies = [failure if _wrote(r) else r for r in replies]
+                    # A duplicate too: its first write may be the one no replica has yet (a retry after a 503).
+                    replies = [r if isinstance(r, Exception) else failure for r in replies]
             return replies
         except BaseException:
             await conn.disconnect()  # a half-read connection must not go back to the pool
@@ -223,8 +231,10 @@ class Lua:
 
 #: MOVED/ASK/TRYAGAIN/CLUSTERDOWN: the call was not applied; it is sent again once the layout is known.
 _REDIRECTED: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
-#: How many times calls redirected by the cluster are sent again before the error reaches the caller.
+#: How many times calls redirected by the cluster are sent again before the error reaches the caller, and the
+#: pause before sending again what the cluster asked to try later.
 _REDIRECTS: Final = 3
+_REDIRECT_PAUSE_S: Final = 0.05
 
 
 def wait_command(replicas: int, aof: bool, timeout_ms: int) -> tuple[Any, ...]:
@@ -245,11 +255,6 @@ def _wanted(wait: Sequence[Any]) -> str:
     if wait[0] == b"WAITAOF":
         return f"the append-only file here and on {wait[2]} replica(s)"
     return f"{wait[1]} replica(s)"
-
-
-def _wrote(reply: Any) -> bool:
-    """The enqueue script appended (a duplicate wrote nothing: there is nothing to confirm)."""
-    return isinstance(reply, list) and bool(reply) and reply[0] == 1
 
 
 class _Route:

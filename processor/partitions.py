@@ -11,6 +11,7 @@ leases expire, and a worker that joins gets its share as soon as the others let 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -30,6 +31,10 @@ return 0
 """)
 
 
+#: The part of a lease this worker counts on (the rest is a margin for clocks and a slow reply).
+_SURE: Final = 0.8
+
+
 def plan(partitions: int, workers: Iterable[str], me: str) -> set[int]:
     """The partitions `me` should consume among `workers` (the live ones running the handler; `me` counts
     even before its first heartbeat): round robin over the workers sorted by name."""
@@ -45,17 +50,30 @@ class Leases:
         self.client = client
         self.keys = keys
         self.consumer = consumer
+        self.lease_s = lease_s
         self.ttl_ms = max(1, int(lease_s * 1000))
+        #: (handler, partition) → until when (monotonic) the lease surely holds: it was set no earlier than
+        #: the request was sent, so it lasts at least `lease_s` from then; a fifth of it is kept as a margin.
+        self._until: dict[tuple[str, int], float] = {}
 
     async def take(self, group: str, partitions: Iterable[int]) -> set[int]:
         """Take or extend the leases on `partitions`; returns those this consumer holds now."""
         held = set()
         for p in partitions:
+            sent = time.monotonic()
             if await _TAKE(self.client, [self.keys.lease(group, p)], [self.consumer, self.ttl_ms]):
                 held.add(p)
+                self._until[(group, p)] = sent + self.lease_s * _SURE
+            else:
+                self._until.pop((group, p), None)
         return held
 
+    def holds(self, group: str, partition: int) -> bool:
+        """True while the lease surely holds (by this process's clock, without asking Redis)."""
+        return time.monotonic() < self._until.get((group, partition), 0.0)
+
     async def drop(self, group: str, partition: int) -> None:
+        self._until.pop((group, partition), None)
         await _DROP(self.client, [self.keys.lease(group, partition)], [self.consumer])
 
 

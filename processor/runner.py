@@ -19,6 +19,7 @@ import contextlib
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Final, NamedTuple
 
 import msgspec
@@ -45,6 +46,12 @@ Prepared = Event | HandlerError | None | object
 _SKIP: Final = object()
 #: Due retries are looked for this often (not on every batch: it would cost a round trip each).
 _RETRY_CHECK_S: Final = 0.05
+#: How often a runner looks again while the partition's previous owner finishes, or its lease is unsure.
+_NOT_YET_S: Final = 0.1
+
+
+class LeaseExpired(Exception):
+    """This worker's lease on the partition may have lapsed: start nothing until it is renewed."""
 
 
 class Ack(NamedTuple):
@@ -73,8 +80,13 @@ class Runner:
         retention_s: int,
         preparer: Preparer,
         progress: Progress,
+        lease_ok: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`lease_ok`: whether this worker still surely holds the partition's lease (its local deadline has not
+        passed); checked before every read and every call, so a worker that froze past its lease (a blocked
+        loop, SIGSTOP, a paused VM) starts nothing its successor may run already."""
         self.handler = handler
+        self.lease_ok = lease_ok
         self.preparer = preparer
         self.spec = spec
         self.streams = streams
@@ -93,6 +105,9 @@ class Runner:
         self._ack_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
+        #: No live consumer but this one holds entries here (on a partition just taken, the previous owner may
+        #: still finish its batch: reading new entries meanwhile would let a job's newer event overtake).
+        self._caught_up = False
         self._last_retry_check = 0.0
         #: The last read returned entries (the stream may have more: no need to find the next due retry).
         self._busy = False
@@ -119,6 +134,10 @@ class Runner:
                 failures = 0
             except TaskDied:
                 raise
+            except LeaseExpired:  # the worker renews it, or stops this runner and hands the partition over
+                self._log.warning("partition_lease_expired", partition=self.streams.partition)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _NOT_YET_S)
             except Exception as exc:  # Redis away, or a bug: log it, wait, and carry on; entries stay pending
                 failures += 1
                 delay = retry_delay(failures)
@@ -133,12 +152,22 @@ class Runner:
         """Up to a batch of entries: taken over, due for a retry, then new; and how many are not new."""
         size = self.settings.batch_size
         entries: list[Entry] = []
+        if not self.lease_ok():
+            raise LeaseExpired
         now = time.monotonic()
-        if now - self._last_reclaim >= self.settings.lease_s / 2:
+        if not self._caught_up or now - self._last_reclaim >= self.settings.lease_s / 2:
             self._last_reclaim = now
-            entries += await self.streams.reclaim(self.group, self.consumer, self.settings.lease_s, size)
+            taken, busy = await self.streams.reclaim(self.group, self.consumer, size)
+            self._caught_up = not busy
+            entries += taken
             if entries:
                 self._log.info("entries_reclaimed", count=len(entries))
+            if busy and not entries:  # the previous owner is finishing its batch: read nothing new yet
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _NOT_YET_S)
+                return [], 0
+            if busy:
+                return entries, len(entries)
         if now - self._last_retry_check >= _RETRY_CHECK_S:
             self._last_retry_check = now
             entries += await self.streams.take_due(self.group, self.consumer, size)
@@ -182,6 +211,8 @@ class Runner:
                         for entry, about, event in items:
                             if halt.is_set():
                                 return
+                            if not self.lease_ok():
+                                raise LeaseExpired
                             if entry.id in self._lost:  # another consumer runs it now: not here as well
                                 self._held.discard(entry.id)
                                 self._log.warning("entry_taken_over", entry_id=entry.id)

@@ -70,8 +70,6 @@ class Entry(NamedTuple):
 RECORD_FIELD: Final = b"e"
 VERDICT_FIELD: Final = b"v"
 TRACE_FIELD: Final = b"t"
-#: Pages of pending entries a takeover pass looks through (entries waiting for a retry are idle too).
-_RECLAIM_PAGES: Final = 10
 #: The consumer that holds what a worker let go of when it handed a partition over (`Streams.release`): it
 #: has no heartbeat, so the partition's next consumer takes those entries over (not counted as a crash).
 RELEASED: Final = "released"
@@ -437,49 +435,50 @@ class Streams:
             await self.ack(group, sorted(gone))
         return entries
 
-    async def reclaim(self, group: str, consumer: str, lease_s: float, count: int) -> list[Entry]:
-        """Take over entries idle longer than the lease whose consumer is dead (no heartbeat), and this
-        consumer's own entries that it let go of (a batch cut short by a Redis error); never those waiting
-        for a retry. Only the takeovers from a dead consumer count toward `max_takeovers` (not those a worker
-        handed over with its partition: `release`).
+    async def reclaim(self, group: str, consumer: str, count: int) -> tuple[list[Entry], bool]:
+        """Take over, up to `count`, the partition's pending entries that nobody works on: those of consumers
+        without a heartbeat (dead), those a worker handed over (`RELEASED`), and this consumer's own that it
+        let go of (a batch cut short by a Redis error); never those waiting for a retry. Returns them, and
+        whether a live consumer still holds entries here (the partition's previous owner finishing its batch):
+        then no new entry may be read yet, or a job's newer event could overtake one it holds.
 
-        A live consumer renews every entry it holds and keeps its heartbeat, so its entries are never taken;
-        XCLAIM's min-idle-time re-checks each entry at the moment of the claim.
+        Only the caller, holding the partition's lease, consumes the partition, so what it takes is idle
+        whatever the idle time says. A live consumer renews its entries and keeps its heartbeat: its entries
+        are never taken. Only takeovers from a dead consumer count toward `max_takeovers`.
         """
-        lease_ms = int(lease_s * 1000)
         events = self.part.events
-        start, found, dead_owner = "-", list[str](), set[str]()
-        for _ in range(_RECLAIM_PAGES):
-            rows: Any = await self.client.xpending_range(
-                events, group, min=start, max="+", count=max(count, 100), idle=lease_ms
-            )
-            if not rows:
-                break
-            owners = {text(r["consumer"]) for r in rows} - {consumer, RELEASED}
-            live = await self.live_consumers(owners)
+        summary: Any = await self.client.xpending(events, group)
+        owners = {text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or ()}
+        others = {name for name, n in owners.items() if n} - {consumer, RELEASED}
+        live = await self.live_consumers(others)
+        found: list[str] = []
+        dead_owner: set[str] = set()
+        busy = False
+        for owner in sorted(others | ({consumer, RELEASED} & set(owners))):
+            rows: Any = await self.client.xpending_range(events, group, "-", "+", 10_000, consumername=owner)
             ids = [text(r["message_id"]) for r in rows]
-            scores = await self.client.zmscore(self.part.retry(group), ids)
-            for row, entry_id, score in zip(rows, ids, scores, strict=True):
-                owner = text(row["consumer"])
-                if score is None and owner not in live:
-                    found.append(entry_id)
-                    if owner not in (consumer, RELEASED):
-                        dead_owner.add(entry_id)
-            start = "(" + ids[-1]
-            if len(found) >= count or len(rows) < max(count, 100):
-                break
+            scores = await self.client.zmscore(self.part.retry(group), ids) if ids else []
+            waiting = [i for i, score in zip(ids, scores, strict=True) if score is None]
+            if owner in live:
+                busy = busy or bool(waiting)
+                continue
+            found += waiting
+            if owner not in (consumer, RELEASED):
+                dead_owner.update(waiting)
         if not found:
-            return []
-        claimed: Any = await self.client.xclaim(events, group, consumer, lease_ms, list[Any](found[:count]))
+            return [], busy
+        found.sort(key=_parse_id)  # oldest first: a job's events in the order they came
+        claimed: Any = await self.client.xclaim(events, group, consumer, 0, list[Any](found[:count]))
         entries = [_entry(raw) for raw in claimed if raw and raw[1]]
         if not entries:
-            return []
+            return [], busy or len(found) > count
         # Count the takeovers: an event whose consumer keeps dying (it crashes the worker) must stop somewhere.
         async with self.client.pipeline() as pipe:
             for entry in entries:
                 pipe.hincrby(self.part.attempts(group), f"{entry.id}:orphaned", int(entry.id in dead_owner))
             counts = await pipe.execute()
-        return [entry._replace(orphaned=int(n)) for entry, n in zip(entries, counts, strict=True)]
+        taken = [entry._replace(orphaned=int(n)) for entry, n in zip(entries, counts, strict=True)]
+        return taken, busy or len(found) > count
 
     async def release(self, group: str, consumer: str, lease_s: float) -> int:
         """Hand over what `consumer` still holds in this partition (it stops consuming it): the entries go to

@@ -168,10 +168,12 @@ class Worker:
     async def _assign(self, handler: Handler, spec: HandlerSpec) -> None:
         """Renew this worker's leases for the handler, take its share of the partitions, hand over the rest."""
         group, keys = spec.name, self.streams.keys
+        # The leases of what runs here first: they must not lapse while the registry is away (a failover).
+        held = await self.leases.take(group, self.partitions(group))
         workers = [w["consumer"] for w in await self.streams.workers() if group in w.get("handlers", "").split(",")]
         share = plan(keys.partitions, workers, self.consumer)
-        running = set(self.partitions(group))
-        held = await self.leases.take(group, running | share)
+        held |= await self.leases.take(group, share - held)
+        running = set(self.partitions(group))  # again: a hand-over may have finished during the awaits
         for p in running - held:  # lost (expired while Redis was away, and taken by another): stop at once
             if (group, p) not in self._stopping:
                 log.warning("partition_lost", handler=group, partition=p)
@@ -185,14 +187,25 @@ class Worker:
                 self._stop_runner(group, p)
 
     def _start_runner(self, handler: Handler, spec: HandlerSpec, partition: int) -> None:
+        if self._stopped.is_set():
+            return
         streams = self.streams.at(partition)
         runner = Runner(
-            handler, spec, streams, self.settings, self.consumer, self.retention_s, self.preparer, self.progress
+            handler,
+            spec,
+            streams,
+            self.settings,
+            self.consumer,
+            self.retention_s,
+            self.preparer,
+            self.progress,
+            lease_ok=lambda: self.leases.holds(spec.name, partition),
         )
         name = f"runner:{spec.name}:{partition}"
         loop = asyncio.create_task(supervise(name, runner.run), name=name)
         renewer = asyncio.create_task(supervise(f"renewer:{spec.name}:{partition}", runner.renew_leases))
         loop.add_done_callback(self._on_runner_done)
+        renewer.add_done_callback(self._on_runner_done)
         self.runners[(spec.name, partition)] = (runner, loop, renewer)
         log.info("partition_taken", handler=spec.name, partition=partition)
 
