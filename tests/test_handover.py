@@ -1,4 +1,4 @@
-"""Partition takeover and hand-over keep a job's events in order and never run them twice at once; WAIT holds on retries."""
+"""Partition takeover and hand-over keep a job's events in order, never twice at once; WAIT holds on retries."""
 
 from __future__ import annotations
 
