@@ -36,6 +36,7 @@ import hashlib
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import version
 from typing import Any, Final, NamedTuple, TypeAlias
 
 import redis.asyncio as redis
@@ -184,6 +185,18 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
     )
 
 
+#: No command is sent twice. redis-py's cluster client sends a command again after a timeout or a lost
+#: connection (10 times in 8.1; in 5.x 3 times per connection, then 3 times across the cluster), though the
+#: server may have applied it. In 8.1 such an error also closes the node's idle connections while other tasks
+#: may just have taken them, so their commands fail after being sent and are sent again too. Not all of
+#: ftjobs' commands may be applied twice (XREADGROUP '>', INCR, a handler's side effect): the caller decides,
+#: as with one server (`connect`). `retry` covers it all from 6.0 on (where the attempts argument is
+#: deprecated); before, it is the connections' retry, and the attempts are the cluster's.
+_SEND_ONCE: Final[dict[str, Any]] = {"retry": Retry(NoBackoff(), 0)}
+if int(version("redis").split(".")[0]) < 6:
+    _SEND_ONCE["cluster_error_retry_attempts"] = 0
+
+
 async def open_client(
     url: str, *, socket_timeout: float = 5.0, cluster: bool | None = None, quiet: bool = False
 ) -> Client:
@@ -209,7 +222,7 @@ async def open_client(
     if not cluster:
         return single
     await single.aclose()
-    client = RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0)
+    client = RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0, **_SEND_ONCE)
     try:
         await client.initialize()  # learn the slots now: the enqueuer routes by them before any command ran
     except (RedisError, OSError) as exc:  # away again: the first command tries once more

@@ -25,13 +25,14 @@ import msgspec
 import pytest
 import redis.asyncio as redis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from processor import embedded, registry
 from processor.embedded import EmbeddedValkey
 from processor.models import Event, FineTuningJob, encode_event
 from processor.receiver import create_app
 from processor.runtime import running_worker
-from processor.stream import RECORD_FIELD, Keys, Streams
+from processor.stream import RECORD_FIELD, Keys, Streams, open_client
 from tests.conftest import SECRET, free_port, sample, signed, sink
 from tests.processes import Proc, base_env, http_ready, wait_for, write_config
 
@@ -571,3 +572,18 @@ async def test_a_worker_whose_acks_cannot_be_written_exits_non_zero(
     assert code == 1
     assert await logged(worker, "ack_retrying") and await logged(worker, "worker_failed")
     assert target.counts == Counter({"pipe:wh_backlog_0000": 1})
+
+
+async def test_the_client_sends_no_command_twice(redis_url: str) -> None:
+    """redis-py's cluster client sends a command again after a timeout or a lost connection (3 times by
+    default), though the server may have applied it: the enqueue, a handler's side effect or a rate count
+    would then happen twice. `open_client` turns that off on a cluster as on one server; the caller decides."""
+    client = await open_client(redis_url)
+    try:
+        # redis-py before 6.0 has no `get_retries`; the cluster then also counts its own attempts.
+        retry: Any = client.retry if isinstance(client, RedisCluster) else client.get_retry()
+        assert retry._retries == 0
+        assert getattr(client, "cluster_error_retry_attempts", 0) == 0
+        assert await client.ping()
+    finally:
+        await client.aclose()
