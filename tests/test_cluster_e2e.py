@@ -271,9 +271,12 @@ async def test_workers_killed_while_partitions_rebalance_lose_nothing(cluster: L
             ports = [await fleet.receiver()]
             await fleet.worker()
             churning = asyncio.create_task(churn())
-            jobs = [f"ftjob-k{i:05d}" for i in range(300)]
             results: dict[str, int] = {}
-            await send_lives(ports, jobs, results, lanes=8)
+            rounds = 0
+            while kills < 3 or rounds < 2:  # the load lasts until partitions moved under it a few times
+                jobs = [f"ftjob-k{rounds}-{i:04d}" for i in range(150)]
+                await send_lives(ports, jobs, results, lanes=8)
+                rounds += 1
             stop.set()
             await churning
             assert set(results.values()) == {200}
@@ -282,7 +285,7 @@ async def test_workers_killed_while_partitions_rebalance_lose_nothing(cluster: L
         finally:
             stop.set()
             await fleet.stop()
-    assert kills >= 2, "too few kills during the load to test anything"
+    assert kills >= 3, "too few kills during the load to test anything"
     for path, keys in expected.items():
         assert set(target.calls[path]) == keys
     twice = sum(n - 1 for calls in target.calls.values() for n in calls.values())
