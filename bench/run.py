@@ -98,11 +98,16 @@ def pin(pid: int, core: int) -> None:
 
 def cores() -> tuple[list[int], int | None]:
     """(the cores for the load generator and Valkey, the core for the server under test); no dedicated core
-    for the server (None) when this process may run on only one."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        return allowed, None
-    return allowed[:-1], allowed[-1]
+    for the server (None) when this process may run on only one. Read once, before `main` moves this process
+    (and so what it starts) off the server's core: asked again later, it would see only the client's cores."""
+    global _CORES
+    if _CORES is None:
+        allowed = sorted(os.sched_getaffinity(0))
+        _CORES = (allowed, None) if len(allowed) < 2 else (allowed[:-1], allowed[-1])
+    return _CORES
+
+
+_CORES: tuple[list[int], int | None] | None = None
 
 
 def machine() -> dict[str, Any]:
