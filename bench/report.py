@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"p1_ratio": 0.80, "p2_ratio": 0.50, "p3_p50_ms": 1.5, "p3_p99_ms": 5.0, "p4_ratio": 1.0, "p5_rss_mb": 80}
+TARGETS = {"p1_ratio": 0.60, "p2_ratio": 0.60, "p3_p50_ms": 1.5, "p3_p99_ms": 5.0, "p4_ratio": 1.0, "p5_rss_mb": 80}
 
 
 def spread(figure: dict[str, Any], key: str, fmt: str = ",.0f") -> str:
@@ -123,7 +123,7 @@ def table(r: dict[str, Any]) -> str:
         (
             "P4 memory",
             f"{p4['bytes_per_event']:,.0f} B per queued event (entry + dedupe key), body {p4['body_bytes']} B; "
-            f"plus {p4['job_state_bytes']:,.0f} B of state per job",
+            f"plus {p4['job_state_bytes']:,.0f} B of state for its one job (timeline full: 200 events)",
             f"{p4['ratio']:.2f}",
             f"≤ {t['p4_ratio']}",
             met(p4["ratio"] <= t["p4_ratio"]),
