@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import shutil
 import socket
@@ -34,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from bench.run import free_port, machine, stop
 from processor import signatures
 from processor.embedded import server_binary
 from processor.stream import Keys, Streams, open_client
@@ -124,14 +124,6 @@ def start(args: list[str], config: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
 def write_config(tmp: Path, url: str, prefix: str, port: int) -> Path:
     path = tmp / f"{prefix}.toml"
     path.write_text(
@@ -166,12 +158,6 @@ async def backlog(url: str, prefix: str) -> tuple[int, int]:
         await client.aclose()
     row = status["handlers"]["noop"]
     return int(row["lag"] or 0), int(row["pending"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ingest_rate(url: str, tmp: Path, receivers: int, seconds: float) -> tuple[float, str]:
@@ -250,16 +236,6 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values)), "min": round(min(values)), "max": round(max(values))}
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cores": os.cpu_count(), "cpu": model or platform.processor(), "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="ingest load per run (default 5)")
@@ -285,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{setup:<11} receivers 1 → 2: {rx['1']['median']:>6} → {rx['2']['median']:>6} ev/s"
             f"   workers 1 → 2: {wk['1']['median']:>6} → {wk['2']['median']:>6} ev/s"
         )
-    print(f"({results['machine']['cores']} cores, {results['machine']['cpu']}; medians of {args.rounds} rounds)")
+    print(f"({results['machine']['cores']} cores, {results['machine']['cpu_model']}; medians of {args.rounds} rounds)")
     return 0
 
 
