@@ -35,8 +35,10 @@ import msgspec
 
 from bench.run import free_port, machine, stop
 from processor import signatures
+from processor.client import open_client
 from processor.embedded import server_binary
-from processor.stream import Keys, Streams, open_client
+from processor.keys import Keys
+from processor.stream import Streams
 from tests.cluster import LocalCluster, free_cluster_ports
 
 ROOT = Path(__file__).resolve().parent.parent

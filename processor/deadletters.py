@@ -20,11 +20,12 @@ from typing import Any, Final
 import msgspec
 from msgspec import Struct
 
+from processor.client import text
 from processor.enqueue import Enqueuer
 from processor.models import Event, decode_body, decode_event, encode_event
 from processor.records import DeadLetterRecord, QuarantineRecord
 from processor.settings import explain
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams, text
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams
 
 
 class DeadLetter(Struct, kw_only=True):

@@ -29,8 +29,9 @@ from redis.exceptions import (
 )
 
 from processor import resp
+from processor.client import Client, text
+from processor.keys import Keys, PartitionKeys
 from processor.models import TERMINAL_RANK, UNRANKED, Event, status_rank
-from processor.stream import Client, Keys, PartitionKeys, text
 
 log = structlog.get_logger()
 

@@ -16,9 +16,10 @@ from typing import Any, Final
 
 import msgspec
 
+from processor.client import Client, text
 from processor.enqueue import Verdict
+from processor.keys import Keys
 from processor.models import Event, FineTuningJob
-from processor.stream import Client, Keys, text
 
 _NOT_FOUND: Final = b"!"
 _job_encoder: Final = msgspec.msgpack.Encoder()

@@ -6,7 +6,7 @@
   calls meanwhile are deferred (not attempted, not counted). After the cool-down one probe call is let
   through; success closes the circuit, failure opens it again.
 
-Keys (`stream.Keys`): `{p}:rate:{handler}:{minute}` (expires), `{p}:{b:handler}:breaker` (hash: failures,
+Keys (`keys.Keys`): `{p}:rate:{handler}:{minute}` (expires), `{p}:{b:handler}:breaker` (hash: failures,
 open_until) and `{p}:{b:handler}:probe`, in one slot.
 """
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from processor.client import Client, Script
+from processor.keys import Keys
 from processor.settings import HandlerSpec
-from processor.stream import Client, Keys, Script
 
 #: KEYS: the breaker hash, the probe marker (one slot). ARGV: threshold, open until.
 _FAILED = Script("""

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from processor.stream import Client, Keys, Script
+from processor.client import Client, Script
+from processor.keys import Keys
 
 #: Take a free lease, or extend one this consumer holds. KEYS: the lease. ARGV: consumer, ttl ms.
 _TAKE: Final = Script("""

@@ -19,8 +19,9 @@ from typing import Any
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
+from processor.client import Client
+from processor.keys import Keys
 from processor.settings import RedisSettings
-from processor.stream import Client, Keys
 
 
 class Swept(msgspec.Struct, kw_only=True):

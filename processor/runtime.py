@@ -18,14 +18,16 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from processor import embedded
+from processor.client import Client, connect, open_client, text
 from processor.deadletters import DeadLetters
 from processor.enqueue import Enqueuer, wait_command
 from processor.errors import ConfigError
 from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
 from processor.jobstate import JobState
+from processor.keys import Keys
 from processor.logs import redact
 from processor.settings import Settings
-from processor.stream import Client, Keys, Streams, connect, open_client, text
+from processor.stream import Streams
 
 if TYPE_CHECKING:  # imported where used: the operator commands need none of them (nor aiohttp, under openai)
     from processor.hydration import Preparer

@@ -1,57 +1,26 @@
-"""Redis streams: every key ftjobs uses, and every command it sends, in one place.
+"""Redis streams: the consumer side of the events stream, its partitions, dead letters and heartbeats.
 
-The events stream is split into `[redis] partitions` partitions by job id (`Keys.partition_of`). Every key
-one enqueue touches, and each handler's progress on the partition, carries the partition's hash tag, so on a
-Redis Cluster they share one slot and the atomic dedupe + verdict + XADD stays one Lua call. Keys (all under
-`settings.redis.prefix`, default `ftjobs`; `{pN}` is partition N's hash tag):
-
-    {p}:{pN}:events              partition N of the events stream; a consumer group per handler
-    {p}:{pN}:seen:{webhook-id}   dedupe marker → the entry id, expires after the dedupe window
-    {p}:{pN}:job:{id}, {p}:{pN}:timeline:{id}, {p}:{pN}:jobs   job state and the partition's slice of the index
-    {p}:{pN}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
-    {p}:{pN}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error,
-                                 `{id}:orphaned` → takeovers from consumers that died holding it
-    {p}:{pN}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
-    {p}:{q}:quarantine, {p}:{q}:seen:{webhook-id}   signed bodies that did not match the schema, for replay
-    {p}:{dlq}:{handler}          dead letters: the record, the error and the attempt count (one slot for all)
-    {p}:lease:{handler}:{N}      which worker consumes partition N for the handler (`partitions.Leases`)
-    {p}:h:{handler}:...          the handler's own state (e.g. Slack thread timestamps)
-    {p}:{w}:worker:{consumer}    a live worker's heartbeat (hash: handlers, pid, host, last loop), expires;
-    {p}:{w}:workers              and when each one's expires (sorted set)
-    {p}:hydrated:{event}         the job fetched for a thin event (`hydration`), and its `:lock`
-    {p}:rate:{handler}:{minute}, {p}:{b:handler}:breaker   the handler's guards (`limits`)
-    {p}:poller, {p}:poller:seen  the poller's start time and last status per job
+The keys are named in `processor.keys`; the client and scripts are `processor.client`.
 
 Atomic steps are Lua scripts on keys of one slot (a cluster has no MULTI across slots; redis-py's cluster
 client has none at all), so the same commands run on one server and on a cluster.
 
 An entry is acknowledged in a group only once its handler succeeded, skipped it, or dead-lettered it, so
-an entry that a crashed consumer held is still pending and is taken over after the lease. Only a consumer
-without a heartbeat counts as crashed: a live worker's entries are never taken from it.
+an entry that a crashed consumer held is still pending, and the partition's next owner takes it over. Only a
+consumer without a heartbeat counts as crashed: a live worker's entries are never taken from it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from importlib.metadata import version
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple
 
-import redis.asyncio as redis
-import structlog
-from redis.asyncio.cluster import RedisCluster
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry
+from redis.exceptions import ResponseError
 
+from processor.client import Client, Script, text
+from processor.keys import Keys
 from processor.records import DeadLetterRecord
-
-log = structlog.get_logger()
-
-#: A client of one server or of a cluster: the commands ftjobs sends are the same on both.
-Client: TypeAlias = "redis.Redis | RedisCluster"
 
 
 class Entry(NamedTuple):
@@ -74,21 +43,6 @@ TRACE_FIELD: Final = b"t"
 #: The consumer that holds what a worker let go of when it handed a partition over (`Streams.release`): it
 #: has no heartbeat, so the partition's next consumer takes those entries over (not counted as a crash).
 RELEASED: Final = "released"
-
-
-class Script:
-    """A Lua script run by EVALSHA, and sent whole (EVAL) when the server does not have it: after a restart,
-    or on a replica promoted by a failover (scripts are not replicated). Its keys must share one slot."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
 
 
 #: Renew only what this consumer still holds: an XCLAIM of an entry another consumer now holds would steal it.
@@ -171,169 +125,6 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """)
-
-
-def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
-    """A client of the one server at `url` (`redis://`, `rediss://`, `unix://`) that fails fast when the
-    server is away. Blocking reads need `socket_timeout` above their BLOCK time; the worker passes more."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=2.0,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-
-
-#: No command is sent twice. redis-py's cluster client sends a command again after a timeout or a lost
-#: connection (10 times in 8.1; in 5.x 3 times per connection, then 3 times across the cluster), though the
-#: server may have applied it. In 8.1 such an error also closes the node's idle connections while other tasks
-#: may just have taken them, so their commands fail after being sent and are sent again too. Not all of
-#: ftjobs' commands may be applied twice (XREADGROUP '>', INCR, a handler's side effect): the caller decides,
-#: as with one server (`connect`). `retry` covers it all from 6.0 on (where the attempts argument is
-#: deprecated); before, it is the connections' retry, and the attempts are the cluster's.
-_SEND_ONCE: Final[dict[str, Any]] = {"retry": Retry(NoBackoff(), 0)}
-if int(version("redis").split(".")[0]) < 6:
-    _SEND_ONCE["cluster_error_retry_attempts"] = 0
-
-
-async def open_client(
-    url: str, *, socket_timeout: float = 5.0, cluster: bool | None = None, quiet: bool = False
-) -> Client:
-    """A client for `url`: redis-py's cluster client when the server there is a node of a Redis/Valkey Cluster
-    (any node's URL will do), else the one-server client. `cluster` None asks the server (`INFO cluster`); a
-    server that does not answer is taken for a single one, with a warning unless `quiet` (an operator command
-    then fails on its first command anyway); set `[redis] cluster = "yes"` where a cluster may be away when
-    ftjobs starts."""
-    single = connect(url, socket_timeout=socket_timeout)
-    if cluster is None:
-        try:
-            info: Any = await single.info("cluster")
-            cluster = bool(int(info.get("cluster_enabled", 0)))
-        except (RedisError, OSError) as exc:
-            if not quiet:
-                log.warning(
-                    "redis_cluster_unknown",
-                    error=type(exc).__name__,
-                    assuming="a single server",
-                    hint='if it is a cluster node, set [redis] cluster = "yes"',
-                )
-            cluster = False
-    if not cluster:
-        return single
-    await single.aclose()
-    client = RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0, **_SEND_ONCE)
-    try:
-        await client.initialize()  # learn the slots now: the enqueuer routes by them before any command ran
-    except (RedisError, OSError) as exc:  # away again: the first command tries once more
-        log.warning("redis_cluster_layout_unknown", error=str(exc))
-    return client
-
-
-def is_cluster(client: Client) -> bool:
-    return isinstance(client, RedisCluster)
-
-
-class PartitionKeys:
-    """The keys of one partition of the events stream. They all carry the partition's hash tag, so one
-    enqueue (dedupe key, stream, job hash, timeline, index slice) and a handler's progress (retries, attempts,
-    done-markers) stay in one cluster slot, and their atomic steps stay single Lua calls."""
-
-    def __init__(self, prefix: str, tag: str) -> None:
-        self.tag = tag
-        self.stem = stem = f"{prefix}:{{{tag}}}"
-        self.events = f"{stem}:events"
-        self.jobs = f"{stem}:jobs"
-
-    def seen(self, webhook_id: str) -> str:
-        return f"{self.stem}:seen:{webhook_id}"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.stem}:job:{job_id}"
-
-    def timeline(self, job_id: str) -> str:
-        return f"{self.stem}:timeline:{job_id}"
-
-    def retry(self, handler: str) -> str:
-        return f"{self.stem}:retry:{handler}"
-
-    def attempts(self, handler: str) -> str:
-        return f"{self.stem}:attempts:{handler}"
-
-    def done(self, handler: str, event_id: str) -> str:
-        return f"{self.stem}:done:{handler}:{event_id}"
-
-
-class Keys:
-    """Key names for one prefix and number of partitions."""
-
-    def __init__(self, prefix: str, partitions: int = 1) -> None:
-        if partitions < 1:
-            raise ValueError("partitions must be at least 1")
-        self.prefix = prefix
-        self.partitions = partitions
-        self.parts = [PartitionKeys(prefix, f"p{n}") for n in range(partitions)]
-        #: Quarantined bodies have no job id yet: they have a slot of their own.
-        self.quarantine_part = PartitionKeys(prefix, "q")
-        self.quarantine = f"{self.quarantine_part.stem}:quarantine"
-
-    def partition_of(self, job_id: str) -> int:
-        """The partition of a job's events: a stable hash of its id (the same in every process and release)."""
-        return zlib.crc32(job_id.encode()) % self.partitions if self.partitions > 1 else 0
-
-    def part(self, job_id: str) -> PartitionKeys:
-        return self.parts[self.partition_of(job_id)]
-
-    def job(self, job_id: str) -> str:
-        return self.part(job_id).job(job_id)
-
-    def timeline(self, job_id: str) -> str:
-        return self.part(job_id).timeline(job_id)
-
-    def dlq(self, handler: str) -> str:
-        return f"{self.prefix}:{{dlq}}:{handler}"
-
-    def dlq_marker(self, handler: str, partition: int, entry_id: str) -> str:
-        """Set when an entry of `partition` was dead-lettered for `handler` (so it is written once)."""
-        return f"{self.prefix}:{{dlq}}:{handler}:of:{partition}:{entry_id}"
-
-    def lease(self, handler: str, partition: int) -> str:
-        return f"{self.prefix}:lease:{handler}:{partition}"
-
-    def handler_state(self, handler: str) -> str:
-        return f"{self.prefix}:h:{handler}"
-
-    def hydrated(self, event_id: str) -> str:
-        return f"{self.prefix}:hydrated:{event_id}"
-
-    def hydrated_lock(self, event_id: str) -> str:
-        return f"{self.prefix}:hydrated:{event_id}:lock"
-
-    def rate(self, handler: str) -> str:
-        """The rate-limit counters' stem (`limits.Guard` appends the minute)."""
-        return f"{self.prefix}:rate:{handler}"
-
-    def breaker(self, handler: str) -> str:
-        return f"{self.prefix}:{{b:{handler}}}:breaker"
-
-    def breaker_probe(self, handler: str) -> str:
-        return f"{self.prefix}:{{b:{handler}}}:probe"
-
-    @property
-    def poller(self) -> str:
-        return f"{self.prefix}:poller"
-
-    @property
-    def poller_seen(self) -> str:
-        return f"{self.prefix}:poller:seen"
-
-    def worker(self, consumer: str) -> str:
-        return f"{self.prefix}:{{w}}:worker:{consumer}"
-
-    @property
-    def workers(self) -> str:
-        """Sorted set: consumer → when its heartbeat expires (the live workers, without a SCAN)."""
-        return f"{self.prefix}:{{w}}:workers"
 
 
 class Streams:
@@ -638,13 +429,6 @@ class Streams:
 
 #: A dead letter's marker outlives any takeover of its entry (it only guards against writing it twice).
 _DEAD_LETTER_MARK_S: Final = 7 * 24 * 3600
-
-
-def text(value: Any) -> str:
-    """A Redis reply value as text (bytes decoded, invalid UTF-8 replaced; None as "")."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return "" if value is None else str(value)
 
 
 def _entry(raw: Any) -> Entry:

@@ -2,7 +2,7 @@
 one-server client, so the same tests run against one server (`REDIS_URL` or the embedded Valkey) and against
 a cluster (`REDIS_URL` of any node).
 
-The async factory is the product's own `processor.stream.open_client`, so the tests connect the way ftjobs
+The async factory is the product's own `processor.client.open_client`, so the tests connect the way ftjobs
 does; the sync one asks the server the same question (`INFO cluster`) once per URL.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import redis
 from redis.cluster import RedisCluster
 
-from processor.stream import Client, open_client
+from processor.client import Client, open_client
 
 SyncClient: TypeAlias = "redis.Redis | RedisCluster"
 
@@ -35,5 +35,5 @@ def sync_client(url: str) -> SyncClient:
 
 
 async def async_client(url: str) -> Client:
-    """An asyncio client for `url`, chosen as ftjobs chooses it (`processor.stream.open_client`)."""
+    """An asyncio client for `url`, chosen as ftjobs chooses it (`processor.client.open_client`)."""
     return await open_client(url)

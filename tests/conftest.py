@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from processor import registry, signatures
+from processor.client import Client
 from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS
@@ -31,7 +32,6 @@ from processor.models import Event, decode_event
 from processor.receiver import create_app
 from processor.runtime import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings
-from processor.stream import Client
 from tests.clients import async_client
 from tests.processes import Proc
 
@@ -237,8 +237,9 @@ def procs() -> Iterator[Callable[..., Proc]]:
 def make_poller(settings: Settings, rclient: Any, api: Any) -> Any:
     """A poller on the settings' prefix, with an enqueuer of its own (as `runtime.Runtime.poller` builds it)."""
     from processor.enqueue import Enqueuer
+    from processor.keys import Keys
     from processor.poller import Poller
-    from processor.stream import Keys, Streams
+    from processor.stream import Streams
 
     keys = Keys(settings.redis.prefix)
     enqueuer = Enqueuer(rclient, keys, ttl_s=settings.receiver.dedupe_window_s, state_ttl_s=settings.redis.retention_s)

@@ -10,9 +10,9 @@ import asyncio
 
 import msgspec
 
+from processor.client import Client
 from processor.handler import Delivery, PermanentFailure, RetryLater
 from processor.models import encode_event
-from processor.stream import Client
 from tests.clients import async_client
 
 _RECORD = """

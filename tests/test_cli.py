@@ -414,7 +414,7 @@ async def test_bulk_replay_and_drop_take_filters_and_a_dry_run(
 ) -> None:
     import time
 
-    from processor.stream import Keys
+    from processor.keys import Keys
 
     keys = Keys(prefix)
     config = tmp_path / "ftjobs.toml"
@@ -465,7 +465,7 @@ async def test_bulk_replay_and_drop_take_filters_and_a_dry_run(
 
 
 async def test_quarantine_replay_all_takes_filters(redis_url: str, prefix: str, rclient: Any, tmp_path: Path) -> None:
-    from processor.stream import Keys
+    from processor.keys import Keys
 
     keys = Keys(prefix)
     config = tmp_path / "ftjobs.toml"
@@ -492,7 +492,7 @@ async def test_bulk_actions_have_no_cap_and_draw_a_bar_on_a_terminal(
 ) -> None:
     """More entries than a page (500) and than a chunk (100): every one is handled; on a terminal stderr
     gets a bar redrawn in place, no wider than the terminal."""
-    from processor.stream import Keys
+    from processor.keys import Keys
 
     keys = Keys(prefix)
     config = tmp_path / "ftjobs.toml"

@@ -26,7 +26,8 @@ import pytest
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
-from processor.stream import Keys, open_client
+from processor.client import open_client
+from processor.keys import Keys
 from tests.cluster import LocalCluster
 from tests.conftest import SECRET, free_port, sample, signed
 from tests.processes import FTJOBS, Proc, base_env, http_ready, wait_for, write_config

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
+from processor.client import Client
 from processor.enqueue import Enqueuer
-from processor.stream import Client, Keys
+from processor.keys import Keys
 from tests.clients import is_cluster
 
 

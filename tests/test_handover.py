@@ -16,10 +16,11 @@ import redis.asyncio as redis
 
 from processor import registry
 from processor.enqueue import Enqueuer, NotReplicated, wait_command
+from processor.keys import Keys
 from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.runtime import running_worker
 from processor.settings import Settings
-from processor.stream import RECORD_FIELD, Keys, Streams
+from processor.stream import RECORD_FIELD, Streams
 from tests.conftest import compact, eventually, sample, sink
 from tests.processes import base_env, write_config
 from tests.test_reliability import counts, enqueue, settled, start_proc, until

@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from processor import signatures
-from processor.stream import Keys, Streams
+from processor.keys import Keys
+from processor.stream import Streams
 from tests.conftest import SECRET, build_fails, compact, eventually, sample
 from tests.fake_targets import Recorder, catch_all_app, pipelines_app, redirect_app
 

@@ -11,10 +11,10 @@ import msgspec
 import pytest
 
 from processor.jobstate import JobState
+from processor.keys import Keys
 from processor.models import decode_job
 from processor.openai import JobNotFound, OpenAIAuthError, OpenAIClient, OpenAIError
 from processor.settings import OpenAISettings, Settings
-from processor.stream import Keys
 from tests.conftest import compact, eventually, make_poller, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.fake_targets import Recorder, catch_all_app, redirect_app

@@ -6,8 +6,8 @@ import redis.asyncio as redis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from processor.keys import Keys
 from processor.partitions import Leases, holders, plan
-from processor.stream import Keys
 from tests.conftest import eventually
 
 

@@ -28,11 +28,13 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
 from processor import embedded, registry
+from processor.client import open_client
 from processor.embedded import EmbeddedValkey
+from processor.keys import Keys
 from processor.models import Event, FineTuningJob, encode_event
 from processor.receiver import create_app
 from processor.runtime import running_worker
-from processor.stream import RECORD_FIELD, Keys, Streams, open_client
+from processor.stream import RECORD_FIELD, Streams
 from tests.conftest import SECRET, free_port, sample, signed, sink
 from tests.processes import Proc, base_env, http_ready, wait_for, write_config
 

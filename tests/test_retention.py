@@ -7,9 +7,10 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from processor.keys import Keys
 from processor.retention import sizes, sweep
 from processor.settings import RedisSettings
-from processor.stream import Keys, Streams
+from processor.stream import Streams
 
 
 async def test_sweep_trims_the_jobs_index_dead_letters_and_quarantine(rclient: redis.Redis, prefix: str) -> None:

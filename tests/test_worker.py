@@ -16,10 +16,11 @@ import redis.asyncio as redis
 from prometheus_client import REGISTRY
 
 from processor import registry
+from processor.keys import Keys
 from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.runtime import running_worker
 from processor.settings import Settings
-from processor.stream import RECORD_FIELD, Keys, Streams
+from processor.stream import RECORD_FIELD, Streams
 from tests.conftest import captured_logs, compact, eventually, free_port, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config

@@ -15,14 +15,16 @@ from typing import Any, Final
 import msgspec
 from redis.exceptions import ResponseError
 
+from processor.client import Script, text
 from processor.jobstate import Transition, judge
+from processor.keys import PartitionKeys
 from processor.limits import Guard
 from processor.models import Event, FineTuningJob, decode_event
 from processor.records import DeadLetterRecord
 from processor.retention import sizes
 from processor.runtime import Runtime
 from processor.settings import HandlerSpec
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, PartitionKeys, Script, text
+from processor.stream import RECORD_FIELD, VERDICT_FIELD
 
 from .delivery import Facts, State, decide, unknown
 
