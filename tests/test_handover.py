@@ -62,7 +62,8 @@ async def test_a_retried_enqueue_is_not_confirmed_while_its_write_is_still_unrep
     """With WAIT on, the first attempt is answered NotReplicated ("retry"). The sender's retry finds the
     webhook-id already seen, and is answered as stored although no replica has the write yet: a failover now
     loses an event the sender was told was stored."""
-    enqueuer = Enqueuer(rclient, Keys(prefix), ttl_s=60, wait=wait_command(1, False, 10))  # no replica here
+    # More replicas than any server here has (none on one server, one per master on the test cluster).
+    enqueuer = Enqueuer(rclient, Keys(prefix), ttl_s=60, wait=wait_command(5, False, 10))
     with pytest.raises(NotReplicated):
         await enqueuer.add("wh_unreplicated", {b"n": b"1"})
     with pytest.raises(NotReplicated):
