@@ -4,7 +4,7 @@ redis-py reads a pipeline's replies one `read_response` at a time, and each arms
 (`socket_timeout`) and goes through the parser's layers: for a batch of EVALSHA writes that costs more than
 the writes. `exchange` writes the packed commands, then feeds whatever bytes arrive to one `hiredis.Reader`
 and takes every complete reply out of it, under one timeout for the whole batch. `pack` is hiredis' C
-packer, with a Python fallback for what it does not take.
+packer, with a Python fallback for what it does not take (and for a hiredis without one).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from redis.exceptions import ConnectionError, ResponseError
 
 #: How much to read from the socket at once.
 READ_BYTES: Final = 65536
+#: hiredis' C packer (newer hiredis releases have it; without it, the Python loop of `pack` packs alike).
+_HIREDIS_PACK: Final[Any] = getattr(hiredis, "pack_command", None)
 
 
 def pack(args: Sequence[Any]) -> bytes:
@@ -28,14 +30,16 @@ def pack(args: Sequence[Any]) -> bytes:
     str, bytes, int and float, formatted as `str()` formats them. Anything else (a bool, a memoryview on an
     old hiredis) goes through the Python loop, so both give the same bytes for the same arguments.
     """
-    try:
-        return hiredis.pack_command(tuple(args))  # type: ignore[no-any-return,unused-ignore]
-    except TypeError:
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-        return b"".join(parts)
+    if _HIREDIS_PACK is not None:
+        try:
+            return _HIREDIS_PACK(tuple(args))  # type: ignore[no-any-return]
+        except TypeError:
+            pass
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def error(reply: ResponseError) -> Exception:
