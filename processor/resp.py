@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import hiredis
 from redis._parsers.base import BaseParser  # its error table; a classmethod since redis-py 5.0
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import AskError, ClusterDownError, ConnectionError, MovedError, ResponseError, TryAgainError
 
 #: How much to read from the socket at once.
 READ_BYTES: Final = 65536
@@ -44,9 +44,22 @@ def pack(args: Sequence[Any]) -> bytes:
 
 def error(reply: ResponseError) -> Exception:
     """redis-py's exception for an error reply, mapped by redis-py's own table (NOSCRIPT → `NoScriptError`,
-    MOVED → `MovedError`, ASK, TRYAGAIN, CLUSTERDOWN...), so callers test the same classes either way."""
+    ...) and, for a cluster's redirections (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), by ours: redis-py before 6
+    maps those only in its cluster client's parser. Callers test the same classes either way."""
+    code, _, rest = str(reply).partition(" ")
+    cluster = _CLUSTER_ERRORS.get(code)
+    if cluster is not None:
+        return cluster(rest)
     mapped: Exception = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call,unused-ignore]
     return mapped
+
+
+_CLUSTER_ERRORS: Final[dict[str, type[ResponseError]]] = {
+    "MOVED": MovedError,
+    "ASK": AskError,
+    "TRYAGAIN": TryAgainError,
+    "CLUSTERDOWN": ClusterDownError,
+}
 
 
 def parse_replies(reader: hiredis.Reader, data: bytes, replies: list[Any], n: int) -> None:
