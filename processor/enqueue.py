@@ -277,7 +277,10 @@ class _Route:
 
     async def release(self, conn: Any) -> None:
         if self.node is not None:
-            self.node.release(conn)
+            if hasattr(self.node, "release"):
+                self.node.release(conn)
+            else:  # redis-py before 5.1: a node's free connections are a deque, returned to as its own code does
+                self.node._free.append(conn)
         else:
             assert isinstance(self.client, redis.Redis)
             await self.client.connection_pool.release(conn)
