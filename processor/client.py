@@ -60,9 +60,12 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
 #: ftjobs' commands may be applied twice (XREADGROUP '>', INCR, a handler's side effect): the caller decides,
 #: as with one server (`connect`). `retry` covers it all from 6.0 on (where the attempts argument is
 #: deprecated); before, it is the connections' retry, and the attempts are the cluster's.
+# Before 6.0 the cluster's pipelines (and the multi-key commands split into them) need one attempt, which
+# lets a single command go once more after a connection error: use redis-py 6 or later on a cluster.
 _SEND_ONCE: Final[dict[str, Any]] = {"retry": Retry(NoBackoff(), 0)}
-if int(version("redis").split(".")[0]) < 6:
-    _SEND_ONCE["cluster_error_retry_attempts"] = 0
+REDIS_PY_MAJOR: Final = int(version("redis").split(".")[0])
+if REDIS_PY_MAJOR < 6:
+    _SEND_ONCE["cluster_error_retry_attempts"] = 1
 
 
 async def open_client(

@@ -28,7 +28,7 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
 from processor import embedded, registry
-from processor.client import open_client
+from processor.client import REDIS_PY_MAJOR, open_client
 from processor.embedded import EmbeddedValkey
 from processor.keys import Keys
 from processor.models import Event, FineTuningJob, encode_event
@@ -585,7 +585,8 @@ async def test_the_client_sends_no_command_twice(redis_url: str) -> None:
         # redis-py before 6.0 has no `get_retries`; the cluster then also counts its own attempts.
         retry: Any = client.retry if isinstance(client, RedisCluster) else client.get_retry()
         assert retry._retries == 0
-        assert getattr(client, "cluster_error_retry_attempts", 0) == 0
+        # Before redis-py 6, the cluster's pipelines need one attempt (0 breaks them): a command may go once more.
+        assert getattr(client, "cluster_error_retry_attempts", 0) == (1 if REDIS_PY_MAJOR < 6 else 0)
         assert await client.ping()
     finally:
         await client.aclose()
