@@ -24,6 +24,7 @@ from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
 from processor import gauges, metrics, signatures, tracing
+from processor.deadline import SharedDeadline
 from processor.enqueue import Enqueued, Enqueuer, NotReplicated
 from processor.errors import (
     BodyTimeoutError,
@@ -57,57 +58,6 @@ class _Groups:
 
 
 GROUPS: Final = web.AppKey("groups", _Groups)
-
-
-class SharedDeadline:
-    """`asyncio.timeout(seconds)` for many concurrent requests, with one event-loop timer for all of them.
-
-    `asyncio.timeout` arms and disarms a timer per request (under uvloop, a libuv timer each: ~5 µs of a
-    webhook request). Here every request gets the same allowance, so deadlines expire in the order requests
-    started: they wait in an insertion-ordered dict, and a single timer, armed for the oldest, cancels what
-    is overdue and re-arms for the next. A request that finishes in time costs a dict insert and delete.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._waiting: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self) -> asyncio.Task[Any]:
-        """Start the clock for the current task; pair with `stop` in a `finally`."""
-        task = asyncio.current_task()
-        assert task is not None
-        loop = task.get_loop()
-        at = loop.time() + self.seconds
-        self._waiting[task] = at
-        if self._timer is None:
-            self._timer = loop.call_at(at, self._fire, loop)
-        return task
-
-    def stop(self, task: asyncio.Task[Any]) -> None:
-        self._waiting.pop(task, None)
-        self._expired.discard(task)
-
-    def expired(self, task: asyncio.Task[Any]) -> bool:
-        """Whether `task` was cancelled by its deadline alone (then it is uncancelled: the caller answers
-        instead); False when something else cancelled it too, as `asyncio.timeout` decides."""
-        if task not in self._expired:
-            return False
-        self._expired.discard(task)
-        return task.uncancel() == 0
-
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        now = loop.time()
-        while self._waiting:
-            task, at = next(iter(self._waiting.items()))
-            if at > now:
-                self._timer = loop.call_at(at, self._fire, loop)
-                return
-            del self._waiting[task]
-            self._expired.add(task)
-            task.cancel()
 
 
 DEADLINE: Final = web.AppKey("enqueue_deadline", SharedDeadline)

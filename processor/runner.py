@@ -26,7 +26,8 @@ import msgspec
 import structlog
 from redis.exceptions import RedisError
 
-from processor import metrics, policy, tracing
+from processor import logs, metrics, policy, tracing
+from processor.deadline import SharedDeadline
 from processor.errors import HandlerError
 from processor.handler import Delivery, Handler, is_effectively_once
 from processor.hydration import Preparer
@@ -115,6 +116,7 @@ class Runner:
         # The hot path's metric children, looked up once.
         self._delivered = metrics.DELIVERIES.labels(self.group, "delivered")
         self._handler_seconds = metrics.HANDLER_SECONDS.labels(self.group)
+        self._deadline = SharedDeadline(spec.call_limit_s)
 
     def stop(self) -> None:
         """Stop taking new entries; the current batch finishes (see `Worker.run`)."""
@@ -315,14 +317,19 @@ class Runner:
             return Ack(entry_id, forget)  # a replay for another handler
         assert isinstance(event, Event | BaseException) and about is not None
         # Every line about this entry (hydration failures and dead letters included) says which it is.
-        with structlog.contextvars.bound_contextvars(
-            handler=self.group,
-            webhook_id=about.id,
-            job_id=about.job_id,
-            event_type=about.type,
-            attempt=failed_before + 1,
-        ):
+        token = logs.bind_delivery(
+            {
+                "handler": self.group,
+                "webhook_id": about.id,
+                "job_id": about.job_id,
+                "event_type": about.type,
+                "attempt": failed_before + 1,
+            }
+        )
+        try:
             return await self._route(entry, about, event, failed_before, forget)
+        finally:
+            logs.unbind_delivery(token)
 
     async def _route(
         self, entry: Entry, about: Event, event: Event | BaseException, failed_before: int, forget: bool
@@ -388,14 +395,23 @@ class Runner:
             await self._apply(entry, event, deferred, False)
             return False
         started = time.perf_counter()
+        failure: BaseException | None = None
+        task = self._deadline.start()  # call_limit_s, as asyncio.timeout would, with one timer for all lanes
         try:
             with tracing.handler_span(entry.trace, self.group, delivery.event.job_id):
-                async with asyncio.timeout(self.spec.call_limit_s):  # no extra task per call, unlike wait_for
-                    await self.handler(delivery)
+                await self.handler(delivery)
+        except asyncio.CancelledError:
+            if not self._deadline.expired(task):
+                raise
+            failure = TimeoutError(f"the handler did not finish within {self.spec.call_limit_s} s")
         except Exception as exc:  # the handler's own bug counts as a transient failure
+            failure = exc
+        finally:
+            self._deadline.stop(task)
+        if failure is not None:
             if self.guard.active and await self.guard.record(ok=False):
                 log.warning("circuit_opened", cooldown_s=self.spec.breaker_cooldown_s)
-            outcome = policy.decide(exc, spec=self.spec, attempt=attempt, now=time.time(), jitter=random.random())
+            outcome = policy.decide(failure, spec=self.spec, attempt=attempt, now=time.time(), jitter=random.random())
             await self._apply(entry, event, outcome, False)
             return False
         if self.guard.active:

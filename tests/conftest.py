@@ -248,15 +248,18 @@ def make_poller(settings: Settings, rclient: Any, api: Any) -> Any:
 
 @contextlib.contextmanager
 def captured_logs() -> Iterator[list[dict[str, Any]]]:
-    """Log entries as structlog's `capture_logs` gives them, with the context variables merged in (its own
-    `processors=` argument needs structlog 25.5; this works on every version we support)."""
+    """Log entries as structlog's `capture_logs` gives them, with the context variables and the current
+    delivery merged in, as `logs.configure` does (its own `processors=` argument needs structlog 25.5; this
+    works on every version we support)."""
     import structlog
+
+    from processor.logs import merge_delivery
 
     capture = structlog.testing.LogCapture()
     processors = structlog.get_config()["processors"]
     saved = list(processors)
     processors.clear()  # in place: loggers cached on first use hold this very list
-    processors.extend([structlog.contextvars.merge_contextvars, capture])
+    processors.extend([structlog.contextvars.merge_contextvars, merge_delivery, capture])
     try:
         yield capture.entries
     finally:

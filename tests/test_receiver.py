@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from processor.models import FineTuningJob, decode_event
-from processor.receiver import SharedDeadline, create_app
+from processor.receiver import create_app
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD
 from tests.conftest import compact, free_port, sample, signed
@@ -291,7 +291,6 @@ async def test_unsigned_mode_accepts_without_headers(
 
 
 async def test_concurrent_requests_share_round_trips(client: TestClient, rclient: redis.Redis, prefix: str) -> None:
-    import asyncio
 
     body = compact(sample("fine_tuning_job.succeeded.json"))
     ids = [f"wh_{uuid.uuid4().hex}" for _ in range(200)]
@@ -355,7 +354,6 @@ async def test_stalled_redis_answers_503_within_the_enqueue_deadline(
 ) -> None:
     """SIGSTOP, not kill: the socket stays open and nothing answers. The sender gets a 503 that says the write
     may have been applied, instead of its own timeout; /readyz answers too."""
-    import asyncio
     import os
     import signal
 
@@ -433,36 +431,3 @@ async def test_metrics_on_their_own_listener(
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics"):
             pass
-
-
-async def test_shared_deadline_cancels_only_overdue_waits() -> None:
-    """The enqueue deadline's one timer: a wait past it is cancelled and reported as expired (uncancelled, so
-    the request can answer 503); waits that end in time are untouched; a cancellation from elsewhere (the
-    client went away) stays a cancellation."""
-    deadline = SharedDeadline(0.05)
-
-    async def wait(for_s: float | None) -> str:
-        task = deadline.start()
-        try:
-            if for_s is None:
-                await asyncio.get_running_loop().create_future()  # never done
-            else:
-                await asyncio.sleep(for_s)
-            return "done"
-        except asyncio.CancelledError:
-            if deadline.expired(task):
-                return "expired"
-            raise
-        finally:
-            deadline.stop(task)
-
-    stuck, quick, later = (asyncio.create_task(wait(s)) for s in (None, 0.0, None))
-    assert await quick == "done"
-    assert await stuck == "expired" and await later == "expired"
-    assert stuck.cancelling() == 0
-    assert await asyncio.create_task(wait(0.0)) == "done"  # the timer re-arms for later waits
-    gone = asyncio.create_task(wait(None))
-    await asyncio.sleep(0)
-    gone.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await gone
