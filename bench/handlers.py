@@ -20,17 +20,18 @@ class Noop:
 
 
 class StartProbe:
-    """Records `webhook_id time` at handler start; writes them to `$FTJOBS_BENCH_PROBE` on close."""
+    """Records `webhook_id start received` at handler start (`received`: when the receiver took the request);
+    writes them to `$FTJOBS_BENCH_PROBE` on close."""
 
     Options = NoOptions
 
     def __init__(self, name: str, options: NoOptions) -> None:
         self.name = name
-        self.starts: list[tuple[str, float]] = []
+        self.starts: list[tuple[str, float, float]] = []
 
     async def __call__(self, delivery: Delivery) -> None:
-        self.starts.append((delivery.event.id, time.time()))
+        self.starts.append((delivery.event.id, time.time(), delivery.event.received_at))
 
     async def close(self) -> None:
-        lines = "".join(f"{event_id} {at:.6f}\n" for event_id, at in self.starts)
+        lines = "".join(f"{event_id} {at:.6f} {received:.6f}\n" for event_id, at, received in self.starts)
         Path(os.environ["FTJOBS_BENCH_PROBE"]).write_text(lines)  # noqa: ASYNC240 -- once, at shutdown

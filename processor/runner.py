@@ -6,7 +6,8 @@ nothing else, never past the next due retry). Entries of one job run in order; d
 concurrently up to the handler's `concurrency`. Each call has a timeout; every entry of the batch stays
 leased (renewed every third of a lease) until it is finished, so no live worker's entry is taken over.
 Outcomes: success or "not for this handler" → ack (with the done-marker of an effectively-once handler, in
-the same step, right after the call, retried while Redis is away); failure → retry with exponential backoff
+the same step, before the lane's next call, retried while Redis is away; a batch's last ones are written
+while the next batch is read, and before any of its calls); failure → retry with exponential backoff
 and full jitter (state in Redis, so it survives restarts) until `max_attempts`, then the dead-letter stream.
 What happens to an entry is decided by the pure functions of `policy`; the runner gathers the facts and
 applies the decision to Redis (`Runner._apply`).
@@ -18,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
@@ -106,6 +107,8 @@ class Runner:
         self._to_ack: list[Ack] = []
         self._ack_waiters: list[asyncio.Future[bool]] = []
         self._writing = False
+        #: The write of the previous batch's last acknowledgements, under way while the next batch is read.
+        self._flush: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         #: No live consumer but this one holds entries here (on a partition just taken, the previous owner may
@@ -128,29 +131,43 @@ class Runner:
         """Loop until stopped. Redis errors are logged and the loop goes on (with backoff), so it starts and
         survives while Redis is away; only `TaskDied` ends it."""
         failures = 0
-        while not self._stopping.is_set():
-            self.progress.turn(self.group)
-            try:
-                await self.streams.ensure_groups([self.group])
-                entries, seen_before = await self._next_batch()
-                if entries:
-                    await self._process(entries, seen_before)
-                failures = 0
-            except TaskDied:
-                raise
-            except LeaseExpired:  # the worker renews it, or stops this runner and hands the partition over
-                self._log.warning("partition_lease_expired", partition=self.streams.partition)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), _NOT_YET_S)
-            except Exception as exc:  # Redis away, or a bug: log it, wait, and carry on; entries stay pending
-                failures += 1
-                delay = retry_delay(failures)
-                if isinstance(exc, RedisError):
-                    self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
-                else:
-                    self._log.exception("runner_error", retry_in_s=delay)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+        try:
+            while not self._stopping.is_set():
+                self.progress.turn(self.group)
+                try:
+                    await self.streams.ensure_groups([self.group])
+                    entries, seen_before = await self._next_batch()
+                    if entries:
+                        await self._flushed()
+                        await self._process(entries, seen_before)
+                    failures = 0
+                except TaskDied:
+                    raise
+                except LeaseExpired:  # the worker renews it, or stops this runner and hands the partition over
+                    self._log.warning("partition_lease_expired", partition=self.streams.partition)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), _NOT_YET_S)
+                except Exception as exc:  # Redis away, or a bug: log it, wait, carry on; entries stay pending
+                    failures += 1
+                    delay = retry_delay(failures)
+                    if isinstance(exc, RedisError):
+                        self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
+                    else:
+                        self._log.exception("runner_error", retry_in_s=delay)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+            await self._flushed()  # stopped: the last batch's acknowledgements are written before it returns
+        finally:
+            if self._flush is not None:  # cut off (cancelled), or the worker dies: the write ends with it
+                self._flush.cancel()
+
+    async def _flushed(self) -> None:
+        """Wait until the previous batch's last acknowledgements are written. They go out while the next batch
+        is read, and are waited for before any call of that batch (so at most one finished call per lane is
+        ever unacknowledged) and before looking for entries to take over (this consumer's are among them)."""
+        if self._flush is not None:
+            flush, self._flush = self._flush, None
+            await flush
 
     async def _next_batch(self) -> tuple[list[Entry], int]:
         """Up to a batch of entries: taken over, due for a retry, then new; and how many are not new."""
@@ -160,6 +177,7 @@ class Runner:
             raise LeaseExpired
         now = time.monotonic()
         if not self._caught_up or now - self._last_reclaim >= self.settings.lease_s / 2:
+            await self._flushed()
             self._last_reclaim = now
             taken, busy = await self.streams.reclaim(self.group, self.consumer, size)
             self._caught_up = not busy
@@ -196,23 +214,25 @@ class Runner:
         return int(block_s * 1000) if block_s >= 0.001 else None
 
     async def _process(self, entries: list[Entry], seen_before: int) -> None:
-        """Run one batch: per-job order kept, jobs concurrent, each finished entry acknowledged at once (acks
-        of concurrent lanes share a round trip). Only the first `seen_before` entries (taken over, or retries)
-        can have failed attempts to look up. When a lane fails (Redis away), the others start nothing more."""
+        """Run one batch: per-job order kept, jobs concurrent, each finished call acknowledged before its lane
+        makes another (acks of concurrent lanes share a round trip; the last ones go out with the next read).
+        Only the first `seen_before` entries (taken over, or retries) can have failed attempts to look up.
+        When a lane fails (Redis away), the others start nothing more."""
         self._held = {entry.id for entry in entries}
         self._lost = set()
         try:
             ids = [entry.id for entry in entries[:seen_before]]
             attempts = dict(zip(ids, await self.streams.attempts(self.group, ids), strict=True))
             by_job = await self._prepare(entries)
-            jobs = iter(by_job.values())
+            jobs = deque(by_job.values())
             halt = asyncio.Event()
 
             async def lane() -> None:
-                # `concurrency` lanes share one iterator of jobs: each job's events run in order in one lane.
+                # `concurrency` lanes share one queue of jobs: each job's events run in order in one lane.
                 try:
-                    for items in jobs:
-                        for entry, about, event in items:
+                    while jobs:
+                        items = jobs.popleft()
+                        for n, (entry, about, event) in enumerate(items, 1):
                             if halt.is_set():
                                 return
                             if not self.lease_ok():
@@ -226,9 +246,9 @@ class Runner:
                             )
                             if ack is None:  # a retry or the DLQ took it
                                 self._held.discard(entry.id)
-                            elif ack.called:
+                            elif ack.called and (n < len(items) or jobs):  # the lane has more to call
                                 await self._ack(ack)
-                            else:
+                            else:  # written at the batch's end (a finished call: before the next batch's)
                                 self._to_ack.append(ack)
                             self.progress.turn(self.group)
                 except BaseException:
@@ -240,11 +260,13 @@ class Runner:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
-            if self._to_ack:
-                await self._ack()
-        finally:
-            self._held = set()
+        except BaseException:
+            self._held = set()  # what is not acknowledged stays pending: taken over again (reclaim)
             self._to_ack, self._ack_waiters, self._writing = [], [], False
+            raise
+        self._held = {ack.entry_id for ack in self._to_ack}
+        if self._to_ack:  # written while the next batch is read (`_flushed`)
+            self._flush = asyncio.create_task(self._ack())
 
     async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Event | None, Prepared]]]:
         """Decode, judge and hydrate the batch, grouped by job: each entry with its decoded event and what the
