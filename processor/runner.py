@@ -260,13 +260,15 @@ class Runner:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
-        except BaseException:
-            self._held = set()  # what is not acknowledged stays pending: taken over again (reclaim)
+        except asyncio.CancelledError:  # cut off: what is not acknowledged stays pending, taken over again
             self._to_ack, self._ack_waiters, self._writing = [], [], False
             raise
-        self._held = {ack.entry_id for ack in self._to_ack}
-        if self._to_ack:  # written while the next batch is read (`_flushed`)
-            self._flush = asyncio.create_task(self._ack())
+        finally:
+            # Finished, or a lane failed (Redis away): what finished is acknowledged all the same, while the
+            # next batch is read (`_flushed`); what did not stays pending and is taken over again (reclaim).
+            self._held = {ack.entry_id for ack in self._to_ack}
+            if self._to_ack:
+                self._flush = asyncio.create_task(self._ack())
 
     async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Event | None, Prepared]]]:
         """Decode, judge and hydrate the batch, grouped by job: each entry with its decoded event and what the
@@ -306,10 +308,14 @@ class Runner:
             self._ack_waiters.append(waiter)
             if not await waiter:  # True: the write of the acks that waited is this lane's to make
                 return
-        self._writing = True
-        acks, self._to_ack = self._to_ack, []
-        waiters, self._ack_waiters = self._ack_waiters, []
+        else:
+            self._writing = True
+        waiters: list[asyncio.Future[bool]] = []
         try:
+            # One turn of the loop first: the lanes ready to run finish their calls and join this write.
+            await asyncio.sleep(0)
+            acks, self._to_ack = self._to_ack, []
+            waiters, self._ack_waiters = self._ack_waiters, []
             await self._write_acks(acks)
         except BaseException as exc:
             self._writing = False
