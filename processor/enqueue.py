@@ -105,6 +105,17 @@ return {1, id, verdict}
 )
 
 
+def marker_entry_id(marker: bytes | str | None) -> str:
+    """The entry id a dedupe marker names ('' for none): `1700000000000007` → `1700000000000-7`, as the
+    enqueue script reads it; a marker written as text is the id itself."""
+    if not marker:
+        return ""
+    value = marker.decode() if isinstance(marker, bytes) else marker
+    if "-" in value or len(value) < 4:
+        return value
+    return f"{value[:-3]}-{int(value[-3:])}"
+
+
 class Verdict(NamedTuple):
     """An event's verdict against its job's state, as `_ENQUEUE_LUA` writes it: "kind|previous|repeat of"."""
 

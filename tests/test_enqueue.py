@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as redis
 
 from processor.client import Client
-from processor.enqueue import Enqueuer
+from processor.enqueue import Enqueuer, marker_entry_id
 from processor.keys import Keys
 from tests.clients import is_cluster
 
@@ -65,6 +65,7 @@ async def test_the_dedupe_marker_holds_the_entry_id_as_a_number(prefix: str, rcl
     seen = keys.quarantine_part.seen("wh_a")
     ms, seq = first.entry_id.split("-")
     assert await rclient.get(seen) == f"{ms}{int(seq):03d}".encode()
+    assert marker_entry_id(await rclient.get(seen)) == first.entry_id
     assert await rclient.object("encoding", seen) == b"int"
     again = await enqueuer.add("wh_a", {b"n": b"2"})
     assert (again.new, again.entry_id) == (False, first.entry_id)
@@ -77,4 +78,5 @@ async def test_the_dedupe_marker_holds_the_entry_id_as_a_number(prefix: str, rcl
         await rclient.set(keys.quarantine_part.seen(f"wh_{marker}"), marker)
         duplicate = await enqueuer.add(f"wh_{marker}", {b"n": b"3"})
         assert (duplicate.new, duplicate.entry_id) == (False, entry_id)
+        assert marker_entry_id(marker.encode()) == entry_id  # how the dashboard reads a marker
     assert len(await rclient.xrange(keys.quarantine)) == 1
