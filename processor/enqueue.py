@@ -39,8 +39,11 @@ log = structlog.get_logger()
 TIMELINE_MAX: Final = 200
 
 # Dedupe, judge and append in one atomic step. A `webhook-id` seen before returns the entry it created and
-# appends nothing. For a job event, the job's state gives the event its verdict, stored in the entry as
-# `v` = "kind|previous status|repeat of":
+# appends nothing. The dedupe marker holds that entry's id `ms-seq` as one integer, `ms` then `seq` in three
+# digits (`1700000000000-7` → `1700000000000007`): Redis stores it in the value's pointer (an int-encoded
+# string), 24 bytes less per event than the text on Valkey 8, 32 on Redis 7.0. A marker written as text (by
+# an earlier release, or for a `seq` beyond 999) is returned as it is. For a job event, the job's state gives
+# the event its verdict, stored in the entry as `v` = "kind|previous status|repeat of":
 #   stale   a non-terminal status after the job ended, a second terminal status, an earlier stage of the
 #           job's life than one it reached (`models.STATUS_RANK`), or the same stage (running/paused) at an
 #           earlier time by the same clock;
@@ -55,7 +58,12 @@ TIMELINE_MAX: Final = 200
 _ENQUEUE_LUA: Final = (
     """
 local seen = redis.call('GET', KEYS[1])
-if seen then return {0, seen} end
+if seen then
+  if not string.find(seen, '-', 1, true) then
+    seen = string.sub(seen, 1, -4) .. '-' .. tonumber(string.sub(seen, -3))
+  end
+  return {0, seen}
+end
 local fields = {unpack(ARGV, 11)}
 local status, verdict = ARGV[2], ''
 if status ~= '' then
@@ -88,12 +96,24 @@ if status ~= '' then
   fields[#fields + 1] = verdict
 end
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
-redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+local ms, seq = string.match(id, '^(%d+)%-(%d%d?%d?)$')
+redis.call('SET', KEYS[1], ms and (ms .. string.rep('0', 3 - #seq) .. seq) or id, 'EX', ARGV[1])
 return {1, id, verdict}
 """.replace("TERMINAL_RANK", str(TERMINAL_RANK))
     .replace("UNRANKED", str(UNRANKED))
     .replace("TIMELINE_MAX", str(TIMELINE_MAX))
 )
+
+
+def marker_entry_id(marker: bytes | str | None) -> str:
+    """The entry id a dedupe marker names ('' for none): `1700000000000007` → `1700000000000-7`, as the
+    enqueue script reads it; a marker written as text is the id itself."""
+    if not marker:
+        return ""
+    value = marker.decode() if isinstance(marker, bytes) else marker
+    if "-" in value or len(value) < 4:
+        return value
+    return f"{value[:-3]}-{int(value[-3:])}"
 
 
 class Verdict(NamedTuple):

@@ -6,7 +6,7 @@ Redis Cluster they share one slot and the atomic dedupe + verdict + XADD stays o
 `settings.redis.prefix`, default `ftjobs`; `{pN}` is partition N's hash tag):
 
     {p}:{pN}:events              partition N of the events stream; a consumer group per handler
-    {p}:{pN}:seen:{webhook-id}   dedupe marker → the entry id, expires after the dedupe window
+    {p}:{pN}:seen:{webhook-id}   dedupe marker → the entry id (as one integer), expires after the dedupe window
     {p}:{pN}:job:{id}, {p}:{pN}:timeline:{id}, {p}:{pN}:jobs   job state and the partition's slice of the index
     {p}:{pN}:retry:{handler}     sorted set: entry id → when the next attempt is due (entry stays pending)
     {p}:{pN}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error,

@@ -1,7 +1,7 @@
 """Handlers for tests: real side effects in Redis, so any process (and the test) can observe them.
 
-`type = "tests.sinks:Sink"` in a config; each delivery RPUSHes the msgpack event to `{key}` and counts the
-side effect per idempotency key in `{key}:count` (a hash), so "exactly once" is checked by the counts.
+`type = "tests.sinks:Sink"` in a config; each delivery RPUSHes the event record (`encode_event`) to `{key}` and
+counts the side effect per idempotency key in `{key}:count` (a hash), so "exactly once" is checked by the counts.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from processor.deadletters import DeadLetter, EntryFilter, Quarantined, parse_time
-from processor.models import Event, decode_body
+from processor.models import EVENT_RECORD_VERSION, Event, decode_body
+from processor.records import DeadLetterRecord
 from processor.runtime import open_runtime
 from processor.settings import RedisSettings, Settings
 from tests.conftest import ROOT, compact, eventually, sample, signed, sink
@@ -68,6 +69,36 @@ async def test_dead_letter_replay_goes_to_its_handler_only(
         assert event.history and "dead-lettered after 2 attempt(s)" in event.history[0]
         assert len(await r.delivered("fine")) == 1  # the other handler did not get it twice
         assert await r.dead("flaky") == []
+
+
+async def test_a_dead_letter_written_by_an_earlier_release_replays(rig: Any, redis_url: str, prefix: str) -> None:
+    """Dead letters keep the record as it was: one from before version 2 (a msgpack map by field name) still
+    lists and replays, and goes back on the stream in this release's format."""
+    job = decode_body(compact(sample("fine_tuning_job.failed.json")))
+    event = Event.from_body(job, webhook_id="wh_v1", received_at=time.time())
+    old = DeadLetterRecord(
+        entry_id="1700000000000-0",
+        record=msgspec.msgpack.Encoder().encode(event),  # how earlier releases wrote the record
+        verdict=b"new||",
+        error="boom",
+        attempts=3,
+        failed_at=time.time(),
+    )
+    async with rig([sink("a", redis_url, prefix)]) as r:
+        letter_id = await r.rclient.xadd(f"{prefix}:{{dlq}}:a", old.to_fields())
+        async with open_runtime(r.settings, redis_url) as runtime:
+            [letter] = await runtime.dead_letters.letters("a")
+            assert letter.event == event
+            [new_id] = await runtime.dead_letters.replay("a", [letter_id.decode()])
+
+        async def delivered() -> bool:
+            return len(await r.delivered("a")) == 1
+
+        await eventually(delivered)
+        [got] = await r.delivered("a")
+        assert (got.id, got.job, got.target) == ("wh_v1", job, "a")
+        [(_, fields)] = await r.rclient.xrange(f"{prefix}:{{p0}}:events", new_id, new_id)
+        assert fields[b"e"][1] == EVENT_RECORD_VERSION
 
 
 async def test_drop(rig: Any, redis_url: str, prefix: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import re
 
 import msgspec
@@ -155,8 +157,200 @@ def test_event_record_round_trips_and_is_compact() -> None:
     record = encode_event(event)
     assert decode_event(record) == event
     assert decode_event(record).job == job
-    assert len(record) < len(compact_sample)
+    assert record[0] == 0x90 + len(msgspec.structs.fields(Event)) + 1 and record[1] == models.EVENT_RECORD_VERSION
+    assert len(record) < 0.65 * len(compact_sample)  # 599 of 1,032 bytes; the named map took 1,010
     assert event.type == "fine_tuning.job.succeeded" and event.status == "succeeded"
+
+
+def _event(status: str = "succeeded", **changes: object) -> Event:
+    event = Event.from_body(sample_job(status), webhook_id="wh_1", received_at=1.5)
+    return msgspec.structs.replace(event, **changes)
+
+
+def test_decoded_events_are_the_model_classes_not_their_positional_twins() -> None:
+    """Handlers get `Event`, `FineTuningJob`, ... themselves: a twin would encode as an array (to JSON too)."""
+    event = decode_event(encode_event(_event()))
+    job = event.job
+    assert type(event) is Event and type(job) is FineTuningJob
+    assert job.integrations is not None and type(job.integrations[0]) is models.Integration
+    assert job.method is not None and job.method.dpo is not None
+    assert type(job.method.dpo.hyperparameters) is models.DpoHyperparameters
+    assert msgspec.json.encode(job).startswith(b'{"object":"fine_tuning.job"')
+
+
+def test_version_1_records_still_decode() -> None:
+    """Records written before version 2 (a named map: dead letters keep them, replays re-enqueue them)."""
+    event = _event(
+        "failed", previous_status="running", repeat_of="wh_0", target="slack", history=["dead-lettered once"]
+    )
+    old = msgspec.msgpack.Encoder().encode(event)  # how releases before version 2 wrote the record
+    assert old[0] & 0xF0 == 0x80
+    assert decode_event(old) == event
+    assert decode_event(msgspec.msgpack.encode(_event("running", stale=True))) == _event("running", stale=True)
+
+
+def _fields(record: bytes) -> list[object]:
+    fields = msgspec.msgpack.decode(record)
+    assert isinstance(fields, list)
+    return fields
+
+
+def test_a_newer_writers_appended_fields_are_ignored() -> None:
+    """A later release appends fields (with defaults) to `Event` and to the job: this one reads the rest."""
+    event = _event()
+    fields = _fields(encode_event(event))
+    job = fields[1 + [f.name for f in msgspec.structs.fields(Event)].index("job")]
+    assert isinstance(job, list)
+    job += ["a field added later", {"nested": [1, 2]}]
+    fields += [True, "another", None]
+    assert decode_event(msgspec.msgpack.encode(fields)) == event
+
+
+def test_an_older_writers_record_gets_the_newer_fields_defaults() -> None:
+    """A record from before the trailing optional fields existed: they take their defaults."""
+    minimal_job = FineTuningJob(id="ftjob-1", created_at=1, model="m", status="running")
+    event = Event.from_body(minimal_job, webhook_id="wh_1", received_at=1.5)
+    fields = _fields(encode_event(event))
+    job_at = 1 + [f.name for f in msgspec.structs.fields(Event)].index("job")
+    job_fields = fields[job_at]
+    assert isinstance(job_fields, list)
+    fields[job_at] = job_fields[:4]  # id, created_at, model, status: the required ones
+    fields = fields[: job_at + 1]  # no previous_status, stale, repeat_of, target, history
+    assert decode_event(msgspec.msgpack.encode(fields)) == event
+
+
+#: The version 2 record's positions. A field appended at the end of its class keeps the version: add it here.
+#: Any other change to this layout moves positions: it needs a new `EVENT_RECORD_VERSION` (see models.py).
+PINNED_LAYOUT = {
+    "Error": ["code", "message", "param"],
+    "Hyperparameters": ["batch_size", "learning_rate_multiplier", "n_epochs"],
+    "WandbIntegration": ["project", "name", "entity", "tags"],
+    "Integration": ["type", "wandb"],
+    "SupervisedMethod": ["hyperparameters"],
+    "DpoHyperparameters": ["batch_size", "learning_rate_multiplier", "n_epochs", "beta"],
+    "DpoMethod": ["hyperparameters"],
+    "Grader": [
+        "type",
+        "name",
+        "input",
+        "reference",
+        "operation",
+        "evaluation_metric",
+        "source",
+        "image_tag",
+        "model",
+        "range",
+        "sampling_params",
+        "graders",
+        "calculate_output",
+    ],
+    "ReinforcementHyperparameters": [
+        "batch_size",
+        "learning_rate_multiplier",
+        "n_epochs",
+        "compute_multiplier",
+        "eval_interval",
+        "eval_samples",
+        "reasoning_effort",
+    ],
+    "ReinforcementMethod": ["grader", "hyperparameters"],
+    "Method": ["type", "supervised", "dpo", "reinforcement"],
+    "FineTuningJob": [
+        "id",
+        "created_at",
+        "model",
+        "status",
+        "organization_id",
+        "training_file",
+        "validation_file",
+        "fine_tuned_model",
+        "finished_at",
+        "error",
+        "hyperparameters",
+        "result_files",
+        "seed",
+        "trained_tokens",
+        "estimated_finish",
+        "integrations",
+        "metadata",
+        "method",
+        "user_provided_suffix",
+        "usage_metrics",
+        "shared_with_openai",
+        "eval_id",
+    ],
+    "Event": [
+        "id",
+        "type",
+        "job_id",
+        "source",
+        "created_at",
+        "received_at",
+        "event_id",
+        "job",
+        "previous_status",
+        "stale",
+        "repeat_of",
+        "target",
+        "history",
+    ],
+}
+
+
+def test_the_record_layout_only_grows_at_the_end() -> None:
+    layout = models.record_layout()
+    for name, pinned in PINNED_LAYOUT.items():
+        assert layout[name][: len(pinned)] == pinned, (
+            f"{name}'s fields moved in the event record: append new fields at the end, or bump EVENT_RECORD_VERSION"
+        )
+    assert layout == PINNED_LAYOUT, "fields were appended: add them to PINNED_LAYOUT"
+    assert models.EVENT_RECORD_VERSION == 2
+
+
+@pytest.mark.parametrize(("version", "message"), [(3, "version 3 is newer than this release reads"), (0, "version 0")])
+def test_a_record_of_another_version_is_refused_clearly(version: int, message: str) -> None:
+    fields = _fields(encode_event(_event()))
+    fields[0] = version
+    with pytest.raises(msgspec.DecodeError, match=message):
+        decode_event(msgspec.msgpack.encode(fields))
+
+
+def test_version_2_records_are_validated_like_the_model() -> None:
+    fields = _fields(encode_event(_event()))
+    fields[1 + [f.name for f in msgspec.structs.fields(Event)].index("job")][0] = "../etc"  # type: ignore[index]
+    with pytest.raises(msgspec.ValidationError, match=r"regex .* at `\$\.job\.id`"):
+        decode_event(msgspec.msgpack.encode(fields))
+    fields = _fields(encode_event(_event()))
+    fields[5] = "yesterday"  # created_at
+    with pytest.raises(msgspec.ValidationError, match="Expected `int`, got `str`"):
+        decode_event(msgspec.msgpack.encode(fields))
+    with pytest.raises(msgspec.ValidationError, match="at least length"):
+        decode_event(msgspec.msgpack.encode(fields[:3]))
+
+
+@pytest.mark.parametrize("first", range(256))
+def test_any_bytes_are_an_event_or_a_decode_error(first: int) -> None:
+    """Whatever sits in the stream's `e` field: a DecodeError (the worker dead-letters it), never another
+    exception. Every first byte (map, array and every other msgpack type), then random tails."""
+    rng = random.Random(first)
+    tails = [b"", b"\x02", b"\x03", b"\x02\xa0"] + [rng.randbytes(rng.randrange(1, 80)) for _ in range(40)]
+    tails += [bytes([2]) + rng.randbytes(rng.randrange(1, 80)) for _ in range(20)]
+    for tail in tails:
+        with contextlib.suppress(msgspec.DecodeError):
+            assert isinstance(decode_event(bytes([first]) + tail), Event)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(data=st.data(), version=st.sampled_from([1, 2]))
+def test_damaged_records_are_an_event_or_a_decode_error(data: st.DataObject, version: int) -> None:
+    event = _event(data.draw(st.sampled_from(["succeeded", "failed", "running"])))
+    record = bytearray(encode_event(event) if version == 2 else msgspec.msgpack.encode(event))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(record) - 1))
+        record[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(record)))
+    with contextlib.suppress(msgspec.DecodeError):
+        assert isinstance(decode_event(bytes(record[:cut])), Event)
 
 
 def test_thin_event_keeps_the_envelope() -> None:

@@ -16,6 +16,7 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from processor.client import Script, text
+from processor.enqueue import marker_entry_id
 from processor.jobstate import Transition, judge
 from processor.keys import PartitionKeys
 from processor.limits import Guard
@@ -106,7 +107,7 @@ class Data:
         groups = await self._groups(part)
         out = []
         for step in reversed(timeline):
-            entry_id = text(await self.client.get(part.seen(step.event)))
+            entry_id = marker_entry_id(await self.client.get(part.seen(step.event)))
             event = await self._entry_event(part, entry_id) if entry_id else None
             states = {
                 name: await self._state(part, spec, entry_id, event, groups) for name, spec in self.handlers.items()
@@ -117,7 +118,7 @@ class Data:
     async def entry_for(self, webhook_id: str) -> tuple[str, Event | None] | None:
         """The entry a webhook id (or any event id) created, while its dedupe marker lives."""
         for part in self.keys.parts:  # the event's job (so its partition) is what we look for
-            entry_id = text(await self.client.get(part.seen(webhook_id)))
+            entry_id = marker_entry_id(await self.client.get(part.seen(webhook_id)))
             if entry_id:
                 return entry_id, await self._entry_event(part, entry_id)
         return None
