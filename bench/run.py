@@ -241,23 +241,43 @@ async def redis_memory(url: str, prefix: str = "") -> dict[str, Any]:
         await client.aclose()
 
 
+async def preload(client: redis.Redis, prefix: str, group: str, n: int) -> None:
+    """`n` events of `n` different jobs in `prefix`'s stream, behind a new group `group` (P2's backlog)."""
+    job = decode_job(BODY)
+    await client.xgroup_create(f"{prefix}:{{p0}}:events", group, id="$", mkstream=True)
+    for start_at in range(0, n, 1000):
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(start_at, min(n, start_at + 1000)):
+                job_i = msgspec.structs.replace(job, id=f"ftjob-{prefix}-{i}")
+                event = Event.from_body(job_i, webhook_id=f"wh_{prefix}_{i}", received_at=time.time())
+                pipe.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: encode_event(event)})
+            await pipe.execute()
+
+
+async def drain(client: redis.Redis, url: str, prefix: str) -> None:
+    """Run an ftjobs worker (no-op handler `probe`, batches of 64) until `prefix`'s backlog is acknowledged."""
+    settings = Settings.from_raw(
+        {
+            "redis": {"url": url, "prefix": prefix},
+            "worker": {"block_ms": 20, "batch_size": 64},
+            "log": {"level": "warning"},
+            "handlers": [{"name": "probe", "type": "bench.handlers:Noop", "concurrency": 32}],
+        },
+        env={},
+    )
+    async with running_worker(settings, url, registry.build(settings.handlers)):
+        while True:
+            [group] = await client.xinfo_groups(f"{prefix}:{{p0}}:events")
+            if group["lag"] == 0 and group["pending"] == 0:
+                return
+            await asyncio.sleep(0.005)
+
+
 async def dispatch(url: str, n: int) -> dict[str, Any]:
     """P2: drain `n` queued events with a raw XREADGROUP+XACK loop, then with an ftjobs worker (no-op handler)."""
     client = redis.Redis.from_url(url)
-    job = decode_job(BODY)
-
-    async def preload(prefix: str, group: str) -> None:
-        await client.xgroup_create(f"{prefix}:{{p0}}:events", group, id="$", mkstream=True)
-        for start_at in range(0, n, 1000):
-            async with client.pipeline(transaction=False) as pipe:
-                for i in range(start_at, min(n, start_at + 1000)):
-                    job_i = msgspec.structs.replace(job, id=f"ftjob-{prefix}-{i}")
-                    event = Event.from_body(job_i, webhook_id=f"wh_{prefix}_{i}", received_at=time.time())
-                    pipe.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: encode_event(event)})
-                await pipe.execute()
-
     raw_prefix, worker_prefix = f"raw-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:6]}"
-    await preload(raw_prefix, "raw")
+    await preload(client, raw_prefix, "raw", n)
     started = time.perf_counter()
     done = 0
     while done < n:
@@ -267,24 +287,10 @@ async def dispatch(url: str, n: int) -> dict[str, Any]:
         done += len(ids)
     raw_s = time.perf_counter() - started
 
-    await preload(worker_prefix, "probe")
-    settings = Settings.from_raw(
-        {
-            "redis": {"url": url, "prefix": worker_prefix},
-            "worker": {"block_ms": 20, "batch_size": 64},
-            "log": {"level": "warning"},
-            "handlers": [{"name": "probe", "type": "bench.handlers:Noop", "concurrency": 32}],
-        },
-        env={},
-    )
+    await preload(client, worker_prefix, "probe", n)
     started = time.perf_counter()
-    async with running_worker(settings, url, registry.build(settings.handlers)):
-        while True:
-            [group] = await client.xinfo_groups(f"{worker_prefix}:{{p0}}:events")
-            if group["lag"] == 0 and group["pending"] == 0:
-                break
-            await asyncio.sleep(0.005)
-        worker_s = time.perf_counter() - started
+    await drain(client, url, worker_prefix)
+    worker_s = time.perf_counter() - started
     await client.aclose()
     return {"events": n, "raw_per_s": n / raw_s, "ftjobs_per_s": n / worker_s, "ratio": raw_s / worker_s}
 
