@@ -481,7 +481,7 @@ class Runner:
         self._delivered.inc()
         self._handler_seconds.observe(elapsed)
         # Debug: at thousands of events a second, a line each costs more than the dispatch itself.
-        log.debug("event_delivered", ms=round(elapsed * 1000, 2))
+        self._log.debug("event_delivered", ms=round(elapsed * 1000, 2))
         return True
 
     async def renew_leases(self) -> None:
