@@ -24,8 +24,9 @@ from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
 from processor import gauges, metrics, signatures, tracing
+from processor.batch import NotReplicated
 from processor.deadline import SharedDeadline
-from processor.enqueue import Enqueued, Enqueuer, NotReplicated
+from processor.enqueue import Enqueued, Enqueuer
 from processor.errors import (
     BodyTimeoutError,
     NotJSONError,

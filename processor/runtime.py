@@ -18,9 +18,10 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from processor import embedded
+from processor.batch import wait_command
 from processor.client import Client, connect, open_client, text
 from processor.deadletters import DeadLetters
-from processor.enqueue import Enqueuer, wait_command
+from processor.enqueue import Enqueuer
 from processor.errors import ConfigError
 from processor.handler import Handler, HandlerContext, NeedsClose, NeedsSetup
 from processor.jobstate import JobState

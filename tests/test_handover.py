@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as redis
 
 from processor import registry
-from processor.enqueue import Enqueuer, NotReplicated, wait_command
+from processor.batch import NotReplicated, wait_command
+from processor.enqueue import Enqueuer
 from processor.keys import Keys
 from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.runtime import running_worker

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from redis.exceptions import MovedError, NoScriptError, ResponseError
 
 from processor import resp
-from processor.enqueue import Lua, _get_connection
+from processor.batch import Lua, _get_connection
 from tests.clients import is_cluster
 
 _ARGS = st.lists(
