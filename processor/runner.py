@@ -215,7 +215,9 @@ class Runner:
 
     async def _process(self, entries: list[Entry], seen_before: int) -> None:
         """Run one batch: per-job order kept, jobs concurrent, each finished call acknowledged before its lane
-        makes another (acks of concurrent lanes share a round trip; the last ones go out with the next read).
+        makes another and before the batch ends (acks of concurrent lanes share a round trip), but for the
+        batch's very last call, written while the next batch is read: a stop that cuts off a slow lane never
+        leaves the other lanes' finished calls unacknowledged.
         Only the first `seen_before` entries (taken over, or retries) can have failed attempts to look up.
         When a lane fails (Redis away), the others start nothing more."""
         self._held = {entry.id for entry in entries}
@@ -226,6 +228,8 @@ class Runner:
             by_job = await self._prepare(entries)
             jobs = deque(by_job.values())
             halt = asyncio.Event()
+            lanes = min(max(1, self.spec.concurrency), len(by_job))
+            running = [lanes]
 
             async def lane() -> None:
                 # `concurrency` lanes share one queue of jobs: each job's events run in order in one lane.
@@ -246,16 +250,17 @@ class Runner:
                             )
                             if ack is None:  # a retry or the DLQ took it
                                 self._held.discard(entry.id)
-                            elif ack.called and (n < len(items) or jobs):  # the lane has more to call
-                                await self._ack(ack)
-                            else:  # written at the batch's end (a finished call: before the next batch's)
+                            elif ack.called and (n < len(items) or jobs or running[0] > 1):
+                                await self._ack(ack)  # before the lane's next call, or the batch's end
+                            else:  # the batch's last call: written while the next batch is read
                                 self._to_ack.append(ack)
                             self.progress.turn(self.group)
                 except BaseException:
                     halt.set()
                     raise
+                finally:
+                    running[0] -= 1
 
-            lanes = min(max(1, self.spec.concurrency), len(by_job))
             outcomes = await asyncio.gather(*(lane() for _ in range(lanes)), return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
@@ -461,10 +466,14 @@ class Runner:
         try:
             with tracing.handler_span(entry.trace, self.group, delivery.event.job_id):
                 await self.handler(delivery)
-        except asyncio.CancelledError:
-            if not self._deadline.expired(task):
+        except asyncio.CancelledError as exc:
+            if self._deadline.expired(task):
+                failure = TimeoutError(f"the handler did not finish within {self.spec.call_limit_s} s")
+            elif task.cancelling():  # this lane is being cancelled (a stop cut it off): not the handler's doing
                 raise
-            failure = TimeoutError(f"the handler did not finish within {self.spec.call_limit_s} s")
+            else:  # the handler raised it itself (a library leaking one): a failure like any other
+                failure = RuntimeError("the handler raised CancelledError without being cancelled")
+                failure.__cause__ = exc
         except Exception as exc:  # the handler's own bug counts as a transient failure
             failure = exc
         finally:

@@ -16,6 +16,8 @@ import redis.asyncio as redis
 from prometheus_client import REGISTRY
 
 from processor import registry
+from processor.client import text
+from processor.handler import Delivery
 from processor.keys import Keys
 from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.runtime import running_worker
@@ -24,6 +26,7 @@ from processor.stream import RECORD_FIELD, Streams
 from tests.conftest import captured_logs, compact, eventually, free_port, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config
+from tests.sinks import Sink
 
 PATH = "/webhooks/openai"
 
@@ -418,3 +421,90 @@ async def test_hydration_failures_name_the_handler_job_and_webhook(
     assert (dead["handler"], dead["job_id"], dead["webhook_id"]) == ("a", "ftjob-gone", "wh_gone")
     waiting = [line for line in logs if line["event"] == "event_not_prepared"]
     assert waiting and {(w["handler"], w["job_id"], w["webhook_id"]) for w in waiting} == {("a", job["id"], "wh_late")}
+
+
+# A graceful stop that cuts off a slow lane (grace_s over) must not drop the finished, not yet acknowledged
+# calls of the batch's other lanes: the next worker would make them again (found by review: a lane's last
+# call used to wait for the batch's end to be acknowledged).
+class HangsOnce(Sink):
+    """Like `Sink` (counts every side effect), but the job `ftjob-slow` hangs on its first call."""
+
+    async def __call__(self, delivery: Delivery) -> None:
+        assert self.client is not None
+        if delivery.event.job_id == "ftjob-slow":
+            starts = await self.client.rpush(f"{self.options.key}:slow-starts", 1)
+            if starts == 1:
+                await asyncio.Event().wait()  # a call that lasts longer than the stop's grace
+        await super().__call__(delivery)
+
+
+async def _enqueue_jobs(rclient: redis.Redis, prefix: str, job_ids: list[str]) -> dict[str, str]:
+    await Streams(rclient, Keys(prefix)).ensure_groups(["mix"])
+    base = msgspec.json.decode(compact(sample("fine_tuning_job.succeeded.json")))
+    ids = {}
+    for job_id in job_ids:
+        job = msgspec.convert(base | {"id": job_id}, FineTuningJob)
+        event = Event.from_body(job, webhook_id=f"wh_{job_id}", received_at=time.time())
+        ids[job_id] = text(await rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: encode_event(event)}))
+    return ids
+
+
+async def test_a_cut_off_stop_does_not_resend_the_other_lanes_finished_calls(
+    make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    table = sink("mix", redis_url, prefix, concurrency=2, timeout_s=30) | {"type": f"{__name__}:HangsOnce"}
+    settings = make_settings([table], worker={"lease_s": 1.0, "block_ms": 100, "grace_s": 0.3})
+    key = f"{prefix}:{{sink:mix}}"
+    ids = await _enqueue_jobs(rclient, prefix, ["ftjob-fast", "ftjob-slow"])
+
+    async def fast_done_and_slow_running() -> bool:
+        counts: Any = await rclient.hgetall(f"{key}:count")
+        return counts == {b"wh_ftjob-fast": b"1"} and await rclient.llen(f"{key}:slow-starts") == 1
+
+    async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+        await eventually(fast_done_and_slow_running)
+    # The stop cut off the slow call after grace_s; the fast call had finished long before.
+    pending = await rclient.xpending_range(f"{prefix}:{{p0}}:events", "mix", "-", "+", 10)
+    pending_ids = {text(row["message_id"]) for row in pending}
+    assert ids["ftjob-slow"] in pending_ids
+    fast_acked = ids["ftjob-fast"] not in pending_ids
+
+    # The next worker takes over what is pending: the fast job's call is made a second time if it was left.
+    async with running_worker(settings, redis_url, registry.build(settings.handlers)):
+
+        async def settled() -> bool:
+            groups = await rclient.xinfo_groups(f"{prefix}:{{p0}}:events")
+            return all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
+
+        await eventually(settled)
+    counts = await rclient.hgetall(f"{key}:count")
+    assert counts == {b"wh_ftjob-fast": b"1", b"wh_ftjob-slow": b"1"}, counts
+    assert fast_acked
+
+
+# A handler that raises CancelledError itself (a library leaking one), neither cut off by its deadline nor
+# stopped: a failure retried like any other, not a runner that ends silently with its partition leased.
+class RaisesCancelledOnce(Sink):
+    """Like `Sink`, but the job `ftjob-bad` raises CancelledError on its first call (a library leaking one)."""
+
+    async def __call__(self, delivery: Delivery) -> None:
+        assert self.client is not None
+        if delivery.event.job_id == "ftjob-bad" and await self.client.rpush(f"{self.options.key}:bad", 1) == 1:
+            raise asyncio.CancelledError
+        await super().__call__(delivery)
+
+
+async def test_a_handler_raising_cancelled_error_does_not_stop_the_partition(
+    make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    table = sink("mix", redis_url, prefix, concurrency=2, backoff_s=0.05) | {"type": f"{__name__}:RaisesCancelledOnce"}
+    settings = make_settings([table], worker={"lease_s": 1.0, "block_ms": 100})
+    key = f"{prefix}:{{sink:mix}}"
+    await _enqueue_jobs(rclient, prefix, ["ftjob-bad", "ftjob-ok"])
+    async with running_worker(settings, redis_url, registry.build(settings.handlers)) as worker:
+
+        async def both_delivered() -> bool:
+            return await rclient.hlen(f"{key}:count") == 2
+
+        await eventually(both_delivered)
+        assert not any(loop.done() for _, loop, _ in worker.runners.values())
