@@ -203,16 +203,29 @@ class Worker:
         )
         name = f"runner:{spec.name}:{partition}"
         loop = asyncio.create_task(supervise(name, runner.run), name=name)
-        renewer = asyncio.create_task(supervise(f"renewer:{spec.name}:{partition}", runner.renew_leases))
+        renewer_name = f"renewer:{spec.name}:{partition}"
+        renewer = asyncio.create_task(supervise(renewer_name, runner.renew_leases), name=renewer_name)
         loop.add_done_callback(self._on_runner_done)
         renewer.add_done_callback(self._on_runner_done)
         self.runners[(spec.name, partition)] = (runner, loop, renewer)
         log.info("partition_taken", handler=spec.name, partition=partition)
 
     def _on_runner_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() and not self.failure:
+        """A runner's loop or lease renewer ended: a failure of the worker unless the worker ended it (a stop,
+        a hand-over). A task cancelled otherwise let a stray CancelledError out: its partition would stay
+        leased with nothing consuming it, so the worker fails and its supervisor restarts it."""
+        if self.failure:
+            return
+        if task.cancelled():
+            key = next((k for k, (_, loop, renewer) in self.runners.items() if task in (loop, renewer)), None)
+            if self._stopped.is_set() or key is None or key in self._stopping:
+                return
+            self.failure = f"{task.get_name()}: ended by a CancelledError nobody asked for"
+        elif task.exception():
             self.failure = f"{task.get_name()}: {task.exception()}"
-            self._died.set()
+        else:
+            return
+        self._died.set()
 
     def _stop_runner(self, group: str, partition: int) -> None:
         """Stop the runner; once its batch is finished, give back what it still holds (`Streams.release`: the

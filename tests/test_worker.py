@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import redis.asyncio as redis
 from prometheus_client import REGISTRY
 
@@ -23,6 +24,7 @@ from processor.models import Event, FineTuningJob, decode_event, encode_event
 from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Streams
+from processor.worker import WorkerFailed
 from tests.conftest import captured_logs, compact, eventually, free_port, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
 from tests.processes import FTJOBS, Proc, base_env, wait_for, write_config
@@ -508,3 +510,22 @@ async def test_a_handler_raising_cancelled_error_does_not_stop_the_partition(
 
         await eventually(both_delivered)
         assert not any(loop.done() for _, loop, _ in worker.runners.values())
+
+
+async def test_a_runner_cancelled_by_nobody_fails_the_worker(
+    make_settings: Callable[..., Settings], redis_url: str, prefix: str
+) -> None:
+    """A runner's loop ended by a CancelledError that neither a stop nor a hand-over asked for: its partition
+    would stay leased with nothing consuming it, so the worker fails (its supervisor restarts it)."""
+    settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 1.0, "block_ms": 100})
+    with pytest.raises(WorkerFailed, match="nobody asked for"):
+        async with running_worker(settings, redis_url, registry.build(settings.handlers)) as worker:
+
+            async def running() -> bool:
+                return bool(worker.runners)
+
+            await eventually(running)
+            [(_, loop, _)] = worker.runners.values()
+            loop.cancel()
+            await asyncio.wait_for(worker.finished.wait(), 30)
+    assert worker.failure.startswith("runner:a:0")
