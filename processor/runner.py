@@ -6,9 +6,9 @@ nothing else, never past the next due retry). Entries of one job run in order; d
 concurrently up to the handler's `concurrency`. Each call has a timeout; every entry of the batch stays
 leased (renewed every third of a lease) until it is finished, so no live worker's entry is taken over.
 Outcomes: success or "not for this handler" → ack (with the done-marker of an effectively-once handler, in
-the same step, before the lane's next call, retried while Redis is away; a batch's last ones are written
-while the next batch is read, and before any of its calls); failure → retry with exponential backoff
-and full jitter (state in Redis, so it survives restarts) until `max_attempts`, then the dead-letter stream.
+the same step, before the lane's next call and before the batch ends: `processor.acks`); failure → retry
+with exponential backoff and full jitter (state in Redis, so it survives restarts) until `max_attempts`,
+then the dead-letter stream.
 What happens to an entry is decided by the pure functions of `policy`; the runner gathers the facts and
 applies the decision to Redis (`Runner._apply`).
 """
@@ -21,13 +21,14 @@ import random
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Final
 
 import msgspec
 import structlog
 from redis.exceptions import RedisError
 
 from processor import logs, metrics, policy, tracing
+from processor.acks import Ack, Acknowledger
 from processor.deadline import SharedDeadline
 from processor.errors import HandlerError
 from processor.handler import Delivery, Handler, is_effectively_once
@@ -54,19 +55,6 @@ _NOT_YET_S: Final = 0.1
 
 class LeaseExpired(Exception):
     """This worker's lease on the partition may have lapsed: start nothing until it is renewed."""
-
-
-class Ack(NamedTuple):
-    """A finished entry, to acknowledge."""
-
-    entry_id: str
-    #: It had failed (or been taken over) before: its counters are cleared with the ack.
-    forget: bool
-    #: The event whose done-marker is set with the ack (an effectively-once handler succeeded); else "".
-    done_event: str = ""
-    #: The handler was called: acknowledge before the lane goes on (else it may wait for the batch's end,
-    #: as handling it again after a crash has no side effect).
-    called: bool = False
 
 
 class Runner:
@@ -103,12 +91,6 @@ class Runner:
         self._held: set[str] = set()
         #: Entries of the batch that another consumer took over (found by the renewal): not started here.
         self._lost: set[str] = set()
-        #: Finished entries not acknowledged yet, the lanes waiting for their write, and whether one is under way.
-        self._to_ack: list[Ack] = []
-        self._ack_waiters: list[asyncio.Future[bool]] = []
-        self._writing = False
-        #: The write of the previous batch's last acknowledgements, under way while the next batch is read.
-        self._flush: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         #: No live consumer but this one holds entries here (on a partition just taken, the previous owner may
@@ -118,6 +100,15 @@ class Runner:
         #: The last read returned entries (the stream may have more: no need to find the next due retry).
         self._busy = False
         self._log = log.bind(handler=self.group)
+        self.acks = Acknowledger(
+            streams,
+            self.group,
+            done_ttl_s=retention_s,
+            deadline_s=settings.ack_deadline_s,
+            progress=progress,
+            written=lambda ids: self._held.difference_update(ids),
+            log=self._log,
+        )
         # The hot path's metric children, looked up once.
         self._delivered = metrics.DELIVERIES.labels(self.group, "delivered")
         self._handler_seconds = metrics.HANDLER_SECONDS.labels(self.group)
@@ -138,7 +129,7 @@ class Runner:
                     await self.streams.ensure_groups([self.group])
                     entries, seen_before = await self._next_batch()
                     if entries:
-                        await self._flushed()
+                        await self.acks.flushed()
                         await self._process(entries, seen_before)
                     failures = 0
                 except TaskDied:
@@ -156,18 +147,10 @@ class Runner:
                         self._log.exception("runner_error", retry_in_s=delay)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
-            await self._flushed()  # stopped: the last batch's acknowledgements are written before it returns
-        finally:
-            if self._flush is not None:  # cut off (cancelled), or the worker dies: the write ends with it
-                self._flush.cancel()
-
-    async def _flushed(self) -> None:
-        """Wait until the previous batch's last acknowledgements are written. They go out while the next batch
-        is read, and are waited for before any call of that batch (so at most one finished call per lane is
-        ever unacknowledged) and before looking for entries to take over (this consumer's are among them)."""
-        if self._flush is not None:
-            flush, self._flush = self._flush, None
-            await flush
+            await self.acks.flushed()  # stopped: the last batch's acknowledgement is written before it returns
+        except BaseException:  # cut off (cancelled), or the worker dies: an unfinished write ends with it
+            self.acks.cancel()
+            raise
 
     async def _next_batch(self) -> tuple[list[Entry], int]:
         """Up to a batch of entries: taken over, due for a retry, then new; and how many are not new."""
@@ -177,7 +160,7 @@ class Runner:
             raise LeaseExpired
         now = time.monotonic()
         if not self._caught_up or now - self._last_reclaim >= self.settings.lease_s / 2:
-            await self._flushed()
+            await self.acks.flushed()  # this consumer's own pending entries are taken over too
             self._last_reclaim = now
             taken, busy = await self.streams.reclaim(self.group, self.consumer, size)
             self._caught_up = not busy
@@ -251,9 +234,9 @@ class Runner:
                             if ack is None:  # a retry or the DLQ took it
                                 self._held.discard(entry.id)
                             elif ack.called and (n < len(items) or jobs or running[0] > 1):
-                                await self._ack(ack)  # before the lane's next call, or the batch's end
+                                await self.acks.write(ack)  # before the lane's next call, or the batch's end
                             else:  # the batch's last call: written while the next batch is read
-                                self._to_ack.append(ack)
+                                self.acks.pending.append(ack)
                             self.progress.turn(self.group)
                 except BaseException:
                     halt.set()
@@ -266,14 +249,13 @@ class Runner:
                 if isinstance(outcome, BaseException):
                     raise outcome
         except asyncio.CancelledError:  # cut off: what is not acknowledged stays pending, taken over again
-            self._to_ack, self._ack_waiters, self._writing = [], [], False
+            self.acks.cancel()
             raise
         finally:
             # Finished, or a lane failed (Redis away): what finished is acknowledged all the same, while the
-            # next batch is read (`_flushed`); what did not stays pending and is taken over again (reclaim).
-            self._held = {ack.entry_id for ack in self._to_ack}
-            if self._to_ack:
-                self._flush = asyncio.create_task(self._ack())
+            # next batch is read; what did not stays pending and is taken over again (reclaim).
+            self._held = {ack.entry_id for ack in self.acks.pending}
+            self.acks.write_later()
 
     async def _prepare(self, entries: list[Entry]) -> dict[str, list[tuple[Entry, Event | None, Prepared]]]:
         """Decode, judge and hydrate the batch, grouped by job: each entry with its decoded event and what the
@@ -297,77 +279,6 @@ class Runner:
     def _skipped_by_verdict(self, event: Event) -> bool:
         """True for a repeat, or a stale event the rule does not opt into (a targeted replay is neither)."""
         return event.target is None and (bool(event.repeat_of) or (event.stale and not self.spec.when.stale))
-
-    async def _ack(self, ack: Ack | None = None) -> None:
-        """Acknowledge a finished entry, and every one waiting, before the lane goes on (group commit).
-
-        One lane writes at a time; the acks finishing meanwhile wait for the next write, which the first of
-        their lanes makes as soon as the current one is done: one round trip and one wake-up per lane for all
-        of them (a lock handed from lane to lane cost a wake-up per entry and a third of a no-op dispatch).
-        While Redis is away the write is retried until `ack_deadline_s`, and no waiting lane starts a call.
-        """
-        if ack is not None:
-            self._to_ack.append(ack)
-        if self._writing:
-            waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            self._ack_waiters.append(waiter)
-            if not await waiter:  # True: the write of the acks that waited is this lane's to make
-                return
-        else:
-            self._writing = True
-        waiters: list[asyncio.Future[bool]] = []
-        try:
-            # One turn of the loop first: the lanes ready to run finish their calls and join this write.
-            await asyncio.sleep(0)
-            acks, self._to_ack = self._to_ack, []
-            waiters, self._ack_waiters = self._ack_waiters, []
-            await self._write_acks(acks)
-        except BaseException as exc:
-            self._writing = False
-            for waiter in (*waiters, *self._ack_waiters):  # TaskDied or shutdown: every waiting lane ends
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            self._ack_waiters = []
-            raise
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(False)
-        while self._ack_waiters:  # hand the next write to a lane whose ack waits for it
-            waiter = self._ack_waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(True)
-                return
-        self._writing = False
-
-    async def _write_acks(self, acks: list[Ack]) -> None:
-        """One acknowledging step for `acks`, retried while Redis is away until `ack_deadline_s`."""
-        if not acks:
-            return
-        deadline = time.monotonic() + self.settings.ack_deadline_s
-        failures = 0
-        while True:
-            try:
-                await self.streams.ack(
-                    self.group,
-                    [a.entry_id for a in acks],
-                    retried=[a.entry_id for a in acks if a.forget],
-                    done=[a.done_event for a in acks if a.done_event],
-                    done_ttl_s=self.retention_s,
-                )
-                break
-            except RedisError as exc:
-                failures += 1
-                self.progress.turn(self.group)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TaskDied(
-                        f"{len(acks)} finished entries of {self.group} could not be acknowledged within "
-                        f"ack_deadline_s={self.settings.ack_deadline_s}: {exc}"
-                    ) from exc
-                delay = min(retry_delay(failures), left)
-                self._log.warning("ack_retrying", error=str(exc), entries=len(acks), retry_in_s=round(delay, 3))
-                await asyncio.sleep(delay)
-        self._held.difference_update(a.entry_id for a in acks)
 
     async def _deliver(
         self, entry: Entry, about: Event | None, event: Prepared, failed_before: int, forget: bool
