@@ -18,6 +18,7 @@ Reference: the `FineTuningJob` schema in OpenAI's API reference and `openai-pyth
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable
 from importlib import resources
@@ -312,10 +313,12 @@ def decode_body(raw: bytes) -> Body:
 
     Raises `msgspec.DecodeError` for malformed JSON and its subclass `msgspec.ValidationError` for JSON
     that does not match the schema (the message carries the JSON path), or that our msgpack record cannot
-    hold (an integer beyond 64 bits).
+    hold (an integer beyond 64 bits, values nested deeper than `MAX_DEPTH`).
     """
     try:
         body: Body = _body_decoder.decode(raw)
+    except RecursionError:  # nested beyond what the decoder follows (about 1,000 levels)
+        raise msgspec.ValidationError(_TOO_DEEP) from None
     except msgspec.ValidationError:
         # `object` is optional on OpenAI's envelope: a body without it can only be an envelope. Told by
         # looking for the key (only on this error path), not by msgspec's wording of the error.
@@ -326,8 +329,33 @@ def decode_body(raw: bytes) -> Body:
         raise _not_utf8(exc) from None
     if isinstance(body, Envelope) and body.type == JOB_EVENT_PREFIX:
         raise msgspec.ValidationError(f"`{JOB_EVENT_PREFIX}` names no status - at `$.type`")
+    _check_depth(raw)
     _check_storable(body)
     return body
+
+
+#: How deep a body may nest objects and arrays. The schema needs 6 levels; fields typed `Any`
+#: (`usage_metrics`, a grader's) may hold more, up to this. A deeper body is quarantined: its record, two
+#: levels deeper still, could not be read back (msgspec, like Python, stops at about 1,000 levels).
+MAX_DEPTH: Final = 64
+_TOO_DEEP: Final = f"objects and arrays are nested more than {MAX_DEPTH} levels deep"
+#: A JSON string, escapes included: its brackets are text, not nesting.
+_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _check_depth(raw: bytes) -> None:
+    """Refuse a body nested deeper than `MAX_DEPTH`. Counting its brackets (about 1 µs) settles it for any
+    body with fewer than that many; only others are walked, their strings left out."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for byte in _JSON_STRING.sub(b"", raw):
+        if byte in b"[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise msgspec.ValidationError(_TOO_DEEP)
+        elif byte in b"]}":
+            depth -= 1
 
 
 class _Tag(Struct):
@@ -344,7 +372,7 @@ def _has_object_key(raw: bytes) -> bool:
     first decoder's error then stands)."""
     try:
         return _tag_decoder.decode(raw).object is not msgspec.UNSET
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return True
 
 
@@ -380,11 +408,14 @@ def _not_utf8(exc: UnicodeDecodeError) -> msgspec.DecodeError:
 
 
 def _strict_utf8(decode: Callable[[bytes], T], raw: bytes) -> T:
-    """msgspec reports invalid UTF-8 inside a string as `UnicodeDecodeError`; make it a `DecodeError`."""
+    """msgspec reports invalid UTF-8 inside a string as `UnicodeDecodeError`, and nesting beyond what it
+    follows as `RecursionError`; make them a `DecodeError`."""
     try:
         return decode(raw)
     except UnicodeDecodeError as exc:
         raise _not_utf8(exc) from None
+    except RecursionError:  # a body is refused at `MAX_DEPTH` (quarantined); a record that deep is damaged
+        raise msgspec.ValidationError(_TOO_DEEP) from None
 
 
 def encode_event(event: Event) -> bytes:
@@ -408,7 +439,10 @@ def decode_event(raw: bytes) -> Event:
         raise msgspec.DecodeError(_version_error(version))
     packed = _strict_utf8(_packed_decoder.decode, raw)
     # The positional copy holds the values untyped; converting it checks every one against `Event`'s types.
-    event: Event = msgspec.convert(packed, Event, from_attributes=True)
+    try:
+        event: Event = msgspec.convert(packed, Event, from_attributes=True)
+    except RecursionError:
+        raise msgspec.ValidationError(_TOO_DEEP) from None
     return event
 
 

@@ -80,3 +80,31 @@ async def test_the_dedupe_marker_holds_the_entry_id_as_a_number(prefix: str, rcl
         assert (duplicate.new, duplicate.entry_id) == (False, entry_id)
         assert marker_entry_id(marker.encode()) == entry_id  # how the dashboard reads a marker
     assert len(await rclient.xrange(keys.quarantine)) == 1
+
+
+# The integer dedupe marker around sequence number 999, and a text marker of an older release (found by a review).
+async def test_duplicates_answer_the_first_entry_id_for_every_sequence_number(prefix: str, rclient: Client) -> None:
+    """Many entries in one millisecond: the stream's last id is put in the future at seq 995, so the script's
+    own XADD '*' gives seq 996..1004 (integer markers up to 999, text beyond); every retry finds its entry."""
+    keys = Keys(prefix)
+    enqueuer = Enqueuer(rclient, keys, ttl_s=3600)
+    ms = 9_999_999_999_999
+    await rclient.xadd(keys.quarantine, {b"n": b"seed"}, id=f"{ms}-995")
+    first = {f"wh_{i}": await enqueuer.add(f"wh_{i}", {b"n": str(i).encode()}) for i in range(9)}
+    assert [e.entry_id for e in first.values()] == [f"{ms}-{seq}" for seq in range(996, 1005)]
+    for webhook_id, entry in first.items():
+        again = await enqueuer.add(webhook_id, {b"n": b"again"})
+        assert (again.new, again.entry_id) == (False, entry.entry_id)
+        marker = await rclient.get(keys.quarantine_part.seen(webhook_id))
+        assert marker_entry_id(marker) == entry.entry_id
+    assert await rclient.xlen(keys.quarantine) == 10
+
+
+async def test_text_marker_of_an_older_release_answers_as_written(prefix: str, rclient: Client) -> None:
+    keys = Keys(prefix)
+    enqueuer = Enqueuer(rclient, keys, ttl_s=3600)
+    for entry_id in ["1700000000000-0", "1700000000000-7", "1700000000000-1000", "0-1"]:
+        await rclient.set(keys.quarantine_part.seen(f"old_{entry_id}"), entry_id)
+        again = await enqueuer.add(f"old_{entry_id}", {b"n": b"x"})
+        assert (again.new, again.entry_id) == (False, entry_id)
+    assert await rclient.exists(keys.quarantine) == 0

@@ -95,6 +95,11 @@ def _job(**changes: Any) -> bytes:
     return msgspec.json.encode(doc | changes)
 
 
+def _nested(depth: int) -> bytes:
+    """A job whose `usage_metrics` nests `depth` arrays: the body nests depth + 2 levels."""
+    return _job(usage_metrics={"a": "D"}).replace(b'"D"', b"[" * depth + b"]" * depth)
+
+
 def _envelope(**changes: Any) -> bytes:
     doc: dict[str, Any] = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json"))
     return msgspec.json.encode(doc | changes)
@@ -116,6 +121,8 @@ def _envelope(**changes: Any) -> bytes:
         (_envelope(type="fine_tuning.job." + "x" * 65), "type: Expected `str` of length <= 80"),
         (_envelope(type="fine_tuning.job."), "type: `fine_tuning.job.` names no status"),  # found by a review
         (_envelope(id="evt_" + "x" * 125), "id: Expected `str` of length <= 128"),
+        (_nested(63), "nested more than 64 levels deep"),  # its record could not be read back (a review)
+        (_nested(5000), "nested more than 64 levels deep"),  # beyond msgspec's own limit: not a 500
     ],
     ids=lambda v: v[:40].decode(errors="replace") if isinstance(v, bytes) else v[:20],
 )
