@@ -316,17 +316,13 @@ def decode_body(raw: bytes) -> Body:
     hold (an integer beyond 64 bits, values nested deeper than `MAX_DEPTH`).
     """
     try:
-        body: Body = _body_decoder.decode(raw)
-    except RecursionError:  # nested beyond what the decoder follows (about 1,000 levels)
-        raise msgspec.ValidationError(_TOO_DEEP) from None
+        body: Body = _decoding(_body_decoder.decode, raw)
     except msgspec.ValidationError:
         # `object` is optional on OpenAI's envelope: a body without it can only be an envelope. Told by
         # looking for the key (only on this error path), not by msgspec's wording of the error.
         if _has_object_key(raw):
             raise
-        body = _strict_utf8(_envelope_decoder.decode, raw)
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(exc) from None
+        body = _decoding(_envelope_decoder.decode, raw)
     if isinstance(body, Envelope) and body.type == JOB_EVENT_PREFIX:
         raise msgspec.ValidationError(f"`{JOB_EVENT_PREFIX}` names no status - at `$.type`")
     _check_depth(raw)
@@ -388,7 +384,7 @@ def _check_storable(body: Body) -> None:
 
 def decode_job(raw: bytes) -> FineTuningJob:
     """Decode one `FineTuningJob` JSON document (as the API returns it)."""
-    return _strict_utf8(_job_decoder.decode, raw)
+    return _decoding(_job_decoder.decode, raw)
 
 
 #: The statuses a packaged sample job exists for; any other status is made from the `running` one.
@@ -407,9 +403,9 @@ def _not_utf8(exc: UnicodeDecodeError) -> msgspec.DecodeError:
     return msgspec.DecodeError(f"a string is not valid UTF-8 ({exc.reason})")
 
 
-def _strict_utf8(decode: Callable[[bytes], T], raw: bytes) -> T:
-    """msgspec reports invalid UTF-8 inside a string as `UnicodeDecodeError`, and nesting beyond what it
-    follows as `RecursionError`; make them a `DecodeError`."""
+def _decoding(decode: Callable[[bytes], T], raw: bytes) -> T:
+    """`decode(raw)`, every failure a `DecodeError`: msgspec reports invalid UTF-8 inside a string as
+    `UnicodeDecodeError`, and nesting beyond what it follows as `RecursionError`."""
     try:
         return decode(raw)
     except UnicodeDecodeError as exc:
@@ -430,14 +426,14 @@ def decode_event(raw: bytes) -> Event:
         raise msgspec.DecodeError("an empty event record")
     head = raw[0]
     if head in _MAP_HEADS:  # version 1: Event's fields by name
-        return _strict_utf8(_v1_decoder.decode, raw)
+        return _decoding(_v1_decoder.decode, raw)
     header = _ARRAY_HEADERS.get(head)
     if header is None:
         raise msgspec.DecodeError(f"not an event record (it starts with byte 0x{head:02x}, not a msgpack array or map)")
     version = raw[header] if len(raw) > header else None
     if version != EVENT_RECORD_VERSION:
         raise msgspec.DecodeError(_version_error(version))
-    packed = _strict_utf8(_packed_decoder.decode, raw)
+    packed = _decoding(_packed_decoder.decode, raw)
     # The positional copy holds the values untyped; converting it checks every one against `Event`'s types.
     try:
         event: Event = msgspec.convert(packed, Event, from_attributes=True)

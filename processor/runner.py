@@ -211,11 +211,11 @@ class Runner:
             by_job = await self._prepare(entries)
             jobs = deque(by_job.values())
             halt = asyncio.Event()
-            lanes = min(max(1, self.spec.concurrency), len(by_job))
-            running = [lanes]
+            lanes = running = min(max(1, self.spec.concurrency), len(by_job))
 
             async def lane() -> None:
                 # `concurrency` lanes share one queue of jobs: each job's events run in order in one lane.
+                nonlocal running
                 try:
                     while jobs:
                         items = jobs.popleft()
@@ -233,7 +233,7 @@ class Runner:
                             )
                             if ack is None:  # a retry or the DLQ took it
                                 self._held.discard(entry.id)
-                            elif ack.called and (n < len(items) or jobs or running[0] > 1):
+                            elif ack.called and (n < len(items) or jobs or running > 1):
                                 await self.acks.write(ack)  # before the lane's next call, or the batch's end
                             else:  # the batch's last call: written while the next batch is read
                                 self.acks.pending.append(ack)
@@ -242,7 +242,7 @@ class Runner:
                     halt.set()
                     raise
                 finally:
-                    running[0] -= 1
+                    running -= 1
 
             outcomes = await asyncio.gather(*(lane() for _ in range(lanes)), return_exceptions=True)
             for outcome in outcomes:
