@@ -49,8 +49,11 @@ SLOTS: Final = 16384
 #: The cluster bus listens on the client port + 10000, which must stay a valid port.
 BUS_OFFSET: Final = 10000
 MAX_PORT: Final = 65535 - BUS_OFFSET
-#: Where randomly chosen ports start from when no base port is given (above the common service ports).
-_RANDOM_PORTS: Final = (20000, 45000)
+#: Where randomly chosen ports start from when no base port is given: above the common service ports, and
+#: low enough that a client port and its bus port stay below Linux's ephemeral range (32768 and up), where an
+#: outgoing connection could take a port between the check that it is free and the server binding it (a node
+#: on 33670 exited at start in a CI run).
+_RANDOM_PORTS: Final = (10000, 22000)
 _STATE: Final = "cluster.json"
 _URL: Final = "url"
 _POLL_S: Final = 0.01
