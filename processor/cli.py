@@ -216,7 +216,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host, port = _listen(args, settings)
     with runtime.redis_for(settings, start_embedded=True) as url:
         if settings.redis.url:
-            asyncio.run(runtime.check_persistence(url))
+            asyncio.run(runtime.check_persistence(url, wait_aof=settings.redis.wait_aof))
         app = service.serve_app(settings, url, handlers=handlers)
         service.run_http(app, host, port)
     return 1 if app[service.WORKER_FAILURE] else 0
@@ -231,7 +231,7 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
     localsecret.warn_if_insecure(settings)
     url = runtime.redis_url(settings)
     if settings.redis.url:
-        asyncio.run(runtime.check_persistence(url))
+        asyncio.run(runtime.check_persistence(url, wait_aof=settings.redis.wait_aof))
     host, port = _listen(args, settings)
     service.run_receivers(args.workers, lambda: service.serve_app(settings, url), host, port)
     return 0

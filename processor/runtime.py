@@ -165,12 +165,16 @@ def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[str]:
         server.stop()
 
 
-async def check_persistence(url: str) -> None:
-    """Warn when an external server would lose acknowledged events on a crash (AOF and RDB both off)."""
+async def check_persistence(url: str, *, wait_aof: bool = False) -> None:
+    """Warn when an external server would lose acknowledged events on a crash: AOF and RDB both off, or an
+    AOF that is not fsynced before the answer (`appendfsync everysec`/`no`) while `wait_aof` is off. With
+    `everysec`, Valkey and Redis postpone even the AOF's write() while a slow fsync runs (up to 2 s) and
+    still answer, so a SIGKILL of the server, not only a power cut, can lose what they acknowledged."""
     client = connect(url)
     try:
         config: dict[Any, Any] = await client.config_get("appendonly")
         config |= await client.config_get("save")
+        config |= await client.config_get("appendfsync")
     except ResponseError:  # managed services often refuse CONFIG
         log.warning("redis_persistence_unknown", url=redact(url), hint="make sure AOF is on (appendfsync always)")
         return
@@ -180,7 +184,7 @@ async def check_persistence(url: str) -> None:
     finally:
         await client.aclose()
     values = {text(k): text(v) for k, v in config.items()}
-    appendonly, save = values.get("appendonly", ""), values.get("save", "")
+    appendonly, save, fsync = values.get("appendonly", ""), values.get("save", ""), values.get("appendfsync", "")
     if appendonly != "yes":
         log.warning(
             "redis_persistence_off" if not save else "redis_aof_off",
@@ -188,4 +192,12 @@ async def check_persistence(url: str) -> None:
             appendonly=appendonly,
             save=save or "(none)",
             hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
+        )
+    elif fsync != "always" and not wait_aof:
+        log.warning(
+            "redis_fsync_deferred",
+            url=redact(url),
+            appendfsync=fsync,
+            hint="a Redis crash can lose up to about 2 s of acknowledged events; set appendfsync always "
+            "(recommended), or redis.wait_aof = true (each answer then waits for the next fsync, ~100 ms)",
         )

@@ -130,3 +130,20 @@ async def test_persistence_warning_for_a_server_without_aof(server_without_aof: 
         assert logs == []
     finally:
         durable.stop()
+
+
+async def test_fsync_warning_for_everysec_unless_answers_wait_for_the_aof(tmp_path: Path) -> None:
+    """`appendfsync everysec` answers before the fsync (and, while a slow one runs, before the write): a
+    warning at start, unless `wait_aof` makes every answer wait for the fsync."""
+    deferred = embedded.EmbeddedValkey(tmp_path / "everysec", appendfsync="everysec")
+    deferred.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await check_persistence(deferred.url)
+        assert [(line["event"], line["appendfsync"]) for line in logs] == [("redis_fsync_deferred", "everysec")]
+        assert "wait_aof" in logs[0]["hint"]
+        with structlog.testing.capture_logs() as logs:
+            await check_persistence(deferred.url, wait_aof=True)
+        assert logs == []
+    finally:
+        deferred.stop()
