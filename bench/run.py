@@ -40,7 +40,8 @@ from bench import load
 from bench.report import TARGETS, chart, table
 from processor import logs, registry, signatures
 from processor.embedded import EmbeddedValkey
-from processor.models import Event, decode_event, decode_job, encode_event
+from processor.eventrecord import decode_event, encode_event
+from processor.models import Event, decode_job
 from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD

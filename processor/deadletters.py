@@ -22,7 +22,8 @@ from msgspec import Struct
 
 from processor.client import text
 from processor.enqueue import Enqueuer
-from processor.models import Event, decode_body, decode_event, encode_event
+from processor.eventrecord import decode_event, encode_event
+from processor.models import Event, decode_body
 from processor.records import DeadLetterRecord, QuarantineRecord
 from processor.settings import explain
 from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams

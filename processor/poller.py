@@ -18,8 +18,9 @@ import structlog
 from redis.exceptions import RedisError
 
 from processor.enqueue import Enqueuer
+from processor.eventrecord import encode_event
 from processor.liveness import cancel_requested
-from processor.models import Event, FineTuningJob, encode_event
+from processor.models import Event, FineTuningJob
 from processor.openai import OpenAIClient, OpenAIError
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Streams

@@ -35,8 +35,9 @@ from processor.errors import (
     UnavailableError,
     UnsupportedMediaError,
 )
+from processor.eventrecord import encode_event
 from processor.httpserver import SERVER_OPTIONS, quiet_bad_requests, server_options
-from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body, encode_event
+from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body
 from processor.records import QuarantineRecord
 from processor.runtime import open_runtime
 from processor.settings import Settings, explain

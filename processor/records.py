@@ -9,7 +9,7 @@ by an older version still read, and old and new workers can run side by side dur
 - `QuarantineRecord`: a signed body that did not decode, in `{p}:{q}:quarantine`.
 
 (The event itself is `models.Event`, in the entry's `e` field: a versioned msgpack record written by
-`models.encode_event` and read by `models.decode_event`, the only code that touches it. Version 2 is an
+`eventrecord.encode_event` and read by `eventrecord.decode_event`, the only code that touches it. Version 2 is an
 array of the fields in order (the version first), version 1 was a map by name; both read. A job's
 timeline items are written by the enqueue script and read as `jobstate.Transition`.)
 """
@@ -56,7 +56,7 @@ class DeadLetterRecord(StreamRecord, frozen=True, kw_only=True):
 
     #: The id the entry had in the events stream.
     entry_id: str = ""
-    #: The event record, as it was in the events stream (`models.encode_event`; possibly undecodable).
+    #: The event record, as it was in the events stream (`eventrecord.encode_event`; possibly undecodable).
     record: bytes = field(default=b"", name="e")
     #: The job-state verdict the entry carried (kept, so a replay is judged the same).
     verdict: bytes = field(default=b"", name="v")

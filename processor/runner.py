@@ -31,12 +31,13 @@ from processor import logs, metrics, policy, tracing
 from processor.acks import Ack, Acknowledger
 from processor.deadline import SharedDeadline
 from processor.errors import HandlerError
+from processor.eventrecord import decode_event
 from processor.handler import Delivery, Handler, is_effectively_once
 from processor.hydration import Preparer
 from processor.jobstate import judge
 from processor.limits import Guard
 from processor.liveness import Progress, TaskDied, cancel_requested, retry_delay
-from processor.models import Event, decode_event
+from processor.models import Event
 from processor.settings import HandlerSpec, WorkerSettings
 from processor.stream import Entry, Streams
 

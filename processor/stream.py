@@ -27,7 +27,7 @@ class Entry(NamedTuple):
     """A stream entry as the worker sees it."""
 
     id: str
-    #: The `Event` record (`models.encode_event`).
+    #: The `Event` record (`eventrecord.encode_event`).
     record: bytes
     #: The job-state verdict given at enqueue ("kind|previous|repeat of"; empty when none).
     verdict: bytes = b""

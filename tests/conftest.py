@@ -27,8 +27,9 @@ from processor import registry, signatures
 from processor.client import Client
 from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
+from processor.eventrecord import decode_event
 from processor.httpserver import SERVER_OPTIONS
-from processor.models import Event, decode_event
+from processor.models import Event
 from processor.receiver import create_app
 from processor.runtime import running_worker
 from processor.settings import COMMON_HANDLER_KEYS, Settings

@@ -11,8 +11,8 @@ import asyncio
 import msgspec
 
 from processor.client import Client
+from processor.eventrecord import encode_event
 from processor.handler import Delivery, PermanentFailure, RetryLater
-from processor.models import encode_event
 from tests.clients import async_client
 
 _RECORD = """

@@ -395,7 +395,8 @@ def _dead_letter(job_id: str | None, error: str, failed_at: float) -> dict[bytes
     """A dead letter's fields: a decodable failed-job event for `job_id`, or an undecodable record for None."""
     import msgspec
 
-    from processor.models import Event, decode_body, encode_event
+    from processor.eventrecord import encode_event
+    from processor.models import Event, decode_body
 
     record = b"\xc1"
     if job_id is not None:

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from processor.deadletters import DeadLetter, EntryFilter, Quarantined, parse_time
-from processor.models import EVENT_RECORD_VERSION, Event, decode_body
+from processor.eventrecord import EVENT_RECORD_VERSION
+from processor.models import Event, decode_body
 from processor.records import DeadLetterRecord
 from processor.runtime import open_runtime
 from processor.settings import RedisSettings, Settings

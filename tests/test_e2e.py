@@ -11,7 +11,8 @@ from pathlib import Path
 
 import msgspec
 
-from processor.models import FineTuningJob, decode_event
+from processor.eventrecord import decode_event
+from processor.models import FineTuningJob
 from tests.clients import sync_client
 from tests.conftest import SECRET, compact, free_port, sample, signed, sink
 from tests.processes import FTJOBS, Proc, base_env, http_ready, post, wait_for, write_config

@@ -17,8 +17,9 @@ import redis.asyncio as redis
 from processor import registry
 from processor.batch import NotReplicated, wait_command
 from processor.enqueue import Enqueuer
+from processor.eventrecord import decode_event, encode_event
 from processor.keys import Keys
-from processor.models import Event, FineTuningJob, decode_event, encode_event
+from processor.models import Event, FineTuningJob
 from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Streams

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from processor.client import Client
 from processor.enqueue import Enqueuer, Verdict
+from processor.eventrecord import encode_event
 from processor.jobstate import JobState
 from processor.keys import Keys
-from processor.models import TERMINAL_STATUSES, Event, FineTuningJob, decode_job, encode_event
+from processor.models import TERMINAL_STATUSES, Event, FineTuningJob, decode_job
 from processor.stream import RECORD_FIELD
 from tests.clients import async_client
 from tests.conftest import compact, eventually, sample, sink

@@ -11,17 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor import models
-from processor.models import (
-    Envelope,
-    Event,
-    FineTuningJob,
-    decode_body,
-    decode_event,
-    decode_job,
-    encode_event,
-    sample_job,
-)
+from processor import eventrecord, models
+from processor.eventrecord import decode_event, encode_event
+from processor.models import Envelope, Event, FineTuningJob, decode_body, decode_job, sample_job
 from tests.conftest import sample
 
 SUCCEEDED_JOB = "fine_tuning_job.succeeded.json"
@@ -157,7 +149,7 @@ def test_event_record_round_trips_and_is_compact() -> None:
     record = encode_event(event)
     assert decode_event(record) == event
     assert decode_event(record).job == job
-    assert record[0] == 0x90 + len(msgspec.structs.fields(Event)) + 1 and record[1] == models.EVENT_RECORD_VERSION
+    assert record[0] == 0x90 + len(msgspec.structs.fields(Event)) + 1 and record[1] == eventrecord.EVENT_RECORD_VERSION
     assert len(record) < 0.65 * len(compact_sample)  # 599 of 1,032 bytes; the named map took 1,010
     assert event.type == "fine_tuning.job.succeeded" and event.status == "succeeded"
 
@@ -298,13 +290,13 @@ PINNED_LAYOUT = {
 
 
 def test_the_record_layout_only_grows_at_the_end() -> None:
-    layout = models.record_layout()
+    layout = eventrecord.record_layout()
     for name, pinned in PINNED_LAYOUT.items():
         assert layout[name][: len(pinned)] == pinned, (
             f"{name}'s fields moved in the event record: append new fields at the end, or bump EVENT_RECORD_VERSION"
         )
     assert layout == PINNED_LAYOUT, "fields were appended: add them to PINNED_LAYOUT"
-    assert models.EVENT_RECORD_VERSION == 2
+    assert eventrecord.EVENT_RECORD_VERSION == 2
 
 
 @pytest.mark.parametrize(("version", "message"), [(3, "version 3 is newer than this release reads"), (0, "version 0")])

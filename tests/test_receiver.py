@@ -15,7 +15,8 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from processor.models import FineTuningJob, decode_event
+from processor.eventrecord import decode_event
+from processor.models import FineTuningJob
 from processor.receiver import create_app
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.models import MAX_DEPTH, Event, decode_body, decode_event, encode_event, sample_job
+from processor.eventrecord import decode_event, encode_event
+from processor.models import MAX_DEPTH, Event, decode_body, sample_job
 
 #: Generated bodies per run: 200 in CI; `FTJOBS_PROPERTY_EXAMPLES=2000` for a long run.
 EXAMPLES = int(os.environ.get("FTJOBS_PROPERTY_EXAMPLES", "200"))

@@ -30,8 +30,9 @@ from redis.asyncio.cluster import RedisCluster
 from processor import embedded, registry
 from processor.client import REDIS_PY_MAJOR, open_client
 from processor.embedded import EmbeddedValkey
+from processor.eventrecord import encode_event
 from processor.keys import Keys
-from processor.models import Event, FineTuningJob, encode_event
+from processor.models import Event, FineTuningJob
 from processor.receiver import create_app
 from processor.runtime import running_worker
 from processor.stream import RECORD_FIELD, Streams

@@ -14,8 +14,9 @@ import redis.asyncio as redis
 import structlog
 
 from handlers.slack import SlackHandler, SlackOptions
+from processor.eventrecord import decode_event, encode_event
 from processor.handler import Delivery, HandlerContext
-from processor.models import Event, decode_event, decode_job, encode_event
+from processor.models import Event, decode_job
 from tests.conftest import build_fails, compact, eventually, sample
 from tests.fake_targets import Recorder, catch_all_app, redirect_app, slack_app
 

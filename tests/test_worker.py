@@ -18,9 +18,10 @@ from prometheus_client import REGISTRY
 
 from processor import registry
 from processor.client import text
+from processor.eventrecord import decode_event, encode_event
 from processor.handler import Delivery
 from processor.keys import Keys
-from processor.models import Event, FineTuningJob, decode_event, encode_event
+from processor.models import Event, FineTuningJob
 from processor.runtime import running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Streams

@@ -17,10 +17,11 @@ from redis.exceptions import ResponseError
 
 from processor.client import Script, text
 from processor.enqueue import marker_entry_id
+from processor.eventrecord import decode_event
 from processor.jobstate import Transition, judge
 from processor.keys import PartitionKeys
 from processor.limits import Guard
-from processor.models import Event, FineTuningJob, decode_event
+from processor.models import Event, FineTuningJob
 from processor.records import DeadLetterRecord
 from processor.retention import sizes
 from processor.runtime import Runtime
