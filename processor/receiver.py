@@ -197,6 +197,15 @@ async def _quarantine(request: web.Request, webhook_id: str, body: bytes, error:
     )
 
 
+def _no_answer(webhook_id: str, deadline_s: float) -> UnavailableError:
+    """The 503 for a write Redis did not answer in time (it may have been applied: the retry is safe)."""
+    log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
+    return UnavailableError(
+        f"the queue did not answer within {deadline_s} s; the event may or may not be stored: retry "
+        "(a retried webhook-id is never enqueued twice)"
+    )
+
+
 async def _enqueue(
     request: web.Request, webhook_id: str, fields: dict[bytes, bytes], event: Event | None = None
 ) -> Enqueued:
@@ -221,22 +230,14 @@ async def _enqueue(
     except asyncio.CancelledError:
         if not deadline.expired(task):
             raise
-        log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
-        raise UnavailableError(
-            f"the queue did not answer within {deadline_s} s; the event may or may not be stored: retry "
-            "(a retried webhook-id is never enqueued twice)"
-        ) from None
+        raise _no_answer(webhook_id, deadline_s) from None
     except TimeoutError:  # before OSError, its base class: the write may have been applied after all
-        log.error("enqueue_failed", webhook_id=webhook_id, error=f"no answer from Redis within {deadline_s} s")
-        raise UnavailableError(
-            f"the queue did not answer within {deadline_s} s; the event may or may not be stored: retry "
-            "(a retried webhook-id is never enqueued twice)"
-        ) from None
+        raise _no_answer(webhook_id, deadline_s) from None
     except NotReplicated as exc:  # before RedisError, its base class
         log.error("enqueue_unconfirmed", webhook_id=webhook_id, error=str(exc))
         raise UnavailableError(
-            "the event is stored but no replica confirmed it in time; retry (a retried webhook-id is never "
-            "enqueued twice)"
+            "the event is stored but its copies (replicas or append-only file, `[redis] wait_*`) were not "
+            "confirmed in time; retry (a retried webhook-id is never enqueued twice)"
         ) from None
     except (RedisError, OSError) as exc:
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)

@@ -165,13 +165,30 @@ def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[str]:
         server.stop()
 
 
+async def _check_wait_aof(client: Client, url: str) -> None:
+    """`wait_aof` needs WAITAOF (Redis 7.2+, Valkey 8+) and the AOF on: without them every write would be
+    answered 503, so the receiver refuses to start instead. With nothing written yet, the probe answers at
+    once."""
+    try:
+        await client.execute_command("WAITAOF", 1, 0, 1000)
+    except ResponseError as exc:
+        raise ConfigError(
+            f"redis.wait_aof = true, but {redact(url)} cannot confirm writes in its append-only file "
+            f"({str(exc).strip()}): it needs Redis 7.2 or later (or Valkey 8) with appendonly yes; "
+            "or set wait_aof = false"
+        ) from None
+
+
 async def check_persistence(url: str, *, wait_aof: bool = False) -> None:
     """Warn when an external server would lose acknowledged events on a crash: AOF and RDB both off, or an
     AOF that is not fsynced before the answer (`appendfsync everysec`/`no`) while `wait_aof` is off. With
     `everysec`, Valkey and Redis postpone even the AOF's write() while a slow fsync runs (up to 2 s) and
-    still answer, so a SIGKILL of the server, not only a power cut, can lose what they acknowledged."""
+    still answer, so a SIGKILL of the server, not only a power cut, can lose what they acknowledged.
+    Raises `ConfigError` when `wait_aof` is on and the server cannot do it."""
     client = connect(url)
     try:
+        if wait_aof:
+            await _check_wait_aof(client, url)
         config: dict[Any, Any] = await client.config_get("appendonly")
         config |= await client.config_get("save")
         config |= await client.config_get("appendfsync")

@@ -14,7 +14,11 @@ import redis
 import structlog
 
 from processor import embedded
+from processor.batch import NotReplicated, wait_command
+from processor.client import connect
+from processor.enqueue import Enqueuer
 from processor.errors import ConfigError
+from processor.keys import Keys
 from processor.runtime import check_persistence
 from tests.conftest import free_port
 
@@ -147,3 +151,28 @@ async def test_fsync_warning_for_everysec_unless_answers_wait_for_the_aof(tmp_pa
         assert logs == []
     finally:
         deferred.stop()
+
+
+async def test_wait_aof_on_a_server_without_aof_refuses_to_start(server_without_aof: int) -> None:
+    """`wait_aof` on a server whose AOF is off (or one without WAITAOF, Redis before 7.2) would answer every
+    webhook 503: the receiver refuses to start, and says why."""
+    url = f"redis://127.0.0.1:{server_without_aof}/0"
+    with pytest.raises(ConfigError, match=r"wait_aof = true.*appendonly yes"):
+        await check_persistence(url, wait_aof=True)
+
+
+async def test_a_write_whose_aof_confirmation_fails_is_answered_stored_unconfirmed(server_without_aof: int) -> None:
+    """If WAITAOF fails after the start check (the AOF turned off since), the writes were applied: the answer
+    is "stored, not confirmed" (NotReplicated), never "nothing was stored"; the retry is a duplicate."""
+    client = connect(f"redis://127.0.0.1:{server_without_aof}/0")
+    try:
+        keys = Keys("aofless")
+        enqueuer = Enqueuer(client, keys, ttl_s=60, wait=wait_command(0, True, 100))
+        with pytest.raises(NotReplicated, match="append-only file"):
+            await enqueuer.add("wh_aofless", {b"n": b"1"})  # no event: a quarantine record
+        assert await client.xlen(keys.quarantine) == 1
+        with pytest.raises(NotReplicated):
+            await enqueuer.add("wh_aofless", {b"n": b"1"})  # the retry: found, still unconfirmed
+        assert await client.xlen(keys.quarantine) == 1
+    finally:
+        await client.aclose()
