@@ -164,5 +164,6 @@ class SlackHandler:
         if ctx["metadata"]:
             pairs = ", ".join(f"{slack_escape(k)}={slack_escape(v)}" for k, v in ctx["metadata"].items())
             blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _cut(pairs, _TEXT_MAX)}]})
-        fallback = f"{title}: {slack_escape(job.id)}"
+        # The fallback `text` is mrkdwn (shown, and used in notifications): the status is sender data too.
+        fallback = f"{ctx['emoji']} Fine-tuning job {slack_escape(status)}: {slack_escape(job.id)}"
         return {"text": fallback, "attachments": [{"color": ctx["color"], "blocks": blocks}]}

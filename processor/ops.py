@@ -32,7 +32,8 @@ from processor.settings import Settings
 
 T = TypeVar("T")
 
-ENTRY_ID: Final = re.compile(r"\d{1,20}(-\d{1,20})?")
+#: ASCII digits (`\d` admits other scripts' digits), at most 19 (Redis refuses ids beyond 64 bits).
+ENTRY_ID: Final = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
 
 #: Entries replayed or dropped per round trip by a bulk action (and between two progress updates).
 CHUNK: Final = 100

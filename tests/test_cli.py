@@ -307,6 +307,9 @@ async def test_entry_ids_unknown_ids_replays_and_drop_all(
     assert [x["id"] for x in json.loads(run("quarantine", "list", "--json").stdout)] == [kept]
     fails_cleanly(run("dlq", "show", "log", "not-an-id"), 2, "'not-an-id' is not an entry id")
     fails_cleanly(run("quarantine", "drop", "../x"), 2, "is not an entry id")
+    # Beyond 64 bits, or digits of another script: Redis refuses them (these were tracebacks).
+    fails_cleanly(run("dlq", "show", "log", "99999999999999999999-0"), 2, "is not an entry id")
+    fails_cleanly(run("quarantine", "show", "\u0663-\u0663"), 2, "is not an entry id")
     for action in ("show", "replay", "drop"):
         fails_cleanly(run("dlq", action, "log", "999-0"), 1, "no entry 999-0 in log's dead letters")
     fails_cleanly(run("quarantine", "show", "999-0"), 1, "no entry 999-0 in the quarantine")

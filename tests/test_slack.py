@@ -135,6 +135,34 @@ async def test_job_id_cannot_mention_or_link(
     assert live_tokens(request["json"]) == [f"https://platform.openai.com/finetune/{quote(bad_id, safe='')}|{label}"]
 
 
+async def test_status_cannot_mention_or_link(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
+    """A status is sender text too (a pushed job's, or the end of a thin event's type), and the message's
+    fallback `text`, which Slack shows and notifies with, is mrkdwn."""
+    seen: Recorder = []
+    server = await aiohttp_server(slack_app(seen))
+    pushed = msgspec.json.decode(sample("fine_tuning_job.failed.json")) | {"status": "<!channel>"}
+    thin = {
+        "id": "evt_status_text",
+        "object": "event",
+        "type": "fine_tuning.job.<!here|x>",
+        "created_at": int(time.time()),
+        "data": {"id": "ftjob-thin-status"},
+    }
+    async with rig([{"name": "slack", "type": "slack", "webhook_url": str(server.make_url("/hook"))}]) as r:
+        await r.post(msgspec.json.encode(pushed))
+        await r.post(msgspec.json.encode(thin))
+
+        async def posted() -> bool:
+            return len(seen) == 2
+
+        await eventually(posted)
+    by_text = {request["json"]["text"]: request["json"] for request in seen}  # delivered in either order
+    expected = {pushed["id"]: "&lt;!channel&gt;", "ftjob-thin-status": "&lt;!here|x&gt;"}
+    for job_id, status in expected.items():
+        [message] = [m for text, m in by_text.items() if text.endswith(f" {status}: {job_id}")]
+        assert live_tokens(message) == [f"https://platform.openai.com/finetune/{job_id}|{job_id}"]
+
+
 async def test_redirect_is_dead_lettered_and_not_followed(rig: Any, aiohttp_server: Callable[..., Any]) -> None:
     elsewhere: Recorder = []
     other = await aiohttp_server(catch_all_app(elsewhere))

@@ -78,7 +78,7 @@ async def _checked(
         return views.login_page(request)
     request[views.SESSION] = session
     if request.method not in ("GET", "HEAD"):
-        form = await request.post()
+        form = await views.read_form(request)
         given = form.get(CSRF_FIELD, "")
         if not isinstance(given, str) or not auth.csrf_ok(session, given):
             log.warning("dashboard_csrf_refused", path=request.path, remote=request.remote)

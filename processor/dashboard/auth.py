@@ -58,6 +58,8 @@ class Auth:
 
     def session_ok(self, value: str, now: float | None = None) -> bool:
         """The cookie was made here, under the current token, and has not expired."""
+        if not value.isascii():  # ours are ASCII; other text cannot be MACed or compared in constant time
+            return False
         body, _, mac = value.rpartition(".")
         expires, _, _ = body.partition(".")
         if not (mac and expires.isdigit()) or not hmac.compare_digest(mac, self._mac("session", body)):

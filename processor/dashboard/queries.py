@@ -36,7 +36,7 @@ RATE_CAP: Final = 10_000
 DEAD_LETTER_SCAN: Final = 1_000
 #: How many of a job's latest events the job page shows.
 JOB_EVENTS: Final = 50
-ENTRY_ID: Final = re.compile(r"\d{1,19}-\d{1,19}")  # within 64 bits: Redis refuses larger ids
+ENTRY_ID: Final = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")  # ASCII digits (`\d` admits others), within 64 bits
 
 _COUNT_SINCE: Final = Script("return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])")
 _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)

@@ -17,6 +17,7 @@ import jinja2
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
 from processor.humanize import human_duration
@@ -108,7 +109,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     """Check the token from the form; on success set the session cookie and go where the user was going."""
-    form = await request.post()
+    form = await read_form(request)
     target = safe_next(_field(form, "next"))
     auth = request.app[AUTH]
     if not auth.token_ok(_field(form, "token")):
@@ -184,7 +185,7 @@ async def dead_letter(request: web.Request) -> web.Response:
 async def dead_action(request: web.Request) -> web.Response:
     """POST replay/drop of the dead letters named in the form's `id` fields."""
     handler, action = _handler(request), request.match_info["action"]
-    ids = _ids(await request.post())
+    ids = _ids(await read_form(request))
     dead = request.app[DATA].dead
     if action == "replay":
         count = len(await dead.replay(handler, ids))
@@ -211,7 +212,7 @@ async def quarantined(request: web.Request) -> web.Response:
 
 async def quarantine_action(request: web.Request) -> web.Response:
     """POST replay (decode again, enqueue what decodes) or drop; a replay shows each entry's outcome."""
-    ids = _ids(await request.post())
+    ids = _ids(await read_form(request))
     data = request.app[DATA]
     if request.match_info["action"] == "drop":
         count = await data.dead.drop_quarantined(ids)
@@ -250,6 +251,15 @@ async def static(request: web.Request) -> web.Response:
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """The request's form fields; 400 when aiohttp cannot read it (a multipart body without a boundary or with
+    broken part headers, bytes that are not in its charset, an unknown charset), never a 500."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError, HttpProcessingError):  # UnicodeDecodeError is a ValueError
+        raise web.HTTPBadRequest(reason="the form could not be read") from None
+
+
 def _field(form: MultiDictProxy[Any], name: str) -> str:
     value = form.get(name, "")
     return value if isinstance(value, str) else ""
@@ -279,7 +289,8 @@ def _ids(form: MultiDictProxy[Any]) -> list[str]:
 def _notice(request: web.Request) -> str:
     template = NOTICES.get(request.query.get("done", ""))
     count = request.query.get("n", "0")
-    return template.format(n=int(count)) if template and count.isdigit() and len(count) < 7 else ""
+    # ASCII digits only: `str.isdigit` also admits `²`, which `int` refuses.
+    return template.format(n=int(count)) if template and count.isascii() and count.isdigit() and len(count) < 7 else ""
 
 
 def security_headers(response: web.StreamResponse) -> None:
