@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from processor import __version__, metrics, poller, retention
+from processor import __version__, httpserver, metrics, poller, retention
 from processor.limits import Guard
 from processor.settings import HandlerSpec
 from processor.stream import Streams
@@ -141,6 +141,7 @@ async def serving(host: str, port: int | None, streams: Streams, specs: Sequence
     async def scrape(request: web.Request) -> web.Response:
         return await endpoint(streams, specs)
 
+    httpserver.harden()  # before the app's routes are made
     app = web.Application()
     app.router.add_get("/metrics", scrape)
     runner = web.AppRunner(app, access_log=None)

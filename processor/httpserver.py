@@ -13,6 +13,10 @@ from there, so the server that is tested is the server that runs.
 * Header limits: a request line or one header over 8190 bytes, or more than 64 headers, is a 400 from aiohttp
   before any handler runs (Standard Webhooks headers are well under 1 KiB; `signatures` caps them lower still).
 
+* `Expect`: aiohttp answers an `Expect` other than `100-continue` with a 417 whose text repeats the header, and
+  a byte 0x80-0xFF in it made building that answer fail: a 500, with a traceback logged, on every path, before
+  any middleware runs. `harden` replaces that default with one that never echoes the header.
+
 Connection counts and request rates are not capped here: that is the reverse proxy's job (see the README).
 """
 
@@ -21,8 +25,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web, web_urldispatcher
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import HttpVersion11
 
 from processor.settings import ReceiverSettings
 
@@ -64,8 +69,26 @@ class _BadRequestsInOneLine(logging.Filter):
 _BAD_REQUESTS: Final = _BadRequestsInOneLine()
 
 
-def quiet_bad_requests() -> None:
-    """Install the filter on aiohttp's server logger (idempotent)."""
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` → `100 Continue` (as aiohttp does); any other expectation → a JSON 417 that
+    does not repeat it."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response's size
+        return None
+    return web.json_response(
+        {"error": "expectation_failed", "message": "the only Expect this server meets is 100-continue"},
+        status=417,
+    )
+
+
+def harden() -> None:
+    """Install, once per process, what every ftjobs HTTP server needs from aiohttp: the filter on its server
+    logger, and the `Expect` handler for every route created from now on (aiohttp takes its default when a
+    route is made, including the routes it makes per request for a 404 or 405). Idempotent."""
     logger = logging.getLogger("aiohttp.server")
     if _BAD_REQUESTS not in logger.filters:
         logger.addFilter(_BAD_REQUESTS)
+    web_urldispatcher._default_expect_handler = _expect  # type: ignore[assignment]  # private: see the module docstring

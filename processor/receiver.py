@@ -23,7 +23,7 @@ import structlog
 from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
-from processor import gauges, metrics, signatures, tracing
+from processor import gauges, httpserver, metrics, signatures, tracing
 from processor.batch import NotReplicated
 from processor.deadline import SharedDeadline
 from processor.enqueue import Enqueued, Enqueuer
@@ -36,7 +36,7 @@ from processor.errors import (
     UnsupportedMediaError,
 )
 from processor.eventrecord import encode_event
-from processor.httpserver import SERVER_OPTIONS, quiet_bad_requests, server_options
+from processor.httpserver import SERVER_OPTIONS, server_options
 from processor.models import JOB_EVENT_PREFIX, Envelope, Event, decode_body
 from processor.records import QuarantineRecord
 from processor.runtime import open_runtime
@@ -284,7 +284,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = server_options(receiver)
-    quiet_bad_requests()
+    httpserver.harden()
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
     app[GROUPS] = _Groups()
     app[DEADLINE] = SharedDeadline(receiver.enqueue_timeout_s)

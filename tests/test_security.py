@@ -573,3 +573,41 @@ async def test_a_malformed_request_head_is_one_info_line_not_a_traceback(
     assert records, "aiohttp logged nothing: the filter would be untested"
     assert all(r.levelno <= logging.INFO and not r.exc_info and not r.exc_text for r in records)
     assert all(r.getMessage().startswith("bad request refused (400)") for r in records)
+
+
+async def test_expectations_other_than_100_continue_get_a_417_not_a_500(
+    aiohttp_client: Callable[..., Any],
+    make_settings: Callable[..., Settings],
+    redis_url: str,
+    rclient: Any,
+    prefix: str,
+) -> None:
+    """aiohttp's default `Expect` handler answered a byte 0x80-0xFF in the header with a 500 (and a logged
+    traceback) on every path, before any middleware, and echoed other values in a text 417."""
+    client = await aiohttp_client(create_app(make_settings(), redis_url))
+    values = [bytes([b]) for b in range(0x80, 0x100)] + [b"foo", b"100-continue\xff", b"\xc3\xa9"]
+    for path, method in (
+        ("/webhooks/openai", b"POST"),
+        ("/healthz", b"GET"),
+        ("/nope", b"GET"),
+        ("/webhooks/openai", b"GET"),
+    ):
+        for value in values:
+            answer = await raw_request(
+                client,
+                b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: %s\r\nContent-Length: 0\r\n\r\n"
+                % (method, path.encode(), value),
+            )
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 417"), (path, value, answer[:200])
+            assert json.loads(body)["error"] == "expectation_failed" and value not in body
+    # `100-continue` is met as before: the interim answer, then the webhook's own.
+    answer = await raw_request(
+        client,
+        b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\n"
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in signed(GOOD_BODY).items())
+        + b"Content-Length: %d\r\n\r\n" % len(GOOD_BODY)
+        + GOOD_BODY,
+    )
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200]
+    assert await rclient.xlen(f"{prefix}:{{p0}}:events") == 1
