@@ -69,9 +69,10 @@ class Leases:
                 self._until.pop((group, p), None)
         return held
 
-    def holds(self, group: str, partition: int) -> bool:
-        """True while the lease surely holds (by this process's clock, without asking Redis)."""
-        return time.monotonic() < self._until.get((group, partition), 0.0)
+    def left(self, group: str, partition: int) -> float:
+        """How long the lease surely holds still (by this process's clock, without asking Redis); <= 0: it may
+        have lapsed."""
+        return self._until.get((group, partition), 0.0) - time.monotonic()
 
     async def drop(self, group: str, partition: int) -> None:
         self._until.pop((group, partition), None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections import defaultdict, deque
@@ -71,13 +72,14 @@ class Runner:
         retention_s: int,
         preparer: Preparer,
         progress: Progress,
-        lease_ok: Callable[[], bool] = lambda: True,
+        lease_left: Callable[[], float] = lambda: math.inf,
     ) -> None:
-        """`lease_ok`: whether this worker still surely holds the partition's lease (its local deadline has not
-        passed); checked before every read and every call, so a worker that froze past its lease (a blocked
-        loop, SIGSTOP, a paused VM) starts nothing its successor may run already."""
+        """`lease_left`: how long this worker still surely holds the partition's lease (by its local deadline);
+        checked before every read and every call, and a read blocks no longer than that, so a worker that froze
+        past its lease (a blocked loop, SIGSTOP, a paused VM) starts nothing its successor may run already, and
+        reads nothing its successor's first look at the partition could miss."""
         self.handler = handler
-        self.lease_ok = lease_ok
+        self.lease_left = lease_left
         self.preparer = preparer
         self.spec = spec
         self.streams = streams
@@ -115,6 +117,10 @@ class Runner:
         self._handler_seconds = metrics.HANDLER_SECONDS.labels(self.group)
         self._deadline = SharedDeadline(spec.call_limit_s)
 
+    def lease_ok(self) -> bool:
+        """Whether the partition's lease surely holds still."""
+        return self.lease_left() > 0
+
     def stop(self) -> None:
         """Stop taking new entries; the current batch finishes (see `Worker.run`)."""
         self._stopping.set()
@@ -136,10 +142,12 @@ class Runner:
                 except TaskDied:
                     raise
                 except LeaseExpired:  # the worker renews it, or stops this runner and hands the partition over
+                    self._caught_up = False  # the batch's unfinished entries go first once it is renewed
                     self._log.warning("partition_lease_expired", partition=self.streams.partition)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), _NOT_YET_S)
                 except Exception as exc:  # Redis away, or a bug: log it, wait, carry on; entries stay pending
+                    self._caught_up = False  # ... and are taken again before anything new is read
                     failures += 1
                     delay = retry_delay(failures)
                     if isinstance(exc, RedisError):
@@ -180,6 +188,13 @@ class Runner:
         seen_before = len(entries)
         if len(entries) < size:
             block = None if entries else await self._block_ms()
+            # A read must end while the lease surely holds: one served after it lapsed could hand this worker
+            # entries after its successor looked for what the partition's previous owner holds.
+            left_s = self.lease_left()
+            if left_s < 0.001:
+                raise LeaseExpired
+            if block is not None:
+                block = int(min(block, left_s * 1000))
             new = await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
             self._busy = bool(new)
             entries += new

@@ -199,7 +199,7 @@ class Worker:
             self.retention_s,
             self.preparer,
             self.progress,
-            lease_ok=lambda: self.leases.holds(spec.name, partition),
+            lease_left=lambda: self.leases.left(spec.name, partition),
         )
         name = f"runner:{spec.name}:{partition}"
         loop = asyncio.create_task(supervise(name, runner.run), name=name)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from processor.batch import NotReplicated, wait_command
 from processor.enqueue import Enqueuer
 from processor.eventrecord import decode_event, encode_event
 from processor.keys import Keys
+from processor.liveness import Progress
 from processor.models import Event, FineTuningJob
-from processor.runtime import running_worker
+from processor.runner import Runner
+from processor.runtime import open_runtime, running_worker
 from processor.settings import Settings
 from processor.stream import RECORD_FIELD, Streams
-from tests.conftest import compact, eventually, sample, sink
+from tests.conftest import captured_logs, compact, eventually, sample, sink
 from tests.processes import base_env, write_config
 from tests.test_reliability import counts, enqueue, settled, start_proc, until
 
@@ -147,3 +150,69 @@ async def test_a_handed_over_entry_is_taken_over_behind_many_entries_waiting_for
     await eventually(idle)
     taken, busy = await streams.reclaim("a", "new-worker", count=10)
     assert [e.id for e in taken] == [held.id] and not busy
+
+
+def job_event(job_id: str, status: str) -> bytes:
+    """A record of `job_id` in `status`, its webhook id naming both."""
+    doc = msgspec.json.decode(compact(sample("fine_tuning_job.failed.json"))) | {"id": job_id, "status": status}
+    job = msgspec.convert(doc, FineTuningJob)
+    return encode_event(Event.from_body(job, webhook_id=f"wh_{job_id}_{status}", received_at=time.time()))
+
+
+async def test_a_batch_cut_short_by_its_lease_goes_on_before_anything_newer_is_read(
+    make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    """A runner whose lease lapsed mid-batch (its renewal late on a starved machine) starts no more of the
+    batch; the rest stays pending with it. Once the lease is renewed, it must finish those entries before it
+    reads the jobs' newer events, which arrived meanwhile; it used to read them first when its last look at
+    the partition was recent (found by the cluster rebalance test: a job's `succeeded` before its `running`)."""
+    settings = make_settings(
+        [sink("a", redis_url, prefix, concurrency=1, sleep_s=0.2)],
+        worker={"lease_s": 30.0, "block_ms": 100, "batch_size": 20},
+    )
+    jobs = [f"ftjob-cut-{i}" for i in range(6)]
+    events = f"{prefix}:{{p0}}:events"
+    lease = {"left": math.inf}
+    async with open_runtime(settings, redis_url) as runtime:
+        handlers = registry.build(settings.handlers)
+        await runtime.set_up(handlers)
+        await runtime.streams.ensure_groups(["a"])
+        for job in jobs:
+            await rclient.xadd(events, {RECORD_FIELD: job_event(job, "running")})
+        spec = settings.handlers[0]
+        runner = Runner(
+            handlers[0],
+            spec,
+            runtime.streams.at(0),
+            settings.worker,
+            "cut-worker",
+            3600,
+            await runtime.preparer(),
+            Progress(["a"], 60.0),
+            lease_left=lambda: lease["left"],
+        )
+
+        async def calls() -> list[str]:
+            raws: Any = await rclient.lrange(f"{prefix}:{{sink:a}}", 0, -1)
+            return [decode_event(raw).id for raw in raws]
+
+        running = asyncio.create_task(runner.run())
+        try:
+            with captured_logs() as logs:
+                assert await until(lambda: _at_least(calls, 2), 30)
+                lease["left"] = 0.0  # lapsed: the rest of the batch waits
+                assert await until(lambda: any(x["event"] == "partition_lease_expired" for x in logs), 30)
+                for job in jobs:  # each job's next event comes meanwhile
+                    await rclient.xadd(events, {RECORD_FIELD: job_event(job, "succeeded")})
+                lease["left"] = math.inf  # renewed
+            assert await until(lambda: _at_least(calls, 2 * len(jobs)), 30)
+        finally:
+            runner.stop()
+            await running
+    order = await calls()
+    for job in jobs:
+        assert order.index(f"wh_{job}_running") < order.index(f"wh_{job}_succeeded"), order
+
+
+async def _at_least(calls: Callable[[], Awaitable[list[str]]], n: int) -> bool:
+    return len(await calls()) >= n
