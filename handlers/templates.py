@@ -54,9 +54,15 @@ def slack_link(url: str, label: str) -> str:
     return f"<{target}|{slack_escape(label)}>"
 
 
+#: C0 controls (CR, LF and tab among them), DEL and C1 controls: none belongs in a header's text.
+_HEADER_CONTROLS: Final = dict.fromkeys((*range(0x20), *range(0x7F, 0xA0)), " ")
+
+
 def header_safe(text: str) -> str:
-    """One line: CR, LF and other line breaks become spaces (no header injection)."""
-    return " ".join(str(text).splitlines()).replace("\r", " ").replace("\n", " ")
+    """One line of text: line breaks (CR, LF, and Unicode's) and every other control character become spaces,
+    so a value can neither start a header (injection) nor carry a NUL or an escape into one (RFC 5322 forbids
+    NUL; a relay may refuse the message)."""
+    return " ".join(str(text).splitlines()).translate(_HEADER_CONTROLS)
 
 
 def _json_value(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""Times, durations and token counts as people read them, for templates, the dashboard and the CLI."""
+"""Times, durations and token counts as people read them, for templates, the dashboard and the CLI; and text
+from senders made safe to show on a terminal."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def human_tokens(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.3g}{suffix}"
     return str(n)
+
+
+#: C0 controls, DEL, C1 controls, and the bidirectional overrides and isolates ("Trojan Source").
+_SHOWN_ESCAPED: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character shown as an escape (`\\x1b`): a status or an error a sender wrote
+    can then neither move the cursor, retitle the window, nor split a table row on an operator's terminal."""
+    return text.translate(_SHOWN_ESCAPED)

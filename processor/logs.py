@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import structlog
 from structlog.typing import EventDict, Processor
 
+from processor.humanize import terminal_safe
+
 #: The keys shown first on a line, in this order; the others follow in the order they were bound.
 FIRST_KEYS: Final = ("event", "handler", "job_id", "status")
 _HANDLER_NAME: Final = "ftjobs"
@@ -53,6 +55,12 @@ def first_keys(logger: Any, method: str, event_dict: EventDict) -> EventDict:
     return ordered
 
 
+def terminal_safe_values(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    """On a terminal, text values with their control characters escaped (a sender's status or error must not
+    drive the operator's terminal); JSON lines escape them already."""
+    return {k: terminal_safe(v) if isinstance(v, str) else v for k, v in event_dict.items()}
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Set up structlog, and the stdlib root logger for other libraries' lines, once per process."""
     console = sys.stderr.isatty() if fmt == "auto" else fmt == "console"
@@ -62,6 +70,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info if not console else structlog.dev.set_exc_info,
         first_keys,
+        *([terminal_safe_values] if console else []),
     ]
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, merge_delivery, *shared, renderer],

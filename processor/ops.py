@@ -24,7 +24,7 @@ import msgspec
 from processor import embedded, partitions, retention
 from processor.deadletters import DeadLetter, EntryFilter, Quarantined, parse_time
 from processor.errors import CommandFailed
-from processor.humanize import human_time
+from processor.humanize import human_time, terminal_safe
 from processor.jobstate import Transition
 from processor.limits import Guard
 from processor.runtime import Runtime, open_runtime, redis_url
@@ -52,6 +52,13 @@ def with_redis(settings: Settings, work: Callable[[Runtime], Awaitable[T]]) -> T
             return await work(runtime)
 
     return asyncio.run(run(redis_url(settings)))
+
+
+def say(*lines: str) -> None:
+    """Print each line with what a sender wrote in it (statuses, event types, errors, bodies) made safe for the
+    terminal (`humanize.terminal_safe`): an escape sequence in a job's status must not reach it raw."""
+    for line in lines:
+        print(terminal_safe(line))
 
 
 def print_json(value: Any) -> None:
@@ -127,7 +134,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(f"{'JOB':<40} {'STATUS':<18} CHANGED")
     for job_id, status, at in rows:
-        print(f"{job_id:<40} {status:<18} {human_time(at)}")
+        say(f"{job_id:<40} {status:<18} {human_time(at)}")
     return 0
 
 
@@ -138,15 +145,15 @@ def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(timeline)
         return 0
-    print(f"{args.job_id}")
+    say(args.job_id)
     print(f"  {'WHEN':<22} {'CHANGE':<34} {'SOURCE':<12} EVENT")
     for step in timeline:
         when, source = human_time(step.received or step.at), f"via {step.source}"
         if step.skipped:
-            print(f"  {when:<22} {step.status:<34} {source:<12} {step.event}  (skipped: {step.skipped})")
+            say(f"  {when:<22} {step.status:<34} {source:<12} {step.event}  (skipped: {step.skipped})")
             continue
         arrow = f"{step.previous or '(new)'} → {step.status}"
-        print(f"  {when:<22} {arrow:<34} {source:<12} {step.event}")
+        say(f"  {when:<22} {arrow:<34} {source:<12} {step.event}")
     return 0
 
 
@@ -236,18 +243,18 @@ def print_letters(letters: list[DeadLetter]) -> None:
     for letter in letters:
         event = letter.event
         kind, job = (event.type, event.job_id) if event else ("(undecodable record)", "-")
-        print(f"{letter.id:<20} {kind:<28} {job:<32} {letter.attempts:>8}  {letter.error[:100]}")
+        say(f"{letter.id:<20} {kind:<28} {job:<32} {letter.attempts:>8}  {letter.error[:100]}")
 
 
 def print_quarantined(items: list[Quarantined]) -> None:
     print(f"{'ID':<20} {'WEBHOOK_ID':<40} ERROR")
     for item in items:
-        print(f"{item.id:<20} {item.webhook_id:<40} {item.error[:120]}")
+        say(f"{item.id:<20} {item.webhook_id:<40} {item.error[:120]}")
 
 
 def show_quarantined(item: Quarantined) -> None:
-    print(f"{item.id} webhook_id={item.webhook_id}\nerror: {item.error}")
-    print(item.body.decode(errors="replace"))
+    body = item.body.decode(errors="replace").split("\n")
+    say(f"{item.id} webhook_id={item.webhook_id}", f"error: {item.error}", *body)
 
 
 def _some(ids: list[str]) -> str:
@@ -367,7 +374,7 @@ def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
             failed = []
             for chunk in chunks([i for i in ids if i in present]):
                 for entry_id, outcome in await dead.replay_quarantined(chunk, groups):
-                    print(f"{entry_id}: {outcome}")
+                    say(f"{entry_id}: {outcome}")
                     if outcome.startswith("still not readable"):
                         failed.append(entry_id)
                 if progress:

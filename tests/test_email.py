@@ -119,7 +119,7 @@ async def test_metadata_cannot_inject_headers_or_html(rig: Any, smtp: tuple[Inbo
     doc = msgspec.json.decode(sample("fine_tuning_job.failed.json"))
     doc["metadata"] = {
         "owner": "owner@example.com",
-        "note": "x\r\nBcc: victim@example.com",
+        "note": "x\r\nBcc: victim@example.com\x00\x1b[31m",
         "html": "<script>x</script>",
     }
     subject = "Job {{ job.id }} {{ metadata.note }}"
@@ -133,7 +133,8 @@ async def test_metadata_cannot_inject_headers_or_html(rig: Any, smtp: tuple[Inbo
     recipients, message = inbox.messages[0]
     assert recipients == ["owner@example.com"]
     assert message["Bcc"] is None
-    assert message["Subject"] == "Job ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD x Bcc: victim@example.com"
+    # Line breaks and other controls (NUL, ESC) became spaces: one line of text, no header of its own.
+    assert message["Subject"] == "Job ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD x Bcc: victim@example.com  [31m"
     html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "<script>" not in html and "&lt;script&gt;" in html
 
