@@ -589,3 +589,29 @@ def test_zsh_and_fish_completion_scripts() -> None:
             checked = subprocess.run([shell, "-n"], input=ftjobs("completion", shell).stdout, text=True, timeout=60)
             assert checked.returncode == 0
     fails_cleanly(ftjobs("completion", "tcsh"), 2, "invalid choice: 'tcsh'")
+
+
+async def test_sender_text_reaches_the_terminal_escaped(
+    aiohttp_client: Any, make_settings: Any, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A signed sender's job status (1-64 characters of anything) shown by `jobs` and `job`: an escape
+    sequence or a newline in it is printed as `\\x1b` / `\\x0a`, never sent raw to the operator's terminal."""
+    import msgspec
+
+    from processor.receiver import create_app
+    from tests.conftest import sample, signed
+
+    hostile = "\x1b[31mRED\x1b]0;title\x07\nx"
+    doc = msgspec.json.decode(sample("fine_tuning_job.running.json")) | {"id": "ftjob-term", "status": hostile}
+    body = msgspec.json.encode(doc)
+    client = await aiohttp_client(create_app(make_settings(), redis_url))
+    resp = await client.post("/webhooks/openai", data=body, headers=signed(body))
+    assert resp.status == 200, await resp.text()
+    config = tmp_path / "ftjobs.toml"
+    config.write_text(f'[redis]\nprefix = "{prefix}"\n')
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    for args in (["jobs"], ["job", "ftjob-term"]):
+        result = await asyncio.to_thread(ftjobs, *args, "-c", str(config), env=env)
+        assert result.returncode == 0, result.stderr
+        assert "\\x1b[31mRED\\x1b]0;title\\x07\\x0ax" in result.stdout, result.stdout
+        assert "\x1b" not in result.stdout and "\x07" not in result.stdout

@@ -58,3 +58,19 @@ def test_console_lines_start_with_event_handler_job_and_status(tmp_path: Path) -
     start = words.index("delivered")
     assert words[start + 1 : start + 4] == ["handler=slack", "job_id=ftjob-1", "status=succeeded"], line
     assert words[start + 4 :] == ["attempt=1", "duration_ms=3", "webhook_id=wh_1"], line
+
+
+def test_console_lines_escape_control_characters_a_sender_wrote(tmp_path: Path) -> None:
+    """On a terminal, a job status with an escape sequence and a newline is shown escaped: one line, and the
+    renderer's own colours are the only escape sequences."""
+    code = (
+        "from processor import logs; import structlog; logs.configure('info', 'console'); "
+        "structlog.get_logger().info('event_skipped', status='\\x1b]0;pwned\\x07\\nfake line')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60, check=True
+    )
+    line = _ANSI.sub("", out.stderr).strip()
+    # Escaped (newer structlog quotes the escaped text again; structlog 24 printed values raw).
+    assert "\n" not in line and "\x07" not in line and "\x1b" not in line, repr(line)
+    assert "x1b]0;pwned" in line and "x07" in line and "fake line" in line, line
