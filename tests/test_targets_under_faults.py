@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -12,9 +13,9 @@ from typing import Any
 import redis.asyncio as redis
 from aiohttp import web
 
-from tests.conftest import free_port
-from tests.processes import Proc, base_env, write_config
-from tests.test_reliability import enqueue, logged, settled, until
+from tests.conftest import SECRET, free_port
+from tests.processes import Proc, base_env, http_ready, wait_for, write_config
+from tests.test_reliability import bodies, enqueue, logged, send_all, settled, until
 
 
 class ReceiptTarget:
@@ -40,6 +41,72 @@ class ReceiptTarget:
             return web.json_response({"ok": True})
         finally:
             self.running -= 1
+
+
+def valkeys_on(data_dir: Path) -> list[int]:
+    """The pids of valkey-server processes whose socket is in `data_dir` (read from /proc)."""
+    needle = str(data_dir.resolve() / "valkey.sock").encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"valkey-server" in cmdline and needle in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+async def test_a_killed_serve_leaves_no_embedded_valkey_and_the_next_serve_loses_nothing(
+    aiohttp_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """`ftjobs serve` with no Redis URL (the embedded Valkey), SIGKILLed mid-load (an OOM kill, `kill -9`): the
+    embedded server must not outlive it; the next `serve` starts on the same data directory and delivers every
+    acknowledged event."""
+    target = ReceiptTarget(delay_s=0.0)
+    hook = str((await aiohttp_server(target.app())).make_url("/hook"))
+    port = free_port()
+    config = write_config(
+        tmp_path / "ftjobs.toml",
+        receiver={"port": port, "secrets": [SECRET]},
+        worker={"lease_s": 2.0, "block_ms": 100},
+        handlers=[{"name": "pipe", "type": "http", "url": hook}],
+    )
+    env = base_env(FTJOBS_CONFIG=str(config))
+    data = tmp_path / ".ftjobs"
+    n = 400
+    items = bodies(n)
+    results: dict[str, int] = {}
+    serve = await asyncio.to_thread(Proc, ["serve"], tmp_path, env, "serve-1")
+    try:
+        await asyncio.to_thread(wait_for, http_ready(port), 30, "serve")
+        sending = asyncio.create_task(send_all(port, items, retry_503=False, per_second=n / 4, results=results))
+        assert await until(lambda: len(target.counts) >= n // 4, 30)
+        await asyncio.to_thread(serve.stop, signal.SIGKILL)
+        outlived = not await until(lambda: not valkeys_on(data), 30)
+        await sending
+        serve = await asyncio.to_thread(Proc, ["serve"], tmp_path, env, "serve-2")
+        await asyncio.to_thread(wait_for, http_ready(port), 30, "serve again")
+        acknowledged = {w for w, status in results.items() if status == 200}
+        keys = {f"pipe:{w}" for w in acknowledged}
+        assert await until(lambda: keys <= set(target.counts), 60)
+        assert await asyncio.to_thread(serve.stop, signal.SIGTERM, 60) == 0
+        left = valkeys_on(data)
+    finally:
+        for pid in valkeys_on(data):  # only the servers of this test's own data directory
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(serve.stop, signal.SIGKILL)
+    twice = sum(c - 1 for c in target.counts.values())
+    print(
+        f"\nFIGURE serve-killed: {len(acknowledged)} acknowledged, {len(keys - set(target.counts))} lost, "
+        f"{twice} sent twice; the embedded server outlived the SIGKILLed serve: {outlived}, servers left after "
+        f"the next serve's SIGTERM: {left}"
+    )
+    assert not outlived and left == []
+    assert keys <= set(target.counts)
+    assert twice <= 8  # at most the calls in flight at the kill (`concurrency`)
 
 
 async def test_sigterm_starts_no_new_call_so_the_grace_period_cuts_none_off(
