@@ -137,10 +137,12 @@ class Runner:
                 except TaskDied:
                     raise
                 except LeaseExpired:  # the worker renews it, or stops this runner and hands the partition over
+                    self._caught_up = False  # the batch was cut short: its entries first, before any new one
                     self._log.warning("partition_lease_expired", partition=self.streams.partition)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), _NOT_YET_S)
                 except Exception as exc:  # Redis away, or a bug: log it, wait, carry on; entries stay pending
+                    self._caught_up = False  # taken over again (by this consumer too) before anything new is read
                     failures += 1
                     delay = retry_delay(failures)
                     if isinstance(exc, RedisError):
