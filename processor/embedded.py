@@ -2,17 +2,24 @@
 
 It listens only on a unix socket inside the data directory (no TCP port, nothing exposed), keeps an
 append-only file with `appendfsync always` (an event acknowledged to a sender is on disk), and stops with
-the process that started it. The data directory is private (0700, its files 0600): the AOF holds every
-event body, job metadata included. Other `ftjobs` commands on the same data directory attach to its socket.
+the process that started it: when that process stops, and on Linux also when it dies (SIGKILL, an OOM kill),
+so no orphaned server keeps the data directory. The data directory is private (0700, its files 0600): the
+AOF holds every event body, job metadata included. Other `ftjobs` commands on the same data directory
+attach to its socket.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -25,6 +32,8 @@ log = structlog.get_logger()
 SOCKET_NAME: Final = "valkey.sock"
 #: sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH: Final = 107
+#: prctl(2): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG: Final = 1
 
 
 def server_binary() -> Path:
@@ -73,6 +82,24 @@ def make_private(data_dir: Path) -> None:
         path.chmod(0o700 if path.is_dir() else 0o600)
 
 
+def _dies_with_parent() -> Callable[[], None] | None:
+    """On Linux, what the server's process runs before it starts: SIGTERM (a clean shutdown, the AOF synced)
+    once the process that started it dies, however it dies. Without it a SIGKILLed `serve` left its server
+    running in its own session for good, and the next `serve` attached to that orphan and never stopped it.
+    The signal follows the thread that started the server, so only the main thread asks for it."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return preexec
+
+
 class EmbeddedValkey:
     """Start with `start()`, stop with `stop()`; `url` is what redis-py connects to."""
 
@@ -114,7 +141,15 @@ class EmbeddedValkey:
             str(self.data_dir / "valkey.log"),
         ]
         # umask 077: the AOF, its manifest and the log are created 0600, new directories 0700.
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
+        # Its own session: a Ctrl-C to the terminal's process group reaches `serve`, which stops its workers
+        # (they still write to the server) before it stops the server.
+        self._process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            umask=0o077,
+            preexec_fn=_dies_with_parent(),  # one C call before exec, from the main thread
+        )
         deadline = time.monotonic() + timeout_s
         while not _answers(self.socket):
             if self._process.poll() is not None:

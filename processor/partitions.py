@@ -3,10 +3,10 @@
 Each handler's partitions are shared out among the live workers that run it (their heartbeats): `plan` gives
 a worker its share, the same answer in every worker for the same set of workers. A worker takes a lease on
 each partition of its share (`Leases.take`: SET NX PX) and renews those it holds, and hands over the others:
-its runner on the partition stops, finishes its batch, gives back what it still holds, and only then lets go
-of the lease. So one partition is consumed by one worker per handler at a time — a job's events reach a
-handler in order, never concurrently — and a partition never waits for more than one lease: a dead worker's
-leases expire, and a worker that joins gets its share as soon as the others let go of it.
+its runner on the partition stops, lets the calls in flight finish (starting none), gives back what it still
+holds, and only then lets go of the lease. So one partition is consumed by one worker per handler at a time —
+a job's events reach a handler in order, never concurrently — and a partition never waits for more than one
+lease: a dead worker's leases expire, and a worker that joins gets its share as soon as the others let go of it.
 """
 
 from __future__ import annotations

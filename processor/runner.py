@@ -122,7 +122,8 @@ class Runner:
         return self.lease_left() > 0
 
     def stop(self) -> None:
-        """Stop taking new entries; the current batch finishes (see `Worker.run`)."""
+        """Stop: no new entry is read and no call of the current batch starts; the calls in flight finish
+        (see `Worker.run`), and the entries not started stay pending for the partition's next owner."""
         self._stopping.set()
 
     async def run(self) -> None:
@@ -236,7 +237,9 @@ class Runner:
                     while jobs:
                         items = jobs.popleft()
                         for n, (entry, about, event) in enumerate(items, 1):
-                            if halt.is_set():
+                            # Stopped (SIGTERM, a hand-over): the calls in flight finish within the grace period,
+                            # none starts (a call the grace period cuts off would be sent again by the next owner).
+                            if halt.is_set() or self._stopping.is_set():
                                 return
                             if not self.lease_ok():
                                 raise LeaseExpired
