@@ -214,10 +214,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     handlers = registry.build(settings.handlers)  # fail on a bad handler config before anything starts
     localsecret.warn_if_insecure(settings)
     host, port = _listen(args, settings)
-    with runtime.redis_for(settings, start_embedded=True) as url:
+    with runtime.redis_for(settings, start_embedded=True) as (url, server):
         if settings.redis.url:
             asyncio.run(runtime.check_persistence(url, wait_aof=settings.redis.wait_aof))
-        app = service.serve_app(settings, url, handlers=handlers)
+        app = service.serve_app(settings, url, handlers=handlers, embedded=server)
         service.run_http(app, host, port)
     return 1 if app[service.WORKER_FAILURE] else 0
 

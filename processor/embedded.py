@@ -10,6 +10,7 @@ attach to its socket.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import importlib.util
 import os
@@ -159,6 +160,24 @@ class EmbeddedValkey:
                 raise ConfigError(f"the embedded Valkey did not answer within {timeout_s} s")
             time.sleep(0.005)
         log.info("embedded_valkey_started", data_dir=str(self.data_dir), pid=self._process.pid)
+
+    async def keep_alive(self, every_s: float = 0.5) -> None:
+        """Start the server again whenever it dies under the process that runs it (the OOM killer, a crash):
+        it replays its AOF, so nothing it acknowledged is lost, and the clients reconnect on their next
+        command. Without it `serve` stayed up answering every webhook 503 for good. Raises `ConfigError` when
+        the server does not come back (the caller exits non-zero for its supervisor).
+
+        Run it in the main thread's event loop: a restart must be asked from the main thread (see
+        `_dies_with_parent`), and blocks the loop while the AOF replays."""
+        while True:
+            await asyncio.sleep(every_s)
+            process = self._process
+            if process is None or process.poll() is None:
+                continue
+            log.error("embedded_valkey_died", data_dir=str(self.data_dir), exit_code=process.returncode)
+            self._process = None
+            self.start()
+            log.warning("embedded_valkey_restarted", data_dir=str(self.data_dir))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the server to shut down (SIGTERM flushes the AOF) and wait for it."""

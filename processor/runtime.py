@@ -152,15 +152,16 @@ def redis_url(settings: Settings) -> str:
 
 
 @contextlib.contextmanager
-def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[str]:
-    """Yield a Redis URL, starting (and afterwards stopping) an embedded Valkey when none is configured."""
+def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[tuple[str, embedded.EmbeddedValkey | None]]:
+    """Yield a Redis URL, and the embedded Valkey when one was started here because none is configured (it is
+    stopped afterwards)."""
     if settings.redis.url or embedded.is_running(settings.redis.data_dir) or not start_embedded:
-        yield redis_url(settings)
+        yield redis_url(settings), None
         return
     server = embedded.EmbeddedValkey(settings.redis.data_dir)
     server.start()
     try:
-        yield server.url
+        yield server.url, server
     finally:
         server.stop()
 

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from processor import gauges, httpserver, metrics
+from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
 from processor.handler import Handler
 from processor.httpserver import SERVER_OPTIONS
@@ -38,11 +39,28 @@ T = TypeVar("T")
 WORKER_FAILURE: Final = web.AppKey("worker_failure", list[str])
 
 
-def serve_app(settings: Settings, url: str, *, handlers: list[Handler] | None = None) -> web.Application:
-    """The receiver app, with workers for `handlers` attached to its lifecycle when given. When they die for
-    good, the process stops (SIGTERM to itself) and `app[WORKER_FAILURE]` says why, for a non-zero exit."""
+def serve_app(
+    settings: Settings,
+    url: str,
+    *,
+    handlers: list[Handler] | None = None,
+    embedded: EmbeddedValkey | None = None,
+) -> web.Application:
+    """The receiver app, with workers for `handlers` attached to its lifecycle when given, and the `embedded`
+    Valkey it runs on kept alive (started again when it dies). When the workers die for good, or the server
+    does not come back, the process stops (SIGTERM to itself) and `app[WORKER_FAILURE]` says why, for a
+    non-zero exit."""
     app = create_app(settings, url)
     app[WORKER_FAILURE] = []
+    if embedded is not None:
+        server = embedded
+
+        async def embedded_ctx(app: web.Application) -> AsyncIterator[None]:
+            keeper = asyncio.create_task(_keep_alive_or_stop(app, server))
+            yield
+            keeper.cancel()
+
+        app.cleanup_ctx.append(embedded_ctx)
     if handlers is not None:
 
         async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -60,6 +78,15 @@ def serve_app(settings: Settings, url: str, *, handlers: list[Handler] | None = 
 
         dashboard.mount(app, settings, url)
     return app
+
+
+async def _keep_alive_or_stop(app: web.Application, server: EmbeddedValkey) -> None:
+    try:
+        await server.keep_alive()
+    except ConfigError as exc:
+        app[WORKER_FAILURE].append(f"the embedded Valkey did not come back: {exc}")
+        log.critical("embedded_valkey_lost", error=str(exc))
+        signal.raise_signal(signal.SIGTERM)
 
 
 async def _stop_process_when_failed(worker: Worker) -> None:
