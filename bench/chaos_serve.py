@@ -208,10 +208,10 @@ async def main(jobs: int, kills: int, terms: int, delay_s: float) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--terms", type=int, default=3)
-    parser.add_argument("--delay", type=float, default=0.05)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=300, help="jobs to send, each `running` then `succeeded`")
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILL restarts of serve during the load")
+    parser.add_argument("--terms", type=int, default=3, help="SIGTERM restarts of serve during the load")
+    parser.add_argument("--delay", type=float, default=0.05, help="seconds each target takes per call")
     args = parser.parse_args()
     raise SystemExit(asyncio.run(main(args.jobs, args.kills, args.terms, args.delay)))
