@@ -124,13 +124,8 @@ class Lua:
             # One call's error (e.g. NOSCRIPT, MOVED) comes back in its place; the others still answer.
             replies = got[int(load) : int(load) + len(calls)]
             if wait:
-                confirmed = got[-1]
-                if isinstance(confirmed, Exception) or not _enough(wait, confirmed):
-                    # Also when the command itself failed (WAITAOF with the AOF turned off since the start
-                    # check): the writes were applied, unconfirmed, so the answer must not say "not stored".
-                    failure = NotReplicated(
-                        f"the write was not confirmed by {_wanted(wait)} within {wait[-1]} ms (got {confirmed!r})"
-                    )
+                failure = _unconfirmed(wait, got[-1])
+                if failure is not None:
                     # A duplicate too: its first write may be the one no replica has yet (a retry after a 503).
                     replies = [r if isinstance(r, Exception) else failure for r in replies]
             return replies
@@ -155,6 +150,17 @@ def wait_command(replicas: int, aof: bool, timeout_ms: int) -> tuple[Any, ...]:
     if aof:
         return (b"WAITAOF", 1, replicas, timeout_ms)
     return (b"WAIT", replicas, timeout_ms) if replicas else ()
+
+
+def _unconfirmed(wait: Sequence[Any], confirmed: Any) -> NotReplicated | None:
+    """Why a batch's writes are not confirmed by the `wait` command's answer, or None when they are. The
+    writes were applied even when the command itself failed (WAITAOF with the AOF turned off since the start
+    check): unconfirmed, never "not stored"."""
+    if isinstance(confirmed, Exception):
+        return NotReplicated(f"the write could not be confirmed by {_wanted(wait)}: {confirmed}")
+    if not _enough(wait, confirmed):
+        return NotReplicated(f"the write was not confirmed by {_wanted(wait)} within {wait[-1]} ms (got {confirmed!r})")
+    return None
 
 
 def _enough(wait: Sequence[Any], confirmed: Any) -> bool:

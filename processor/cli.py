@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             asyncio.run(runtime.check_persistence(url, wait_aof=settings.redis.wait_aof))
         app = service.serve_app(settings, url, handlers=handlers, embedded=server)
         service.run_http(app, host, port)
-    return 1 if app[service.WORKER_FAILURE] else 0
+    return 1 if app[service.SERVE_FAILURE] else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import importlib.util
 import os
 import signal
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import structlog
 
@@ -61,17 +62,53 @@ def is_running(data_dir: str | os.PathLike[str]) -> bool:
     return _answers(socket_path(data_dir))
 
 
-def _answers(path: Path) -> bool:
+def _ping(path: Path) -> bytes:
+    """The server's answer to PING on `path` (`+PONG`, or `-LOADING` while it replays its AOF); b"" when
+    nothing answers."""
     if not path.exists():
-        return False
+        return b""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)
             sock.connect(str(path))
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16)
     except OSError:
-        return False
+        return b""
+
+
+def _answers(path: Path) -> bool:
+    return _ping(path).startswith(b"+PONG")
+
+
+def claim(data_dir: str | os.PathLike[str], *, wait_s: float = 30.0) -> IO[bytes]:
+    """Become the one `ftjobs serve` that runs the data directory's server: an exclusive lock on a file in it,
+    held while the returned file is open (the kernel lets go of it when the process dies, however it dies).
+
+    Raises `ConfigError` when another `serve` holds it. A server still answering without an owner is the
+    one of a `serve` that just died (it got SIGTERM with its parent and is writing its AOF out): it is waited
+    for, up to `wait_s`, rather than attached to, as it is about to go."""
+    path = Path(data_dir).resolve()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = (path / "serve.lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(
+            f"another `ftjobs serve` runs on {path}: stop it first, or add `ftjobs receive` and `ftjobs work` "
+            "processes, which attach to its server"
+        ) from None
+    deadline = time.monotonic() + wait_s
+    while _ping(socket_path(path)):
+        if time.monotonic() > deadline:
+            lock.close()
+            raise ConfigError(
+                f"a server still answers on {socket_path(path)} though no `ftjobs serve` runs it (one started by "
+                "an older version?): stop it, e.g. `valkey-cli -s <socket> shutdown`, then start again"
+            )
+        time.sleep(0.05)
+    return lock
 
 
 def make_private(data_dir: Path) -> None:
@@ -91,14 +128,25 @@ def _dies_with_parent() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)  # looked up here: the child runs as little as it can
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(_PR_SET_PDEATHSIG, sigterm)
         if os.getppid() != parent:  # the parent died before the request took effect
             os._exit(1)
 
     return preexec
+
+
+class ServerLost(Exception):
+    """The embedded server died under `serve` and could not be kept running."""
+
+
+#: `keep_alive` gives up (and `serve` exits 1) when the server died more than this many times this quickly.
+_RESTARTS: Final = 3
+_RESTART_WINDOW_S: Final = 300.0
+#: How long a restarted server may take to answer at all (it is waited for as long as it replays its AOF).
+_START_TIMEOUT_S: Final = 10.0
 
 
 class EmbeddedValkey:
@@ -118,6 +166,13 @@ class EmbeddedValkey:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if _answers(self.socket):
             raise ConfigError(f"an embedded server is already running on {self.data_dir} (another `ftjobs serve`?)")
+        self._launch()
+        deadline = time.monotonic() + timeout_s
+        while not self._ready(deadline, timeout_s):
+            time.sleep(0.005)
+
+    def _launch(self) -> None:
+        """Start the server process on the data directory (from the main thread: `_dies_with_parent`)."""
         self.socket.unlink(missing_ok=True)
         make_private(self.data_dir)
         args = [
@@ -151,32 +206,52 @@ class EmbeddedValkey:
             umask=0o077,
             preexec_fn=_dies_with_parent(),  # one C call before exec, from the main thread
         )
-        deadline = time.monotonic() + timeout_s
-        while not _answers(self.socket):
-            if self._process.poll() is not None:
-                raise ConfigError(f"the embedded Valkey exited at start; see {self.data_dir / 'valkey.log'}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ConfigError(f"the embedded Valkey did not answer within {timeout_s} s")
-            time.sleep(0.005)
-        log.info("embedded_valkey_started", data_dir=str(self.data_dir), pid=self._process.pid)
+
+    def _ready(self, deadline: float, timeout_s: float) -> bool:
+        """Whether the server started by `start` answers; raises when it exited, or when it has not answered
+        by `deadline` (a server replaying its AOF answers `-LOADING`, and is waited for as long as it does)."""
+        assert self._process is not None
+        answer = _ping(self.socket)
+        if answer.startswith(b"+PONG"):
+            log.info("embedded_valkey_started", data_dir=str(self.data_dir), pid=self._process.pid)
+            return True
+        if self._process.poll() is not None:
+            raise ConfigError(f"the embedded Valkey exited at start; see {self.data_dir / 'valkey.log'}")
+        if time.monotonic() > deadline and not answer.startswith(b"-LOADING"):
+            self.stop()
+            raise ConfigError(f"the embedded Valkey did not answer within {timeout_s} s")
+        return False
 
     async def keep_alive(self, every_s: float = 0.5) -> None:
         """Start the server again whenever it dies under the process that runs it (the OOM killer, a crash):
         it replays its AOF, so nothing it acknowledged is lost, and the clients reconnect on their next
-        command. Without it `serve` stayed up answering every webhook 503 for good. Raises `ConfigError` when
-        the server does not come back (the caller exits non-zero for its supervisor).
+        command. Without it `serve` stayed up answering every webhook 503 for good. Raises `ServerLost` when
+        it does not come back, or dies again and again (`_RESTARTS` within `_RESTART_WINDOW_S`): the caller
+        exits non-zero for its supervisor.
 
-        Run it in the main thread's event loop: a restart must be asked from the main thread (see
-        `_dies_with_parent`), and blocks the loop while the AOF replays."""
+        Run it in the main thread's event loop: the server must be launched from the main thread (see
+        `_dies_with_parent`). The loop goes on serving while the AOF replays."""
+        restarts: list[float] = []
         while True:
             await asyncio.sleep(every_s)
             process = self._process
             if process is None or process.poll() is None:
                 continue
-            log.error("embedded_valkey_died", data_dir=str(self.data_dir), exit_code=process.returncode)
+            code = process.returncode
+            say = log.warning if code == 0 else log.error  # 0: stopped by a signal of its own (a service stop)
+            say("embedded_valkey_died", data_dir=str(self.data_dir), exit_code=code)
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
+            if len(restarts) > _RESTARTS:
+                raise ServerLost(f"the embedded Valkey died {len(restarts)} times within {_RESTART_WINDOW_S:.0f} s")
             self._process = None
-            self.start()
+            try:
+                self._launch()
+                deadline = time.monotonic() + _START_TIMEOUT_S
+                while not self._ready(deadline, _START_TIMEOUT_S):  # noqa: ASYNC110 (another process: no event)
+                    await asyncio.sleep(0.01)
+            except (ConfigError, OSError) as exc:  # OSError: no memory to fork, the binary gone, ...
+                raise ServerLost(f"the embedded Valkey could not be started again: {exc}") from exc
             log.warning("embedded_valkey_restarted", data_dir=str(self.data_dir))
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -91,4 +91,6 @@ def harden() -> None:
     logger = logging.getLogger("aiohttp.server")
     if _BAD_REQUESTS not in logger.filters:
         logger.addFilter(_BAD_REQUESTS)
+    if not hasattr(web_urldispatcher, "_default_expect_handler"):  # private: an aiohttp that renamed it
+        raise RuntimeError("aiohttp has no default Expect handler to replace: check processor.httpserver")
     web_urldispatcher._default_expect_handler = _expect  # type: ignore[assignment]  # private: see the module docstring

@@ -34,10 +34,13 @@ def human_tokens(n: int | None) -> str:
     return str(n)
 
 
-#: C0 controls, DEL, C1 controls, and the bidirectional overrides and isolates ("Trojan Source").
-_SHOWN_ESCAPED: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
-    c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
-}
+#: C0 controls, DEL, C1 controls, the bidirectional overrides and isolates ("Trojan Source"), and the
+#: backslash itself (so a sender's literal `\\x1b` cannot pass for an escaped ESC).
+_SHOWN_ESCAPED: dict[int, str] = (
+    {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+    | {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+    | {ord("\\"): "\\\\"}
+)
 
 
 def terminal_safe(text: str) -> str:

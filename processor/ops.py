@@ -253,7 +253,7 @@ def print_quarantined(items: list[Quarantined]) -> None:
 
 
 def show_quarantined(item: Quarantined) -> None:
-    body = item.body.decode(errors="replace").split("\n")
+    body = item.body.decode(errors="replace").splitlines()
     say(f"{item.id} webhook_id={item.webhook_id}", f"error: {item.error}", *body)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from redis.exceptions import RedisError, ResponseError
@@ -153,17 +153,24 @@ def redis_url(settings: Settings) -> str:
 
 @contextlib.contextmanager
 def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[tuple[str, embedded.EmbeddedValkey | None]]:
-    """Yield a Redis URL, and the embedded Valkey when one was started here because none is configured (it is
-    stopped afterwards)."""
-    if settings.redis.url or embedded.is_running(settings.redis.data_dir) or not start_embedded:
+    """Yield a Redis URL, and the embedded Valkey when one is started here because none is configured (it is
+    stopped afterwards). Starting one claims the data directory (`embedded.claim`): a second `serve` on it is
+    refused, and the server of one that just died is waited for, not attached to."""
+    if settings.redis.url or not start_embedded:
         yield redis_url(settings), None
         return
-    server = embedded.EmbeddedValkey(settings.redis.data_dir)
-    server.start()
-    try:
-        yield server.url, server
-    finally:
-        server.stop()
+    with embedded.claim(settings.redis.data_dir):  # one `serve` per data directory, never an orphan's server
+        server = embedded.EmbeddedValkey(settings.redis.data_dir)
+        server.start()
+        try:
+            yield server.url, server
+        finally:
+            server.stop()
+
+
+#: What each `appendfsync` short of `always` can lose on a crash of the server: with `everysec` the write of the
+#: AOF itself waits while a slow fsync runs (up to 2 s); with `no` the OS writes it out when it likes.
+_DEFERRED_FSYNC: Final = {"everysec": "up to about 2 s", "no": "up to about 30 s (the OS's write-back)"}
 
 
 async def _check_wait_aof(client: Client, url: str) -> None:
@@ -211,11 +218,11 @@ async def check_persistence(url: str, *, wait_aof: bool = False) -> None:
             save=save or "(none)",
             hint="acknowledged events can be lost on a Redis crash; enable appendonly yes, appendfsync always",
         )
-    elif fsync != "always" and not wait_aof:
+    elif fsync in _DEFERRED_FSYNC and not wait_aof:
         log.warning(
             "redis_fsync_deferred",
             url=redact(url),
             appendfsync=fsync,
-            hint="a Redis crash can lose up to about 2 s of acknowledged events; set appendfsync always "
-            "(recommended), or redis.wait_aof = true (each answer then waits for the next fsync, ~100 ms)",
+            hint=f"a Redis crash can lose {_DEFERRED_FSYNC[fsync]} of acknowledged events; set appendfsync always "
+            "(recommended), or redis.wait_aof = true (each answer then waits for the next fsync)",
         )

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 
 #: Why the workers of a `serve` process died for good (empty while they did not).
-WORKER_FAILURE: Final = web.AppKey("worker_failure", list[str])
+SERVE_FAILURE: Final = web.AppKey("serve_failure", list[str])
 
 
 def serve_app(
@@ -48,10 +48,10 @@ def serve_app(
 ) -> web.Application:
     """The receiver app, with workers for `handlers` attached to its lifecycle when given, and the `embedded`
     Valkey it runs on kept alive (started again when it dies). When the workers die for good, or the server
-    does not come back, the process stops (SIGTERM to itself) and `app[WORKER_FAILURE]` says why, for a
+    does not come back, the process stops (SIGTERM to itself) and `app[SERVE_FAILURE]` says why, for a
     non-zero exit."""
     app = create_app(settings, url)
-    app[WORKER_FAILURE] = []
+    app[SERVE_FAILURE] = []
     if embedded is not None:
         server = embedded
 
@@ -70,7 +70,7 @@ def serve_app(
                     yield
                     watcher.cancel()
             except WorkerFailed as exc:
-                app[WORKER_FAILURE].append(str(exc))
+                app[SERVE_FAILURE].append(str(exc))
 
         app.cleanup_ctx.append(worker_ctx)
     if settings.dashboard.token:
@@ -83,8 +83,8 @@ def serve_app(
 async def _keep_alive_or_stop(app: web.Application, server: EmbeddedValkey) -> None:
     try:
         await server.keep_alive()
-    except ConfigError as exc:
-        app[WORKER_FAILURE].append(f"the embedded Valkey did not come back: {exc}")
+    except Exception as exc:  # ServerLost, or a bug: either way the server is gone, so is the service
+        app[SERVE_FAILURE].append(str(exc))
         log.critical("embedded_valkey_lost", error=str(exc))
         signal.raise_signal(signal.SIGTERM)
 

@@ -10,9 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as redis
 from aiohttp import web
 
+from processor import embedded
+from processor.errors import ConfigError
 from tests.conftest import SECRET, free_port, signed
 from tests.processes import Proc, base_env, http_ready, post, wait_for, write_config
 from tests.test_reliability import bodies, enqueue, logged, send_all, settled, until
@@ -185,3 +188,57 @@ async def test_serve_recovers_or_exits_when_its_embedded_valkey_dies(tmp_path: P
         await asyncio.to_thread(serve.stop, signal.SIGKILL)
     assert settled_ and code is None, "serve stayed up answering 503, its embedded Valkey gone"
     assert any(line["event"] == "embedded_valkey_restarted" for line in serve.lines())
+
+
+async def test_serve_exits_1_when_its_embedded_valkey_keeps_dying(tmp_path: Path) -> None:
+    """A server that dies again after each restart (an OOM kill every time it has replayed its AOF) is not
+    restarted forever: after 3 restarts within 5 minutes `serve` exits 1 for its supervisor, saying why."""
+    port = free_port()
+    log_handler = {"name": "log", "type": "log"}
+    receiver = {"port": port, "secrets": [SECRET]}
+    config = write_config(tmp_path / "ftjobs.toml", receiver=receiver, handlers=[log_handler])
+    serve = await asyncio.to_thread(Proc, ["serve"], tmp_path, base_env(FTJOBS_CONFIG=str(config)), "serve")
+    try:
+        await asyncio.to_thread(wait_for, http_ready(port), 30, "serve")
+        for restarts in range(1, 4):
+            [server] = valkeys_on(tmp_path / ".ftjobs")
+            os.kill(server, signal.SIGKILL)
+
+            async def restarted(n: int = restarts) -> bool:
+                return sum(line["event"] == "embedded_valkey_restarted" for line in serve.lines()) >= n
+
+            assert await until(restarted, 30)
+        [server] = valkeys_on(tmp_path / ".ftjobs")
+        os.kill(server, signal.SIGKILL)  # the fourth death within the window
+        code = await asyncio.to_thread(serve.process.wait, 30)
+    finally:
+        for pid in valkeys_on(tmp_path / ".ftjobs"):
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(serve.stop, signal.SIGKILL)
+    assert code == 1
+    assert any(line["event"] == "embedded_valkey_lost" for line in serve.lines())
+
+
+def test_a_second_serve_on_one_data_directory_is_refused(tmp_path: Path) -> None:
+    """One `serve` owns a data directory's server; a second one says so instead of attaching to it (it would
+    be left answering 503 when the first one's server goes)."""
+    first = embedded.claim(tmp_path / "data")
+    try:
+        with pytest.raises(ConfigError, match="another `ftjobs serve` runs on"):
+            embedded.claim(tmp_path / "data")
+    finally:
+        first.close()
+    embedded.claim(tmp_path / "data").close()  # free again once the first one is gone
+
+
+def test_a_server_nobody_owns_is_waited_for_not_attached_to(tmp_path: Path) -> None:
+    """A server answering on the socket with no `serve` owning it (one started by an older version, or a
+    dying one that does not go) is not attached to: after the wait, a clear error."""
+    server = embedded.EmbeddedValkey(tmp_path / "data")
+    server.start()
+    try:
+        with pytest.raises(ConfigError, match="still answers"):
+            embedded.claim(tmp_path / "data", wait_s=0.2)
+    finally:
+        server.stop()
+    embedded.claim(tmp_path / "data").close()

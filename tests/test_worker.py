@@ -21,10 +21,10 @@ from processor.client import text
 from processor.eventrecord import decode_event, encode_event
 from processor.handler import Delivery
 from processor.keys import Keys
-from processor.models import Event, FineTuningJob
+from processor.models import Event, FineTuningJob, decode_job
 from processor.runtime import running_worker
 from processor.settings import Settings
-from processor.stream import RECORD_FIELD, Streams
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams
 from processor.worker import WorkerFailed
 from tests.conftest import captured_logs, compact, eventually, free_port, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
@@ -177,6 +177,25 @@ async def test_undecodable_record_is_dead_lettered_not_retried(rig: Any, redis_u
             return len(await r.dead("a")) == 1
 
         await eventually(dead)
+        assert b"undecodable" in (await r.dead("a"))[0][b"error"]
+
+
+async def test_an_entry_with_a_damaged_verdict_is_dead_lettered_and_the_partition_flows_on(
+    rig: Any, redis_url: str, prefix: str
+) -> None:
+    """A verdict field that does not parse (written by hand, or damaged) is an undecodable entry: dead-lettered.
+    It raised in the batch's preparation instead, so the batch was taken again and again and the partition
+    stalled behind it."""
+    async with rig([sink("a", redis_url, prefix)]) as r:
+        job = decode_job(compact(sample("fine_tuning_job.failed.json")))
+        record = encode_event(Event.from_body(job, webhook_id="wh_bad", received_at=time.time()))
+        await r.rclient.xadd(f"{prefix}:{{p0}}:events", {RECORD_FIELD: record, VERDICT_FIELD: b"garbage"})
+        await r.post(compact(sample("fine_tuning_job.succeeded.json")))
+
+        async def dead_and_delivered() -> bool:
+            return len(await r.dead("a")) == 1 and len(await r.delivered("a")) == 1
+
+        await eventually(dead_and_delivered)
         assert b"undecodable" in (await r.dead("a"))[0][b"error"]
 
 

@@ -256,7 +256,8 @@ async def read_form(request: web.Request) -> MultiDictProxy[Any]:
     broken part headers, bytes that are not in its charset, an unknown charset), never a 500."""
     try:
         return await request.post()
-    except (ValueError, LookupError, HttpProcessingError):  # UnicodeDecodeError is a ValueError
+    # UnicodeDecodeError is a ValueError; RuntimeError: a part's unknown Content-Transfer-Encoding.
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError):
         raise web.HTTPBadRequest(reason="the form could not be read") from None
 
 
