@@ -333,6 +333,11 @@ UNREADABLE_FORMS = {
     "a broken multipart part header": (b"multipart/form-data; boundary=zz", b"--zz\r\nbad\r\n"),
     "bytes outside the charset": (b"application/x-www-form-urlencoded", b"token=\xff"),
     "an unknown charset": (b"application/x-www-form-urlencoded; charset=nope", b"token=x"),
+    "an unknown transfer encoding": (
+        b"multipart/form-data; boundary=zz",
+        b'--zz\r\nContent-Disposition: form-data; name="token"\r\nContent-Transfer-Encoding: x-nope\r\n\r\n'
+        b"x\r\n--zz--\r\n",
+    ),
 }
 
 
