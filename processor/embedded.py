@@ -58,8 +58,9 @@ def url_for(data_dir: str | os.PathLike[str]) -> str:
 
 
 def is_running(data_dir: str | os.PathLike[str]) -> bool:
-    """True when an embedded server answers on the data directory's socket."""
-    return _answers(socket_path(data_dir))
+    """True when an embedded server answers on the data directory's socket (one still replaying its AOF
+    too: its clients wait for it)."""
+    return _ping(socket_path(data_dir)).startswith((b"+PONG", b"-LOADING"))
 
 
 def _ping(path: Path) -> bytes:
@@ -83,31 +84,43 @@ def _answers(path: Path) -> bool:
 
 def claim(data_dir: str | os.PathLike[str], *, wait_s: float = 30.0) -> IO[bytes]:
     """Become the one `ftjobs serve` that runs the data directory's server: an exclusive lock on a file in it,
-    held while the returned file is open (the kernel lets go of it when the process dies, however it dies).
+    held while the returned file is open in this process or in the server it starts (`EmbeddedValkey(lock=)`
+    hands it down), so the kernel lets go of it only once both are gone, however they die.
 
-    Raises `ConfigError` when another `serve` holds it. A server still answering without an owner is the
-    one of a `serve` that just died (it got SIGTERM with its parent and is writing its AOF out): it is waited
-    for, up to `wait_s`, rather than attached to, as it is about to go."""
+    The server of a `serve` that just died still holds it while it shuts down (SIGTERM with its parent, its
+    AOF written out, maybe slowly): the lock is waited for, up to `wait_s`, and never attached to. Raises
+    `ConfigError` when it is still held then (another `serve` runs on the data directory), or when a server
+    answers on the socket without holding it (one started by hand, or by an older version)."""
     path = Path(data_dir).resolve()
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = (path / "serve.lock").open("ab")
+    lock_path = path / "serve.lock"
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = lock_path.open("ab")
+    except OSError as exc:
+        raise ConfigError(f"redis.data_dir: cannot lock {lock_path}: {exc.strerror or exc}") from None
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock.close()
+                raise ConfigError(
+                    f"another `ftjobs serve` (or its server) holds {path}: stop it first, or add `ftjobs receive` "
+                    "and `ftjobs work` processes, which attach to its server"
+                ) from None
+            if not waited:
+                log.info("data_dir_busy", data_dir=str(path), waiting_s=wait_s)
+                waited = True
+            time.sleep(0.05)
+    if _ping(socket_path(path)):
         lock.close()
         raise ConfigError(
-            f"another `ftjobs serve` runs on {path}: stop it first, or add `ftjobs receive` and `ftjobs work` "
-            "processes, which attach to its server"
-        ) from None
-    deadline = time.monotonic() + wait_s
-    while _ping(socket_path(path)):
-        if time.monotonic() > deadline:
-            lock.close()
-            raise ConfigError(
-                f"a server still answers on {socket_path(path)} though no `ftjobs serve` runs it (one started by "
-                "an older version?): stop it, e.g. `valkey-cli -s <socket> shutdown`, then start again"
-            )
-        time.sleep(0.05)
+            f"a server answers on {socket_path(path)} though no `ftjobs serve` runs it (started by hand, or by "
+            "an older version): stop it, e.g. `valkey-cli -s <socket> shutdown`, then start again"
+        )
     return lock
 
 
@@ -125,7 +138,10 @@ def _dies_with_parent() -> Callable[[], None] | None:
     once the process that started it dies, however it dies. Without it a SIGKILLed `serve` left its server
     running in its own session for good, and the next `serve` attached to that orphan and never stopped it.
     The signal follows the thread that started the server, so only the main thread asks for it."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("embedded_valkey_outlives_a_crash", reason="started outside the main thread")
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent, sigterm = os.getpid(), int(signal.SIGTERM)  # looked up here: the child runs as little as it can
@@ -152,12 +168,18 @@ _START_TIMEOUT_S: Final = 10.0
 class EmbeddedValkey:
     """Start with `start()`, stop with `stop()`; `url` is what redis-py connects to."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, appendfsync: str = "always") -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], *, appendfsync: str = "always", lock: IO[bytes] | None = None
+    ) -> None:
+        """`lock`: the data directory's `claim`, handed down to every server started here."""
         self.data_dir = Path(data_dir).resolve()
         self.socket = socket_path(self.data_dir)
         self.url = f"unix://{self.socket}"
         self.appendfsync = appendfsync
+        self.lock = lock
         self._process: subprocess.Popen[bytes] | None = None
+        #: When the server being started last answered anything (`-LOADING` while it replays its AOF).
+        self._heard = 0.0
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Launch the server and wait until it answers PING."""
@@ -167,8 +189,7 @@ class EmbeddedValkey:
         if _answers(self.socket):
             raise ConfigError(f"an embedded server is already running on {self.data_dir} (another `ftjobs serve`?)")
         self._launch()
-        deadline = time.monotonic() + timeout_s
-        while not self._ready(deadline, timeout_s):
+        while not self._ready(_ping(self.socket), timeout_s):
             time.sleep(0.005)
 
     def _launch(self) -> None:
@@ -205,19 +226,24 @@ class EmbeddedValkey:
             start_new_session=True,
             umask=0o077,
             preexec_fn=_dies_with_parent(),  # one C call before exec, from the main thread
+            pass_fds=() if self.lock is None else (self.lock.fileno(),),  # the server holds the claim too
         )
+        self._heard = time.monotonic()
 
-    def _ready(self, deadline: float, timeout_s: float) -> bool:
-        """Whether the server started by `start` answers; raises when it exited, or when it has not answered
-        by `deadline` (a server replaying its AOF answers `-LOADING`, and is waited for as long as it does)."""
+    def _ready(self, answer: bytes, timeout_s: float) -> bool:
+        """Whether the server just launched answers PING (`answer`: what it said); raises when it exited, or
+        when it has said nothing for `timeout_s` (one replaying its AOF answers `-LOADING`, now and then on a
+        busy machine: it is waited for as long as it keeps answering)."""
         assert self._process is not None
-        answer = _ping(self.socket)
         if answer.startswith(b"+PONG"):
             log.info("embedded_valkey_started", data_dir=str(self.data_dir), pid=self._process.pid)
             return True
         if self._process.poll() is not None:
             raise ConfigError(f"the embedded Valkey exited at start; see {self.data_dir / 'valkey.log'}")
-        if time.monotonic() > deadline and not answer.startswith(b"-LOADING"):
+        now = time.monotonic()
+        if answer:
+            self._heard = now
+        elif now - self._heard > timeout_s:
             self.stop()
             raise ConfigError(f"the embedded Valkey did not answer within {timeout_s} s")
         return False
@@ -246,9 +272,8 @@ class EmbeddedValkey:
                 raise ServerLost(f"the embedded Valkey died {len(restarts)} times within {_RESTART_WINDOW_S:.0f} s")
             self._process = None
             try:
-                self._launch()
-                deadline = time.monotonic() + _START_TIMEOUT_S
-                while not self._ready(deadline, _START_TIMEOUT_S):  # noqa: ASYNC110 (another process: no event)
+                self._launch()  # here, in the main thread; the pings in a thread, so the loop goes on serving
+                while not self._ready(await asyncio.to_thread(_ping, self.socket), _START_TIMEOUT_S):  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
             except (ConfigError, OSError) as exc:  # OSError: no memory to fork, the binary gone, ...
                 raise ServerLost(f"the embedded Valkey could not be started again: {exc}") from exc

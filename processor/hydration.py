@@ -73,7 +73,11 @@ class Preparer:
         while True:
             cached: Any = await client.get(cache)
             if cached is not None:
-                return _from_cache(event, cached)
+                try:
+                    return _from_cache(event, cached)
+                except msgspec.DecodeError:  # written by another version, or damaged: fetched again
+                    await client.delete(cache)
+                    continue
             if await client.set(lock, 1, nx=True, px=_LOCK_MS):
                 break
             if time.monotonic() > deadline:

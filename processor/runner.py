@@ -51,8 +51,6 @@ Prepared = Event | HandlerError | None | object
 _SKIP: Final = object()
 #: Due retries are looked for this often (not on every batch: it would cost a round trip each).
 _RETRY_CHECK_S: Final = 0.05
-#: A runner that fails this many times in a row on something other than Redis (a bug) ends the worker.
-_MAX_BUG_FAILURES: Final = 5
 #: How often a runner looks again while the partition's previous owner finishes, or its lease is unsure.
 _NOT_YET_S: Final = 0.1
 
@@ -130,10 +128,10 @@ class Runner:
 
     async def run(self) -> None:
         """Loop until stopped. Redis errors are logged and the loop goes on (with backoff), so it starts and
-        survives while Redis is away. Any other error is a bug: the batch is taken again (a job's later event
-        must not overtake it), and after `_MAX_BUG_FAILURES` in a row `TaskDied` ends the worker (exit 1) rather
-        than let the partition stall behind it unseen."""
-        failures = bugs = 0
+        survives while Redis is away; so does any other error (a bug, logged with its traceback each time):
+        either way the batch is taken again before anything newer (a job's later event must not overtake it).
+        Only `TaskDied` ends it."""
+        failures = 0
         try:
             while not self._stopping.is_set():
                 self.progress.turn(self.group)
@@ -143,7 +141,7 @@ class Runner:
                     if entries:
                         await self.acks.flushed()
                         await self._process(entries, seen_before)
-                    failures = bugs = 0
+                    failures = 0
                 except TaskDied:
                     raise
                 except LeaseExpired:  # the worker renews it, or stops this runner and hands the partition over
@@ -158,9 +156,6 @@ class Runner:
                     if isinstance(exc, RedisError):
                         self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
                     else:
-                        bugs += 1
-                        if bugs >= _MAX_BUG_FAILURES:
-                            raise TaskDied(f"the runner of {self.group} failed {bugs} times in a row: {exc!r}") from exc
                         self._log.exception("runner_error", retry_in_s=delay)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)

@@ -159,10 +159,10 @@ def redis_for(settings: Settings, *, start_embedded: bool) -> Iterator[tuple[str
     if settings.redis.url or not start_embedded:
         yield redis_url(settings), None
         return
-    with embedded.claim(settings.redis.data_dir):  # one `serve` per data directory, never an orphan's server
-        server = embedded.EmbeddedValkey(settings.redis.data_dir)
-        server.start()
+    with embedded.claim(settings.redis.data_dir) as lock:  # one `serve` per data directory, never an orphan's
+        server = embedded.EmbeddedValkey(settings.redis.data_dir, lock=lock)
         try:
+            server.start()
             yield server.url, server
         finally:
             server.stop()

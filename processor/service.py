@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 #: Why the workers of a `serve` process died for good (empty while they did not).
 SERVE_FAILURE: Final = web.AppKey("serve_failure", list[str])
+#: Set once the app began to shut down (SIGTERM): a failure then is recorded, not signalled again.
+SHUTTING_DOWN: Final = web.AppKey("shutting_down", asyncio.Event)
 
 
 def serve_app(
@@ -59,6 +61,12 @@ def serve_app(
             keeper = asyncio.create_task(_keep_alive_or_stop(app, server))
             yield
             keeper.cancel()
+
+        async def shutting_down(app: web.Application) -> None:
+            app[SHUTTING_DOWN].set()
+
+        app[SHUTTING_DOWN] = asyncio.Event()
+        app.on_shutdown.append(shutting_down)
 
         app.cleanup_ctx.append(embedded_ctx)
     if handlers is not None:
@@ -86,7 +94,8 @@ async def _keep_alive_or_stop(app: web.Application, server: EmbeddedValkey) -> N
     except Exception as exc:  # ServerLost, or a bug: either way the server is gone, so is the service
         app[SERVE_FAILURE].append(str(exc))
         log.critical("embedded_valkey_lost", error=str(exc))
-        signal.raise_signal(signal.SIGTERM)
+        if not app[SHUTTING_DOWN].is_set():  # a second SIGTERM would cut the workers' drain short
+            signal.raise_signal(signal.SIGTERM)
 
 
 async def _stop_process_when_failed(worker: Worker) -> None:

@@ -224,20 +224,39 @@ def test_a_second_serve_on_one_data_directory_is_refused(tmp_path: Path) -> None
     be left answering 503 when the first one's server goes)."""
     first = embedded.claim(tmp_path / "data")
     try:
-        with pytest.raises(ConfigError, match="another `ftjobs serve` runs on"):
-            embedded.claim(tmp_path / "data")
+        with pytest.raises(ConfigError, match=r"another `ftjobs serve` \(or its server\) holds"):
+            embedded.claim(tmp_path / "data", wait_s=0.2)
     finally:
         first.close()
     embedded.claim(tmp_path / "data").close()  # free again once the first one is gone
 
 
-def test_a_server_nobody_owns_is_waited_for_not_attached_to(tmp_path: Path) -> None:
-    """A server answering on the socket with no `serve` owning it (one started by an older version, or a
-    dying one that does not go) is not attached to: after the wait, a clear error."""
+def test_the_claim_lasts_as_long_as_the_server_even_a_frozen_one(tmp_path: Path) -> None:
+    """The server holds the claim too: a `serve` killed while its server is still shutting down (frozen by a
+    slow disk: SIGSTOP here) leaves the data directory claimed until that server is gone, so the next `serve`
+    cannot start a second server on the same AOF (it judged "gone" by a PING that timed out before)."""
+    lock = embedded.claim(tmp_path / "data")
+    server = embedded.EmbeddedValkey(tmp_path / "data", lock=lock)
+    server.start()
+    lock.close()  # the `serve` that claimed it is gone; its server is not
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ConfigError, match="holds"):
+            embedded.claim(tmp_path / "data", wait_s=0.7)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.stop()
+    embedded.claim(tmp_path / "data").close()
+
+
+def test_a_server_nobody_owns_is_not_attached_to(tmp_path: Path) -> None:
+    """A server answering on the socket without holding the claim (started by hand, or by an older version)
+    is not attached to: a clear error instead."""
     server = embedded.EmbeddedValkey(tmp_path / "data")
     server.start()
     try:
-        with pytest.raises(ConfigError, match="still answers"):
+        with pytest.raises(ConfigError, match="though no `ftjobs serve` runs it"):
             embedded.claim(tmp_path / "data", wait_s=0.2)
     finally:
         server.stop()
