@@ -164,6 +164,26 @@ async def test_thin_webhook_reaches_handlers_as_a_full_job_fetched_once(
     assert fake.calls[f"/v1/fine_tuning/jobs/{JOB_ID}"] == 1
 
 
+async def test_a_cached_job_another_version_wrote_is_fetched_again(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    """A hydration cache entry this release cannot read (written by another version, or damaged) is a miss:
+    the job is fetched again. It raised in the batch's preparation, so the batch failed again and again."""
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc()
+    async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
+        await r.rclient.set(Keys(prefix).hydrated("wh_cached"), b"\xc1 not a job")
+        await r.post(thin(), webhook_id="wh_cached")
+
+        async def delivered() -> bool:
+            return len(await r.delivered("a")) == 1
+
+        await eventually(delivered)
+        [event] = await r.delivered("a")
+        assert event.job == decode_job(sample(SUCCEEDED))
+    assert fake.calls[f"/v1/fine_tuning/jobs/{JOB_ID}"] == 1
+
+
 async def test_missing_job_is_dead_lettered_with_the_reason(
     rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
 ) -> None:
