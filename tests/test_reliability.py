@@ -393,11 +393,14 @@ async def test_sigterm_under_load_loses_and_duplicates_nothing(
 
 class CountingTarget:
     """A pipeline endpoint that does not deduplicate: it counts every POST per `Idempotency-Key`, how many run
-    at once, and a key arriving while the same key is still being handled (a concurrent double execution)."""
+    at once, and a key arriving while the same key is still being handled (a concurrent double execution).
+    `counts`: the calls it finished (`delay_s` after receipt); `received`: every call on receipt, as a trigger
+    that starts its work then (GitHub's dispatch, a CI trigger) counts them, answered or not."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.counts: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
         self.running: Counter[str] = Counter()
         self.concurrent_doubles = 0
         self.max_running = 0
@@ -411,6 +414,7 @@ class CountingTarget:
     async def hook(self, request: web.Request) -> web.Response:
         key = request.headers["Idempotency-Key"]
         await request.read()
+        self.received[key] += 1
         self.concurrent_doubles += self.running[key] > 0
         self.running[key] += 1
         self.max_running = max(self.max_running, sum(self.running.values()))

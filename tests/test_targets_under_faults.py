@@ -5,45 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
-from aiohttp import web
 
 from processor import embedded
 from processor.errors import ConfigError
 from tests.conftest import SECRET, free_port, signed
 from tests.processes import Proc, base_env, http_ready, post, wait_for, write_config
-from tests.test_reliability import bodies, enqueue, logged, send_all, settled, until
-
-
-class ReceiptTarget:
-    """A pipeline trigger that starts its work on receipt (as GitHub's dispatch or a CI trigger does): every
-    POST counts, whether or not the caller waits for the answer, which comes `delay_s` later."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.counts: Counter[str] = Counter()
-        self.running = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/hook", self.hook)
-        return app
-
-    async def hook(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.counts[request.headers["Idempotency-Key"]] += 1
-        self.running += 1
-        try:
-            await asyncio.sleep(self.delay_s)
-            return web.json_response({"ok": True})
-        finally:
-            self.running -= 1
+from tests.test_reliability import CountingTarget, bodies, enqueue, logged, send_all, settled, until
 
 
 def valkeys_on(data_dir: Path) -> list[int]:
@@ -68,7 +41,7 @@ async def test_a_killed_serve_leaves_no_embedded_valkey_and_the_next_serve_loses
     """`ftjobs serve` with no Redis URL (the embedded Valkey), SIGKILLed mid-load (an OOM kill, `kill -9`): the
     embedded server must not outlive it; the next `serve` starts on the same data directory and delivers every
     acknowledged event."""
-    target = ReceiptTarget(delay_s=0.0)
+    target = CountingTarget(delay_s=0.0)
     hook = str((await aiohttp_server(target.app())).make_url("/hook"))
     port = free_port()
     config = write_config(
@@ -86,7 +59,7 @@ async def test_a_killed_serve_leaves_no_embedded_valkey_and_the_next_serve_loses
     try:
         await asyncio.to_thread(wait_for, http_ready(port), 30, "serve")
         sending = asyncio.create_task(send_all(port, items, retry_503=False, per_second=n / 4, results=results))
-        assert await until(lambda: len(target.counts) >= n // 4, 30)
+        assert await until(lambda: len(target.received) >= n // 4, 30)
         await asyncio.to_thread(serve.stop, signal.SIGKILL)
         outlived = not await until(lambda: not valkeys_on(data), 30)
         await sending
@@ -94,21 +67,21 @@ async def test_a_killed_serve_leaves_no_embedded_valkey_and_the_next_serve_loses
         await asyncio.to_thread(wait_for, http_ready(port), 30, "serve again")
         acknowledged = {w for w, status in results.items() if status == 200}
         keys = {f"pipe:{w}" for w in acknowledged}
-        assert await until(lambda: keys <= set(target.counts), 60)
+        assert await until(lambda: keys <= set(target.received), 60)
         assert await asyncio.to_thread(serve.stop, signal.SIGTERM, 60) == 0
         left = valkeys_on(data)
     finally:
         for pid in valkeys_on(data):  # only the servers of this test's own data directory
             os.kill(pid, signal.SIGKILL)
         await asyncio.to_thread(serve.stop, signal.SIGKILL)
-    twice = sum(c - 1 for c in target.counts.values())
+    twice = sum(c - 1 for c in target.received.values())
     print(
-        f"\nFIGURE serve-killed: {len(acknowledged)} acknowledged, {len(keys - set(target.counts))} lost, "
+        f"\nFIGURE serve-killed: {len(acknowledged)} acknowledged, {len(keys - set(target.received))} lost, "
         f"{twice} sent twice; the embedded server outlived the SIGKILLed serve: {outlived}, servers left after "
         f"the next serve's SIGTERM: {left}"
     )
     assert not outlived and left == []
-    assert keys <= set(target.counts)
+    assert keys <= set(target.received)
     assert twice <= 8  # at most the calls in flight at the kill (`concurrency`)
 
 
@@ -119,7 +92,7 @@ async def test_sigterm_starts_no_new_call_so_the_grace_period_cuts_none_off(
     `grace_s` and are acknowledged; the waiting entries are not started (they stay pending for the next owner).
     A stop that went on through the batch would start calls the grace period then cuts off: their requests
     reached the target, and the next worker sends them again."""
-    target = ReceiptTarget(delay_s=1.5)
+    target = CountingTarget(delay_s=1.5)
     hook = str((await aiohttp_server(target.app())).make_url("/hook"))
     n = 16
     config = write_config(
@@ -134,25 +107,25 @@ async def test_sigterm_starts_no_new_call_so_the_grace_period_cuts_none_off(
     env = base_env(FTJOBS_CONFIG=str(config))
     worker = await asyncio.to_thread(Proc, ["work"], tmp_path, env, "work-1")
     try:
-        assert await until(lambda: target.running == 2, 30)
+        assert await until(lambda: target.in_flight() == 2, 30)
         assert await asyncio.to_thread(worker.stop, signal.SIGTERM, 30) == 0
         cut_off = [line.get("cut_off") for line in worker.lines() if line.get("event") == "worker_stopped"]
-        before_restart = sum(target.counts.values())
+        before_restart = sum(target.received.values())
         worker = await asyncio.to_thread(Proc, ["work"], tmp_path, env, "work-2")
 
         async def done() -> bool:
-            return len(target.counts) == n and await settled(rclient, prefix)
+            return len(target.received) == n and await settled(rclient, prefix)
 
         assert await until(done, 60)
         assert await logged(worker, "worker_started")
     finally:
         await asyncio.to_thread(worker.stop, signal.SIGKILL)
-    resent = sum(c - 1 for c in target.counts.values())
+    resent = sum(c - 1 for c in target.received.values())
     print(
         f"\nFIGURE sigterm-slow-target: {n} calls, SIGTERM with 2 in flight: {before_restart} made before the "
         f"restart, cut off {cut_off}, {resent} sent twice"
     )
-    assert resent == 0, target.counts
+    assert resent == 0, target.received
 
 
 async def test_serve_recovers_or_exits_when_its_embedded_valkey_dies(tmp_path: Path) -> None:
