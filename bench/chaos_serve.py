@@ -171,7 +171,7 @@ async def main(jobs: int, kills: int, terms: int, delay_s: float) -> int:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and any(not wanted <= set(s.counts()) for s in seen.values()):  # noqa: ASYNC110
         await asyncio.sleep(0.2)
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # every event arrived: one more second for late re-sends to land and be counted
     code = await asyncio.to_thread(serve.stop, signal.SIGTERM, 60)
     smtp.stop()
     for runner in runners:
