@@ -155,12 +155,14 @@ async def test_serve_recovers_or_exits_when_its_embedded_valkey_dies(tmp_path: P
 
         settled_ = await until(recovered_or_exited, 30)
         code = serve.process.poll()
+        # The server answers a webhook a moment before `serve` logs that it came back: wait for the line.
+        restarted = await until(lambda: logged(serve, "embedded_valkey_restarted"), 30)
     finally:
         for pid in valkeys_on(tmp_path / ".ftjobs"):
             os.kill(pid, signal.SIGKILL)
         await asyncio.to_thread(serve.stop, signal.SIGKILL)
     assert settled_ and code is None, "serve stayed up answering 503, its embedded Valkey gone"
-    assert any(line["event"] == "embedded_valkey_restarted" for line in serve.lines())
+    assert restarted, "serve answered again without starting its embedded Valkey again"
 
 
 async def test_serve_exits_1_when_its_embedded_valkey_keeps_dying(tmp_path: Path) -> None:
