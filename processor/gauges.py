@@ -141,8 +141,7 @@ async def serving(host: str, port: int | None, streams: Streams, specs: Sequence
     async def scrape(request: web.Request) -> web.Response:
         return await endpoint(streams, specs)
 
-    httpserver.harden()  # before the app's routes are made
-    app = web.Application()
+    app = httpserver.application()
     app.router.add_get("/metrics", scrape)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

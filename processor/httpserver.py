@@ -15,7 +15,7 @@ from there, so the server that is tested is the server that runs.
 
 * `Expect`: aiohttp answers an `Expect` other than `100-continue` with a 417 whose text repeats the header, and
   a byte 0x80-0xFF in it made building that answer fail: a 500, with a traceback logged, on every path, before
-  any middleware runs. `harden` replaces that default with one that never echoes the header.
+  any middleware runs. `_harden` replaces that default with one that never echoes the header.
 
 Connection counts and request rates are not capped here: that is the reverse proxy's job (see the README).
 """
@@ -84,10 +84,18 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     )
 
 
-def harden() -> None:
+def application(**options: Any) -> web.Application:
+    """A new aiohttp app (`options` as for `web.Application`), made after `_harden`: every ftjobs HTTP server
+    (receiver, dashboard, worker health, metrics) is built here, so none misses it."""
+    _harden()
+    return web.Application(**options)
+
+
+def _harden() -> None:
     """Install, once per process, what every ftjobs HTTP server needs from aiohttp: the filter on its server
     logger, and the `Expect` handler for every route created from now on (aiohttp takes its default when a
-    route is made, including the routes it makes per request for a 404 or 405). Idempotent."""
+    route is made, including the routes it makes per request for a 404 or 405). Idempotent; `application`
+    calls it."""
     logger = logging.getLogger("aiohttp.server")
     if _BAD_REQUESTS not in logger.filters:
         logger.addFilter(_BAD_REQUESTS)

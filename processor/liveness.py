@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from processor import httpserver
 from processor.stream import Streams
 
 log = structlog.get_logger()
@@ -146,6 +147,6 @@ def health_app(progress: Progress, consumer: str, failed: Callable[[], str]) -> 
             return web.json_response({"status": "unhealthy", "failure": failure, **body}, status=503)
         return web.json_response({"status": "ok", **body})
 
-    app = web.Application()
+    app = httpserver.application()
     app.router.add_get("/healthz", healthz)
     return app

@@ -21,6 +21,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, d
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from processor import httpserver
+
 _LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
@@ -112,7 +114,7 @@ def listener(
         async def scrape(request: web.Request) -> web.StreamResponse:
             return await endpoint(app)
 
-        metrics_app = web.Application()
+        metrics_app = httpserver.application()
         metrics_app.router.add_get("/metrics", scrape)
         runner = web.AppRunner(metrics_app, access_log=None)
         await runner.setup()

@@ -281,10 +281,9 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The receiver app. It opens Redis (and creates the handlers' groups) at start and closes it at cleanup."""
     receiver = settings.receiver
     middlewares = [*tracing.middlewares(receiver.path), errors_middleware]
-    app = web.Application(client_max_size=receiver.max_body_bytes, middlewares=middlewares)
+    app = httpserver.application(client_max_size=receiver.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = server_options(receiver)
-    httpserver.harden()
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
     app[GROUPS] = _Groups()
     app[DEADLINE] = SharedDeadline(receiver.enqueue_timeout_s)

@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar
 import structlog
 from aiohttp import web
 
-from processor import gauges, httpserver, metrics
+from processor import gauges, metrics
 from processor.embedded import EmbeddedValkey
 from processor.errors import ConfigError
 from processor.handler import Handler
@@ -151,7 +151,6 @@ async def _health_server(worker: Worker, port: int | None) -> AsyncIterator[None
     if port is None:
         yield
         return
-    httpserver.harden()  # before the health app's routes are made
     runner = web.AppRunner(health_app(worker.progress, worker.consumer, lambda: worker.failure), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()

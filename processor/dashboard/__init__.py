@@ -95,8 +95,7 @@ def create_dashboard(settings: Settings, redis_url: str) -> web.Application:
     """
     if not settings.dashboard.token:
         raise ConfigError("dashboard.token: the dashboard needs a token (set it, e.g. from $FTJOBS_DASHBOARD_TOKEN)")
-    httpserver.harden()  # before any route is made
-    app = web.Application(middlewares=[guard])
+    app = httpserver.application(middlewares=[guard])
     app[views.SETTINGS] = settings
     app[views.AUTH] = Auth(settings.dashboard.token, settings.dashboard.session_s)
     app[views.TEMPLATES] = views.environment()
@@ -119,8 +118,7 @@ def mount(app: web.Application, settings: Settings, redis_url: str) -> None:
 
 def standalone_app(settings: Settings, redis_url: str) -> web.Application:
     """`ftjobs dashboard`: the dashboard at `/ui/`, and `/` sending the browser there."""
-    httpserver.harden()  # before any route is made
-    app = web.Application()
+    app = httpserver.application()
     app[SERVER_OPTIONS] = server_options(settings.receiver)
 
     async def to_ui(request: web.Request) -> web.Response:
