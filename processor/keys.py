@@ -25,7 +25,13 @@ Redis Cluster they share one slot and the atomic dedupe + verdict + XADD stays o
 
 from __future__ import annotations
 
+import re
 import zlib
+from typing import Final
+
+#: A stream entry id as the dashboard and the CLI take it, `ms-seq`: ASCII digits only (`\d` admits other
+#: scripts' digits), each part at most 19 of them (Redis refuses ids beyond 64 bits).
+ENTRY_ID: Final = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 
 
 class PartitionKeys:

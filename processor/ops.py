@@ -21,7 +21,7 @@ from typing import IO, Any, Final, TypeVar
 
 import msgspec
 
-from processor import embedded, partitions, retention
+from processor import embedded, keys, partitions, retention
 from processor.deadletters import DeadLetter, EntryFilter, Quarantined, parse_time
 from processor.errors import CommandFailed
 from processor.humanize import human_time, terminal_safe
@@ -32,8 +32,8 @@ from processor.settings import Settings
 
 T = TypeVar("T")
 
-#: ASCII digits (`\d` admits other scripts' digits), at most 19 (Redis refuses ids beyond 64 bits).
-ENTRY_ID: Final = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
+#: An entry id as `keys.ENTRY_ID`, or its milliseconds alone (Redis takes `ms` for `ms-0`).
+ENTRY_ID: Final = re.compile(rf"{keys.ENTRY_ID.pattern}|[0-9]{{1,19}}")
 
 #: Entries replayed or dropped per round trip by a bulk action (and between two progress updates).
 CHUNK: Final = 100

@@ -8,7 +8,6 @@ state (`delivery.decide`).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, Final
 
@@ -19,7 +18,7 @@ from processor.client import Script, text
 from processor.enqueue import marker_entry_id
 from processor.eventrecord import decode_event
 from processor.jobstate import Transition, judge
-from processor.keys import PartitionKeys
+from processor.keys import ENTRY_ID, PartitionKeys
 from processor.limits import Guard
 from processor.models import Event, FineTuningJob
 from processor.records import DeadLetterRecord
@@ -36,7 +35,6 @@ RATE_CAP: Final = 10_000
 DEAD_LETTER_SCAN: Final = 1_000
 #: How many of a job's latest events the job page shows.
 JOB_EVENTS: Final = 50
-ENTRY_ID: Final = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")  # ASCII digits (`\d` admits others), within 64 bits
 
 _COUNT_SINCE: Final = Script("return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])")
 _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)

@@ -21,10 +21,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
 from processor.humanize import human_duration
+from processor.keys import ENTRY_ID
 from processor.settings import Settings
 
 from .auth import COOKIE, CSRF_FIELD, SECURITY_HEADERS, Auth, clear_session, safe_next, set_session
-from .queries import ENTRY_ID, Data
+from .queries import Data
 
 log = structlog.get_logger()
 
