@@ -70,8 +70,16 @@ class Preparer:
     async def _fetch_once(self, event: Event) -> Event:
         client, cache = self.state.client, self.state.keys.hydrated(event.id)
         lock, deadline = self.state.keys.hydrated_lock(event.id), time.monotonic() + _WAIT_S
+        # A replay (from the dead letters) asks the API again when the job was not found: that is what the
+        # dead letter said, and the replay comes once it has been fixed (the key of another project, a job
+        # the API did not show yet). The not-found is cached so the other handler groups don't ask again.
+        ask_again = event.target is not None
         while True:
             cached: Any = await client.get(cache)
+            if cached is not None and ask_again and cached.startswith(_NOT_FOUND):
+                ask_again = False
+                await client.delete(cache)
+                continue
             if cached is not None:
                 try:
                     return _from_cache(event, cached)
