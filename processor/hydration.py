@@ -17,7 +17,7 @@ import msgspec
 
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.jobstate import JobState
-from processor.models import Event, FineTuningJob
+from processor.models import Event, FineTuningJob, status_rank
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
 
 _NOT_FOUND: Final = b"!"
@@ -101,6 +101,12 @@ class Preparer:
                 raise PermanentFailure(reason) from None
             except OpenAIError as exc:
                 raise RetryLater(f"hydration: {exc}", after=exc.retry_after or self.retry_s) from None
+            if (wanted := event.status) and status_rank(job.status) < status_rank(wanted):
+                # The webhook is ahead of what the API shows (`running` for a `succeeded` event): routed on the
+                # job's status, it would be filtered out, and the poller's later `succeeded` is a repeat of it.
+                # Not cached: it waits like an API outage, and asks again.
+                why = f"hydration: the API shows job {event.job_id} {job.status!r}, not {wanted!r} yet"
+                raise RetryLater(why, after=self.retry_s)
             await client.set(cache, _job_encoder.encode(job), ex=self.state.retention_s)
             return msgspec.structs.replace(event, job=job)
         finally:

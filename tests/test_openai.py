@@ -227,6 +227,35 @@ async def test_a_dead_letter_for_a_missing_job_replays_once_the_job_is_found(
     assert fake.calls["/v1/fine_tuning/jobs/ftjob-late"] == 2
 
 
+async def test_a_webhook_ahead_of_the_api_waits_for_the_api_to_show_its_status(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    """`succeeded` arrives while the API still shows the job `running`: routed on that job, a rule on
+    `succeeded` would filter it out, and the poller's later `succeeded` is a repeat of it; nobody would hear
+    of the success. The event waits until the API shows it, then is delivered once."""
+    fake, url = api
+    fake.jobs["ftjob-lag"] = job_doc(id="ftjob-lag", status="running", finished_at=None, fine_tuned_model=None)
+    handlers = [sink("done", redis_url, prefix, when={"status": "succeeded"})]
+    async with rig(handlers, openai=openai_table(url, poll_backfill=True)) as r:
+        await r.post(thin("ftjob-lag"))
+
+        async def asked_twice() -> bool:
+            return fake.calls["/v1/fine_tuning/jobs/ftjob-lag"] >= 2
+
+        await eventually(asked_twice)
+        assert await r.delivered("done") == []
+        fake.jobs["ftjob-lag"] = job_doc(id="ftjob-lag")
+        async with OpenAIClient(r.settings.openai) as client:
+            await make_poller(r.settings, r.rclient, client).poll_once(now=0)  # sees it too: a repeat
+
+        async def delivered() -> bool:
+            return len(await r.delivered("done")) == 1 and await r.settled()
+
+        await eventually(delivered)
+        [event] = await r.delivered("done")
+        assert event.job is not None and event.job.status == "succeeded" and event.source == "webhook"
+
+
 async def test_a_job_id_that_leaves_its_path_is_quarantined_and_never_fetched(
     rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
 ) -> None:
