@@ -15,12 +15,16 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 import redis.asyncio as redis
+import structlog
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from handlers.templates import Template, context, slack_escape, slack_link
 from processor import outbound
 from processor.handler import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from processor.models import Event
+
+log = structlog.get_logger()
 
 THREAD_TTL_S: Final = 30 * 24 * 3600
 #: chat.postMessage errors worth retrying; every other `ok: false` is a configuration problem.
@@ -133,7 +137,12 @@ class SlackHandler:
                 raise RetryLater(f"slack:{self.name}: chat.postMessage failed: {error}")
             raise PermanentFailure(f"slack:{self.name}: chat.postMessage refused: {error}")
         if not thread_ts and answer.get("ts"):
-            await self._redis.set(thread_key, answer["ts"], ex=THREAD_TTL_S, nx=True)
+            # Posted: a Redis error now must not fail the call (it would be retried, and posted twice). The
+            # job's next message then starts a thread of its own.
+            try:
+                await self._redis.set(thread_key, answer["ts"], ex=THREAD_TTL_S, nx=True)
+            except RedisError as exc:
+                log.warning("slack_thread_not_kept", handler=self.name, job_id=event.job_id, error=str(exc))
 
     def message(self, event: Event) -> dict[str, Any]:
         """The Block Kit payload: a coloured attachment with a header, the job's facts and any error."""

@@ -17,7 +17,7 @@ import msgspec
 
 from processor.errors import HandlerError, PermanentFailure, RetryLater
 from processor.jobstate import JobState
-from processor.models import Event, FineTuningJob
+from processor.models import Event, FineTuningJob, status_rank
 from processor.openai import JobNotFound, OpenAIClient, OpenAIError
 
 _NOT_FOUND: Final = b"!"
@@ -70,8 +70,16 @@ class Preparer:
     async def _fetch_once(self, event: Event) -> Event:
         client, cache = self.state.client, self.state.keys.hydrated(event.id)
         lock, deadline = self.state.keys.hydrated_lock(event.id), time.monotonic() + _WAIT_S
+        # A replay (from the dead letters) asks the API again when the job was not found: that is what the
+        # dead letter said, and the replay comes once it has been fixed (the key of another project, a job
+        # the API did not show yet). The not-found is cached so the other handler groups don't ask again.
+        ask_again = event.target is not None
         while True:
             cached: Any = await client.get(cache)
+            if cached is not None and ask_again and cached.startswith(_NOT_FOUND):
+                ask_again = False
+                await client.delete(cache)
+                continue
             if cached is not None:
                 try:
                     return _from_cache(event, cached)
@@ -93,6 +101,12 @@ class Preparer:
                 raise PermanentFailure(reason) from None
             except OpenAIError as exc:
                 raise RetryLater(f"hydration: {exc}", after=exc.retry_after or self.retry_s) from None
+            if (wanted := event.status) and status_rank(job.status) < status_rank(wanted):
+                # The webhook is ahead of what the API shows (`running` for a `succeeded` event): routed on the
+                # job's status, it would be filtered out, and the poller's later `succeeded` is a repeat of it.
+                # Not cached: it waits like an API outage, and asks again.
+                why = f"hydration: the API shows job {event.job_id} {job.status!r}, not {wanted!r} yet"
+                raise RetryLater(why, after=self.retry_s)
             await client.set(cache, _job_encoder.encode(job), ex=self.state.retention_s)
             return msgspec.structs.replace(event, job=job)
         finally:

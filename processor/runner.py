@@ -411,19 +411,29 @@ class Runner:
         finally:
             self._deadline.stop(task)
         if failure is not None:
-            if self.guard.active and await self.guard.record(ok=False):
+            if self.guard.active and await self._record(ok=False):
                 log.warning("circuit_opened", cooldown_s=self.spec.breaker_cooldown_s)
             outcome = policy.decide(failure, spec=self.spec, attempt=attempt, now=time.time(), jitter=random.random())
             await self._apply(entry, event, outcome, False)
             return False
         if self.guard.active:
-            await self.guard.record(ok=True)
+            await self._record(ok=True)
         elapsed = time.perf_counter() - started
         self._delivered.inc()
         self._handler_seconds.observe(elapsed)
         # Debug: at thousands of events a second, a line each costs more than the dispatch itself.
         self._log.debug("event_delivered", ms=round(elapsed * 1000, 2))
         return True
+
+    async def _record(self, ok: bool) -> bool:
+        """Count a call's outcome in the circuit breaker; True when this failure opened the circuit. The call
+        is over: a Redis error here must not make a completed call look failed (it would be sent again), so it
+        is logged and the breaker misses this one outcome."""
+        try:
+            return await self.guard.record(ok=ok)
+        except RedisError as exc:
+            log.warning("breaker_not_updated", ok=ok, error=str(exc))
+            return False
 
     async def renew_leases(self) -> None:
         """Every third of a lease, reset the idle time of every entry of the batch not finished yet (running or

@@ -14,6 +14,7 @@ from processor.jobstate import JobState
 from processor.keys import Keys
 from processor.models import decode_job
 from processor.openai import JobNotFound, OpenAIAuthError, OpenAIClient, OpenAIError
+from processor.runtime import open_runtime
 from processor.settings import OpenAISettings, Settings
 from tests.conftest import compact, eventually, make_poller, sample, sink
 from tests.fake_openai import KEY, FakeOpenAI
@@ -196,6 +197,63 @@ async def test_missing_job_is_dead_lettered_with_the_reason(
 
         await eventually(dead)
         assert b"job ftjob-gone not found" in (await r.dead("a"))[0][b"error"]
+
+
+async def test_a_dead_letter_for_a_missing_job_replays_once_the_job_is_found(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    """The API answered 404 (the key of another project, or a job the API did not show yet): the event is
+    dead-lettered. Once the API finds the job, a replay asks it again and is delivered, instead of failing at
+    once on the 404 remembered for the first attempt."""
+    fake, url = api
+    async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
+        await r.post(thin("ftjob-late"))
+
+        async def dead() -> bool:
+            return len(await r.dead("a")) == 1
+
+        await eventually(dead)
+        fake.jobs["ftjob-late"] = job_doc(id="ftjob-late")
+        async with open_runtime(r.settings, redis_url) as runtime:
+            [letter] = await runtime.dead_letters.letters("a")
+            await runtime.dead_letters.replay("a", [letter.id])
+
+        async def delivered() -> bool:
+            return len(await r.delivered("a")) == 1
+
+        await eventually(delivered)
+        [event] = await r.delivered("a")
+        assert event.job is not None and event.job.id == "ftjob-late" and await r.dead("a") == []
+    assert fake.calls["/v1/fine_tuning/jobs/ftjob-late"] == 2
+
+
+async def test_a_webhook_ahead_of_the_api_waits_for_the_api_to_show_its_status(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    """`succeeded` arrives while the API still shows the job `running`: routed on that job, a rule on
+    `succeeded` would filter it out, and the poller's later `succeeded` is a repeat of it; nobody would hear
+    of the success. The event waits until the API shows it, then is delivered once."""
+    fake, url = api
+    fake.jobs["ftjob-lag"] = job_doc(id="ftjob-lag", status="running", finished_at=None, fine_tuned_model=None)
+    handlers = [sink("done", redis_url, prefix, when={"status": "succeeded"})]
+    async with rig(handlers, openai=openai_table(url, poll_backfill=True)) as r:
+        await r.post(thin("ftjob-lag"))
+
+        async def asked_twice() -> bool:
+            return fake.calls["/v1/fine_tuning/jobs/ftjob-lag"] >= 2
+
+        await eventually(asked_twice)
+        assert await r.delivered("done") == []
+        fake.jobs["ftjob-lag"] = job_doc(id="ftjob-lag")
+        async with OpenAIClient(r.settings.openai) as client:
+            await make_poller(r.settings, r.rclient, client).poll_once(now=0)  # sees it too: a repeat
+
+        async def delivered() -> bool:
+            return len(await r.delivered("done")) == 1 and await r.settled()
+
+        await eventually(delivered)
+        [event] = await r.delivered("done")
+        assert event.job is not None and event.job.status == "succeeded" and event.source == "webhook"
 
 
 async def test_a_job_id_that_leaves_its_path_is_quarantined_and_never_fetched(

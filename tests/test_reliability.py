@@ -486,17 +486,24 @@ async def test_live_workers_never_take_over_each_others_entries(
     assert run_twice == 0 and taken_over == 0
 
 
+@pytest.mark.parametrize("guard", [{}, {"breaker_threshold": 5}, {"rate_limit_per_min": 1000}], ids=str)
 async def test_redis_away_after_calls_resends_nothing_and_starts_nothing_meanwhile(
-    tcp_valkey: Any, aiohttp_server: Callable[..., Any], make_settings: Callable[..., Any], prefix: str
+    guard: dict[str, int],
+    tcp_valkey: Any,
+    aiohttp_server: Callable[..., Any],
+    make_settings: Callable[..., Any],
+    prefix: str,
 ) -> None:
     """Redis dies while calls are in flight and comes back: the calls that completed meanwhile are acknowledged
-    once it is back (never sent again), and no lane starts another call while their acks wait."""
+    once it is back (never sent again), and no lane starts another call while their acks wait. Also with a
+    circuit breaker or a rate limit, whose bookkeeping after a call must not turn a completed call into a
+    failed one."""
     port, start, kill = tcp_valkey
     url = f"redis://127.0.0.1:{port}/0"
     target = CountingTarget(delay_s=0.5)
     hook = str((await aiohttp_server(target.app())).make_url("/hook"))
     settings = make_settings(
-        [{"name": "pipe", "type": "http", "url": hook, "concurrency": 4}],
+        [{"name": "pipe", "type": "http", "url": hook, "concurrency": 4, **guard}],
         redis={"url": url},
         worker={"batch_size": 16},
     )
@@ -521,6 +528,52 @@ async def test_redis_away_after_calls_resends_nothing_and_starts_nothing_meanwhi
     )
     assert len(target.counts) == n and resent == 0
     assert target.max_running <= 4
+
+
+async def test_redis_away_after_slack_posts_resends_no_message(
+    tcp_valkey: Any, aiohttp_server: Callable[..., Any], make_settings: Callable[..., Any], prefix: str
+) -> None:
+    """The Slack Web API handler keeps each job's thread in Redis after the post: Redis dying while posts are
+    in flight must not make a posted message a failure to retry (Slack would show it twice)."""
+    port, start, kill = tcp_valkey
+    url = f"redis://127.0.0.1:{port}/0"
+    posts: Counter[str] = Counter()
+    running: list[str] = []
+
+    async def post_message(request: web.Request) -> web.Response:
+        message = await request.json()
+        job = message["text"].rsplit(" ", 1)[-1]
+        running.append(job)
+        try:
+            await asyncio.sleep(0.5)
+            posts[job] += 1
+            return web.json_response({"ok": True, "channel": message["channel"], "ts": f"1700000000.{len(posts):06d}"})
+        finally:
+            running.remove(job)
+
+    app = web.Application()
+    app.router.add_post("/api/chat.postMessage", post_message)
+    api = str((await aiohttp_server(app)).make_url("/api"))
+    settings = make_settings(
+        [{"name": "chat", "type": "slack", "token": "xoxb-t", "channel": "C0FT", "api_url": api, "concurrency": 4}],
+        redis={"url": url},
+        worker={"batch_size": 8},
+    )
+    n = 8
+    async with redis.Redis.from_url(url) as client:
+        await enqueue(client, prefix, ["chat"], n)
+    async with running_worker(settings, url, registry.build(settings.handlers)):
+        assert await until(lambda: len(running) == 4, 30)
+        await asyncio.to_thread(kill)
+        assert await until(lambda: sum(posts.values()) >= 4, 30)  # posted while Redis was down
+        await asyncio.to_thread(start)
+        async with redis.Redis.from_url(url) as client:
+
+            async def done() -> bool:
+                return len(posts) == n and await settled(client, prefix)
+
+            assert await until(done, 60)
+    assert len(posts) == n and sum(c - 1 for c in posts.values()) == 0, posts
 
 
 async def test_a_worker_started_before_redis_works_once_redis_comes(
