@@ -25,6 +25,9 @@ _job_encoder: Final = msgspec.msgpack.Encoder()
 _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)
 _LOCK_MS: Final = 30_000
 _WAIT_S: Final = 10.0
+#: How long an event may wait for the API to show the status it announces before it is dead-lettered
+#: (the API lags a webhook by seconds; an hour means it will not catch up).
+API_LAG_S: Final = 3600.0
 
 
 class Preparer:
@@ -104,9 +107,11 @@ class Preparer:
             if (wanted := event.status) and status_rank(job.status) < status_rank(wanted):
                 # The webhook is ahead of what the API shows (`running` for a `succeeded` event): routed on the
                 # job's status, it would be filtered out, and the poller's later `succeeded` is a repeat of it.
-                # Not cached: it waits like an API outage, and asks again.
-                why = f"hydration: the API shows job {event.job_id} {job.status!r}, not {wanted!r} yet"
-                raise RetryLater(why, after=self.retry_s)
+                # Not cached: it waits like an API outage, and asks again, for up to `API_LAG_S`.
+                why = f"hydration: the API shows job {event.job_id} {job.status!r}, not {wanted!r}"
+                if time.time() - event.received_at < API_LAG_S:
+                    raise RetryLater(f"{why} yet", after=self.retry_s)
+                raise PermanentFailure(f"{why}, {API_LAG_S / 60:.0f} minutes after the event came")
             await client.set(cache, _job_encoder.encode(job), ex=self.state.retention_s)
             return msgspec.structs.replace(event, job=job)
         finally:

@@ -10,9 +10,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from processor.errors import PermanentFailure, RetryLater
+from processor.hydration import API_LAG_S
 from processor.jobstate import JobState
 from processor.keys import Keys
-from processor.models import decode_job
+from processor.models import Event, decode_job
 from processor.openai import JobNotFound, OpenAIAuthError, OpenAIClient, OpenAIError
 from processor.runtime import open_runtime
 from processor.settings import OpenAISettings, Settings
@@ -254,6 +256,32 @@ async def test_a_webhook_ahead_of_the_api_waits_for_the_api_to_show_its_status(
         await eventually(delivered)
         [event] = await r.delivered("done")
         assert event.job is not None and event.job.status == "succeeded" and event.source == "webhook"
+
+
+async def test_a_webhook_the_api_never_catches_up_with_is_dead_lettered_after_an_hour(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    """The wait for the API to show a webhook's status is bounded: an hour after the event came, the API
+    still showing `running` for a `succeeded` event is a dead letter saying so, not a retry for ever."""
+    fake, url = api
+    fake.jobs["ftjob-stuck"] = job_doc(id="ftjob-stuck", status="running", finished_at=None, fine_tuned_model=None)
+    now = time.time()
+
+    def event(received_at: float) -> Event:
+        return Event(
+            id=f"wh_{received_at}",
+            type="fine_tuning.job.succeeded",
+            job_id="ftjob-stuck",
+            source="webhook",
+            created_at=int(received_at),
+            received_at=received_at,
+        )
+
+    handlers = [sink("a", redis_url, prefix)]
+    async with rig(handlers, openai=openai_table(url)) as r, open_runtime(r.settings, redis_url) as rt:
+        fresh, old = await (await rt.preparer()).prepare_many([event(now), event(now - API_LAG_S - 1)])
+    assert isinstance(fresh, RetryLater) and "not 'succeeded' yet" in str(fresh)
+    assert isinstance(old, PermanentFailure) and "60 minutes after the event came" in str(old)
 
 
 async def test_a_job_id_that_leaves_its_path_is_quarantined_and_never_fetched(
