@@ -148,7 +148,8 @@ MetadataValue = Annotated[str, Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
 #: A job id: OpenAI's are `ftjob-` + alphanumerics. Other senders may use `_ . : -` too, but never `/`, `%`,
 #: `?`, `#` or a leading dot, so an id is one URL path segment and never `.` or `..` (no path traversal).
-JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length=128)]
+#: msgspec searches with the pattern, and `$` also matches before a final line break: `\Z` ends it exactly.
+JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z", max_length=128)]
 #: A job status (`running`, or a new one such as `paused`): short, and kept as sent.
 Status = Annotated[str, Meta(min_length=1, max_length=64)]
 #: An event id in a webhook envelope.
