@@ -148,7 +148,8 @@ MetadataValue = Annotated[str, Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
 #: A job id: OpenAI's are `ftjob-` + alphanumerics. Other senders may use `_ . : -` too, but never `/`, `%`,
 #: `?`, `#` or a leading dot, so an id is one URL path segment and never `.` or `..` (no path traversal).
-JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length=128)]
+#: msgspec searches with the pattern, and `$` also matches before a final line break: `\Z` ends it exactly.
+JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z", max_length=128)]
 #: A job status (`running`, or a new one such as `paused`): short, and kept as sent.
 Status = Annotated[str, Meta(min_length=1, max_length=64)]
 #: An event id in a webhook envelope.
@@ -325,8 +326,7 @@ def decode_body(raw: bytes) -> Body:
         body = decoding(_envelope_decoder.decode, raw)
     if isinstance(body, Envelope) and body.type == JOB_EVENT_PREFIX:
         raise msgspec.ValidationError(f"`{JOB_EVENT_PREFIX}` names no status - at `$.type`")
-    _check_depth(raw)
-    _check_storable(body)
+    check_storable(raw, body)
     return body
 
 
@@ -339,16 +339,26 @@ TOO_DEEP: Final = f"objects and arrays are nested more than {MAX_DEPTH} levels d
 _JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
-def _check_depth(raw: bytes) -> None:
-    """Refuse a body nested deeper than `MAX_DEPTH`. Counting its brackets (about 1 µs) settles it for any
+def check_storable(raw: bytes, decoded: object, *, wrapping: int = 0) -> None:
+    """Raise `msgspec.ValidationError` unless what `raw` decoded to can go into a stream record: no integer
+    beyond 64 bits, nesting at most `MAX_DEPTH` (plus `wrapping` levels around the jobs, as in a page of them).
+
+    Every decoded document from outside passes here: a webhook body (`decode_body`) and the API's answers
+    (`openai`), whose jobs become events too (hydrated, polled)."""
+    _check_depth(raw, MAX_DEPTH + wrapping)
+    _check_storable(decoded)
+
+
+def _check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
+    """Refuse a body nested deeper than `limit`. Counting its brackets (about 1 µs) settles it for any
     body with fewer than that many; only others are walked, their strings left out."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") <= limit:
         return
     depth = 0
     for byte in _JSON_STRING.sub(b"", raw):
         if byte in b"[{":
             depth += 1
-            if depth > MAX_DEPTH:
+            if depth > limit:
                 raise msgspec.ValidationError(TOO_DEEP)
         elif byte in b"]}":
             depth -= 1
@@ -372,12 +382,12 @@ def _has_object_key(raw: bytes) -> bool:
         return True
 
 
-def _check_storable(body: Body) -> None:
+def _check_storable(decoded: object) -> None:
     """JSON integers have no size limit and msgspec decodes them all, but msgpack (the stream record) holds 64
     bits at most, here and in fields typed `Any` (`usage_metrics`). Encoding the body once (about 1 µs)
     finds such an integer before the event is built, so it is a schema mismatch, not a failed write."""
     try:
-        _msgpack_encoder.encode(body)
+        _msgpack_encoder.encode(decoded)
     except OverflowError:
         raise msgspec.ValidationError("an integer is out of range (more than 64 bits)") from None
 

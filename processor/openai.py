@@ -23,7 +23,7 @@ import msgspec
 from msgspec import Struct
 
 from processor.errors import FtjobsError
-from processor.models import FineTuningJob
+from processor.models import FineTuningJob, check_storable
 from processor.outbound import classify, redirect_target
 from processor.outbound import retry_after as _retry_after
 from processor.policy import backoff_delay
@@ -111,7 +111,7 @@ class OpenAIClient:
 
     async def retrieve_job(self, job_id: str) -> FineTuningJob:
         """`GET /fine_tuning/jobs/{id}`."""
-        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{_segment(job_id)}", {}))
+        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{_segment(job_id)}", {}), storable=0)
 
     async def list_jobs(
         self, *, limit: int = 20, after: str | None = None, metadata: Mapping[str, str] | None = None
@@ -122,7 +122,7 @@ class OpenAIClient:
             params["after"] = after
         for key, value in (metadata or {}).items():
             params[f"metadata[{key}]"] = value
-        return _decode(_job_page_decoder, await self._get("/fine_tuning/jobs", params))
+        return _decode(_job_page_decoder, await self._get("/fine_tuning/jobs", params), storable=2)
 
     async def iter_jobs(
         self, *, page_size: int = 100, max_pages: int = 10, metadata: Mapping[str, str] | None = None
@@ -192,11 +192,18 @@ def _segment(job_id: str) -> str:
     return quote(job_id, safe="")
 
 
-def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
-    """A 200 answer that does not match the schema is the API's problem: an `OpenAIError`, with the path."""
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes, storable: int | None = None) -> T:
+    """A 200 answer that does not match the schema is the API's problem: an `OpenAIError`, with the path.
+
+    Jobs become stream records (hydrated or polled events), so an answer carrying them (`storable`: how many
+    levels wrap them) must hold what a record can, as a webhook body must: an integer beyond 64 bits in
+    `usage_metrics` made every hydration of the batch, or the whole poll, fail with an `OverflowError`."""
     try:
-        return decoder.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        decoded = decoder.decode(body)
+        if storable is not None:
+            check_storable(body, decoded, wrapping=storable)
+        return decoded
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise OpenAIError(f"the API answered with an unexpected document: {exc}") from None
 
 

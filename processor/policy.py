@@ -10,6 +10,7 @@ the random generator: the worker passes `now` and `jitter` in and applies the de
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from msgspec import Struct
@@ -20,6 +21,17 @@ from processor.settings import HandlerSpec
 
 #: How long an event waits when the API is away and said nothing about when to come back.
 NOT_PREPARED_RETRY_S: Final = 5.0
+#: The longest wait a `RetryLater` (a `Retry-After` header, the API's or a target's) may ask for. Without it a
+#: `Retry-After: 1e400` scheduled the retry at infinity and `99999999999` in the year 5000: the event was
+#: never tried again, nor dead-lettered.
+MAX_WAIT_S: Final = 3600.0
+
+
+def _wait(after: float | None, otherwise: float) -> float:
+    """The delay a `RetryLater` asked for, within [0, `MAX_WAIT_S`]; `otherwise` when it named none (or NaN)."""
+    if after is None or math.isnan(after):
+        return otherwise
+    return min(max(after, 0.0), MAX_WAIT_S)
 
 
 class Ack(Struct, frozen=True, kw_only=True, tag=True):
@@ -88,7 +100,7 @@ def screen(
     if isinstance(event, PermanentFailure):
         return DeadLetter(reason=str(event), attempts=failed_before)
     if isinstance(event, BaseException):  # the API is away: wait, without using an attempt
-        delay = event.after if isinstance(event, RetryLater) and event.after is not None else NOT_PREPARED_RETRY_S
+        delay = _wait(event.after if isinstance(event, RetryLater) else None, NOT_PREPARED_RETRY_S)
         return Retry(at=now + delay, after=delay, reason=str(event), attempts=failed_before, outcome="not_prepared")
     if why := spec.when.mismatch(event):
         if event.repeat_of and not event.target:
@@ -116,5 +128,5 @@ def decide(
     if attempt >= spec.max_attempts:
         return DeadLetter(reason=reason, attempts=attempt)
     after = error.after if isinstance(error, RetryLater) else None
-    delay = after if after is not None else backoff_delay(attempt, spec.backoff_s, spec.backoff_max_s, jitter)
+    delay = _wait(after, backoff_delay(attempt, spec.backoff_s, spec.backoff_max_s, jitter))
     return Retry(at=now + delay, after=delay, reason=reason, attempts=attempt, outcome="retry")

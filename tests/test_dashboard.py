@@ -111,6 +111,11 @@ async def test_login_sets_a_signed_httponly_strict_cookie(dash: Any, redis_url: 
         assert resp.status == 401
         away = await d.client.post("/ui/login", data={"token": TOKEN, "next": "//evil.example/"}, allow_redirects=False)
         assert away.headers["Location"] == "/ui/"
+        # A line break in `next` (from a crafted `/ui/login?next=` link) made writing the Location header fail:
+        # the login got a dropped connection and the log a traceback.
+        for target in ("/ui/\r\nSet-Cookie: x=1", "/ui/jobs\n", "/ui/\x00", "/ui/jobs x"):
+            odd = await d.client.post("/ui/login", data={"token": TOKEN, "next": target}, allow_redirects=False)
+            assert odd.status == 303 and odd.headers["Location"] == "/ui/", target
 
 
 def test_sessions_expire_and_end_with_a_new_token() -> None:
@@ -121,7 +126,7 @@ def test_sessions_expire_and_end_with_a_new_token() -> None:
     assert auth.csrf_ok(session, auth.csrf(session)) and not auth.csrf_ok(
         auth.new_session(now=1000), auth.csrf(session)
     )
-    for target in ("https://evil.example/", "//evil.example", "/ui//evil.example", "/other", "/ui/\\evil"):
+    for target in ("https://evil.example/", "//evil.example", "/ui//evil.example", "/other", "/ui/\\evil", "/ui/\n"):
         assert safe_next(target) == "/ui/"
     assert safe_next("/ui/dead/a?x=1") == "/ui/dead/a?x=1"
 

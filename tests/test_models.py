@@ -378,9 +378,22 @@ def test_invalid_utf8_inside_strings_is_a_decode_error(raw: bytes) -> None:
         decode_body(raw)
 
 
+@pytest.mark.parametrize("job_id", ["ftjob-abc\n", "ftjob-abc\r", "ftjob-abc\n\n", "\nftjob-abc"])
+@pytest.mark.parametrize("thin", [True, False])
+def test_a_job_id_with_a_line_break_is_refused(job_id: str, thin: bool) -> None:
+    """`$` in a searched pattern also matches before a final "\\n": "ftjob-abc\\n" passed the grammar, and was
+    fetched as `/fine_tuning/jobs/ftjob-abc%0A` and kept as a second job next to "ftjob-abc"."""
+    doc = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json" if thin else SUCCEEDED_JOB))
+    (doc["data"] if thin else doc)["id"] = job_id
+    with pytest.raises(msgspec.ValidationError, match="Expected `str` matching regex"):
+        decode_body(msgspec.json.encode(doc))
+
+
 _SENDER_TEXT = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["..", ".", "../../files", "a/b", "ftjob-1?x=1#y", "ftjob-%2e%2e", "-x", "ftjob-abc"]),
+    st.sampled_from(
+        ["..", ".", "../../files", "a/b", "ftjob-1?x=1#y", "ftjob-%2e%2e", "-x", "ftjob-abc", "ftjob-abc\n"]
+    ),
     st.integers(0, 80).map(lambda n: "fine_tuning.job." + "s" * n),
     st.integers(0, 300).map(lambda n: "x" * n),
 )

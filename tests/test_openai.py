@@ -325,6 +325,51 @@ async def test_api_outage_delays_only_the_thin_event(
         assert await r.dead("a") == []
 
 
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "usage_metrics",
+    [{"tokens": 2**64}, {"tokens": -(2**63) - 1}, {"deep": _nested(70)}],
+    ids=["over-2**64", "under-2**63", "nested-70"],
+)
+async def test_client_refuses_a_job_a_stream_record_cannot_hold(
+    api: tuple[FakeOpenAI, str], usage_metrics: dict[str, Any]
+) -> None:
+    """An answer whose job could not become a stream record (an integer beyond 64 bits, or nesting beyond the
+    webhook limit, in a free-form field) is an unexpected document, like a schema mismatch."""
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc(usage_metrics=usage_metrics)
+    async with OpenAIClient(OpenAISettings(**openai_table(url))) as client:
+        with pytest.raises(OpenAIError, match="unexpected document"):
+            await client.retrieve_job(JOB_ID)
+        with pytest.raises(OpenAIError, match="unexpected document"):
+            await client.list_jobs()
+
+
+async def test_a_hydrated_job_with_a_too_large_integer_does_not_stop_the_batch(
+    rig: Any, api: tuple[FakeOpenAI, str], redis_url: str, prefix: str
+) -> None:
+    """The API's job carried an integer beyond 64 bits in `usage_metrics`: caching it raised `OverflowError`
+    while the batch was prepared, so the batch (and every event after it) failed again and again. Now the
+    thin event waits like during an outage, and the others are delivered."""
+    fake, url = api
+    fake.jobs[JOB_ID] = job_doc(usage_metrics={"tokens": 2**64})
+    async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
+        await r.post(thin())
+        await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+        async def other_delivered() -> bool:
+            return [e.job_id for e in await r.delivered("a")] == ["ftjob-Rb2nV8qLx5TfW1mKc9Zp4HsD"]
+
+        await eventually(other_delivered)
+        assert await r.dead("a") == []
+
+
 # Poller and job state
 
 
@@ -395,6 +440,19 @@ async def test_first_start_does_not_flood_unless_backfilling(
     loud = make_settings(openai=openai_table(url, poll_backfill=True), redis={"prefix": other})
     async with OpenAIClient(loud.openai) as client:
         assert await make_poller(loud, rclient, client).poll_once() == 4  # every job
+
+
+async def test_a_listed_job_with_a_too_large_integer_fails_the_poll_as_an_api_error(
+    api: tuple[FakeOpenAI, str], make_settings: Callable[..., Settings], rclient: Any
+) -> None:
+    """It raised `OverflowError` while the event was encoded: `ftjobs poll` ended with a traceback, and the
+    poll loop in `serve` (which waits out `OpenAIError`s) would have died."""
+    fake, url = api
+    fake.jobs["ftjob-big"] = job_doc(id="ftjob-big", created_at=int(time.time()) + 5, usage_metrics={"n": -(2**64)})
+    settings = make_settings(openai=openai_table(url, poll_backfill=True))
+    async with OpenAIClient(settings.openai) as client:
+        with pytest.raises(OpenAIError, match="out of range"):
+            await make_poller(settings, rclient, client).poll_once()
 
 
 async def test_the_pollers_memory_is_as_large_as_one_listing(

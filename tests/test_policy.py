@@ -14,7 +14,7 @@ from processor.errors import PermanentFailure, RetryLater
 from processor.jobstate import judge
 from processor.liveness import retry_delay
 from processor.models import Event
-from processor.policy import Ack, DeadLetter, Retry, Skip, backoff_delay, ceiling, decide, screen
+from processor.policy import MAX_WAIT_S, Ack, DeadLetter, Retry, Skip, backoff_delay, ceiling, decide, screen
 from processor.settings import HandlerSpec, Settings
 
 NOW = 1_700_000_000.0
@@ -118,6 +118,22 @@ def test_a_handler_may_say_when_to_retry_and_a_timeout_says_it_was_cut_off() -> 
     assert isinstance(retry, Retry) and retry.at == NOW + 30
     cut = decide(TimeoutError(), spec=handler, attempt=1, now=NOW, jitter=0.0)
     assert isinstance(cut, Retry) and cut.reason == "cut off after 8.0 s (twice timeout_s)"
+
+
+@pytest.mark.parametrize(
+    ("after", "delay"),
+    [(float("inf"), MAX_WAIT_S), (99999999999.0, MAX_WAIT_S), (-5.0, 0.0), (float("nan"), None)],
+)
+def test_a_retry_after_is_kept_within_an_hour(after: float, delay: float | None) -> None:
+    """A `Retry-After: 1e400` (a target's, or the API's while hydrating) scheduled the retry at infinity: the
+    event was never tried again nor dead-lettered. NaN means "no advice": the backoff, or the API default."""
+    handler = spec(backoff_s=1.0, backoff_max_s=10.0)
+    retry = decide(RetryLater("429", after=after), spec=handler, attempt=1, now=NOW, jitter=0.5)
+    assert (
+        isinstance(retry, Retry) and retry.after == (0.5 if delay is None else delay) and retry.at == NOW + retry.after
+    )
+    waiting = screened(RetryLater("API away", after=after))
+    assert isinstance(waiting, Retry) and waiting.after == (5.0 if delay is None else delay)
 
 
 @given(

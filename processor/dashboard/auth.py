@@ -105,7 +105,14 @@ def is_loopback(host: str) -> bool:
 
 
 def safe_next(target: str) -> str:
-    """Where to go after logging in: a path inside the dashboard, never another site."""
-    if target.startswith("/ui/") and not target.startswith(("//", "/ui//")) and "\\" not in target:
+    """Where to go after logging in: a path inside the dashboard, never another site. Only visible ASCII (the
+    dashboard's own links are percent-encoded): a CR or LF made the redirect's `Location` header fail to be
+    written, so the login was answered by a dropped connection and a traceback in the log."""
+    if (
+        target.startswith("/ui/")
+        and not target.startswith(("//", "/ui//"))
+        and "\\" not in target
+        and all("!" <= c <= "~" for c in target)
+    ):
         return target
     return "/ui/"
