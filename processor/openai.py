@@ -24,7 +24,8 @@ from msgspec import Struct
 
 from processor.errors import FtjobsError
 from processor.models import FineTuningJob, check_storable
-from processor.outbound import classify, redirect_target
+from processor.outbound import MAX_ANSWER_BYTES as _MAX_ANSWER_BYTES
+from processor.outbound import classify, read_answer, redirect_target
 from processor.outbound import retry_after as _retry_after
 from processor.policy import backoff_delay
 from processor.settings import OpenAISettings
@@ -150,7 +151,7 @@ class OpenAIClient:
             retry_after: float | None = None
             try:
                 async with self._session.get(url, params=params, timeout=timeout, allow_redirects=False) as resp:
-                    body = await resp.read()
+                    body = await read_answer(resp, _MAX_ANSWER_BYTES + 1)
                     status = resp.status
                     retry_after = _retry_after(resp.headers)
                     location = resp.headers.get("Location", "")
@@ -158,6 +159,8 @@ class OpenAIClient:
                 problem = OpenAIError(f"{what}: {type(exc).__name__ or 'timeout'}")
             else:
                 outcome = classify(status, ok=(200,))
+                if outcome == "ok" and len(body) > _MAX_ANSWER_BYTES:
+                    raise OpenAIError(f"{what}: the answer is larger than {_MAX_ANSWER_BYTES >> 20} MiB")
                 if outcome == "ok":
                     return body
                 if outcome == "redirect":

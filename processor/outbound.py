@@ -16,7 +16,7 @@ A 3xx is a `PermanentFailure` that names where it pointed (`redirect_target`), s
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import aiohttp
 from yarl import URL
@@ -28,6 +28,9 @@ from processor.errors import PermanentFailure, RetryLater
 _BODY_EXCERPT = 300
 #: Longest redirect target carried into a message.
 _LOCATION_EXCERPT = 200
+#: The most of an answer that is read: a target's answer is a few bytes, the API's a page of jobs. The
+#: timeout bounds the time, not the size: an upstream could send gigabytes within it.
+MAX_ANSWER_BYTES: Final = 4 << 20
 
 
 #: What an answer means for whoever sent the request.
@@ -71,7 +74,7 @@ async def request(
         kwargs["headers"] = {**(kwargs.get("headers") or {}), **trace_headers}
     try:
         async with session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs) as resp:
-            body = await resp.text(errors="replace")
+            body = _text(await read_answer(resp), resp.charset)
             status = resp.status
             headers = resp.headers
     except aiohttp.ConnectionTimeoutError:
@@ -92,6 +95,27 @@ async def request(
     if status == 429:
         raise RetryLater(f"{label}: rate limited (429) {excerpt}", after=retry_after(headers))
     raise RetryLater(f"{label}: server error {status} {excerpt}", after=retry_after(headers))
+
+
+async def read_answer(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The answer's body, cut after `limit` bytes (the rest is left unread, and the connection closed)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        chunks.append(chunk[: limit - size])
+        size += len(chunk)
+        if size >= limit:
+            resp.close()
+            break
+    return b"".join(chunks)
+
+
+def _text(body: bytes, charset: str | None) -> str:
+    """An answer as text, in its declared charset (UTF-8 when it names none, or one Python does not know)."""
+    try:
+        return body.decode(charset or "utf-8", errors="replace")
+    except LookupError:
+        return body.decode("utf-8", errors="replace")
 
 
 def redirect_target(location: str, ours: str) -> str:
