@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 import msgspec
+import structlog
 from msgspec import Struct
 
 from processor.errors import FtjobsError
@@ -29,6 +30,8 @@ from processor.outbound import classify, read_answer, redirect_target
 from processor.outbound import retry_after as _retry_after
 from processor.policy import backoff_delay
 from processor.settings import OpenAISettings
+
+log = structlog.get_logger()
 
 
 class OpenAIError(FtjobsError):
@@ -59,8 +62,22 @@ class FineTuningJobEvent(Struct):
 
 
 class JobPage(Struct):
+    """One page of jobs. `skipped`: the jobs of the page that could not be read (the id when it could be, and
+    why), left out so one odd job does not hide all the others; `last_id`: where the next page starts."""
+
     data: list[FineTuningJob]
     has_more: bool = False
+    skipped: list[tuple[str, str]] = []
+    last_id: str | None = None
+
+
+class _RawJobPage(Struct):
+    data: list[msgspec.Raw]
+    has_more: bool = False
+
+
+class _JobId(Struct):
+    id: str
 
 
 class EventPage(Struct):
@@ -79,7 +96,8 @@ class _ErrorEnvelope(Struct):
 
 T = TypeVar("T")
 _job_decoder: Final = msgspec.json.Decoder(FineTuningJob)
-_job_page_decoder: Final = msgspec.json.Decoder(JobPage)
+_raw_job_page_decoder: Final = msgspec.json.Decoder(_RawJobPage)
+_job_id_decoder: Final = msgspec.json.Decoder(_JobId)
 _event_page_decoder: Final = msgspec.json.Decoder(EventPage)
 _error_decoder: Final = msgspec.json.Decoder(_ErrorEnvelope)
 
@@ -123,7 +141,19 @@ class OpenAIClient:
             params["after"] = after
         for key, value in (metadata or {}).items():
             params[f"metadata[{key}]"] = value
-        return _decode(_job_page_decoder, await self._get("/fine_tuning/jobs", params), storable=2)
+        raw = _decode(_raw_job_page_decoder, await self._get("/fine_tuning/jobs", params))
+        page = JobPage(data=[], has_more=raw.has_more)
+        for item in map(bytes, raw.data):
+            try:
+                job = _decode(_job_decoder, item, storable=0)
+            except OpenAIError as exc:
+                job_id = _id_of(item)
+                page.skipped.append((job_id or "?", str(exc)))
+                page.last_id = job_id or page.last_id
+            else:
+                page.data.append(job)
+                page.last_id = job.id
+        return page
 
     async def iter_jobs(
         self, *, page_size: int = 100, max_pages: int = 10, metadata: Mapping[str, str] | None = None
@@ -132,11 +162,13 @@ class OpenAIClient:
         after = None
         for _ in range(max_pages):
             page = await self.list_jobs(limit=page_size, after=after, metadata=metadata)
+            for job_id, why in page.skipped:
+                log.warning("api_job_unreadable", job_id=job_id, error=why)
             for job in page.data:
                 yield job
-            if not page.has_more or not page.data:
+            if not page.has_more or page.last_id is None:
                 return
-            after = page.data[-1].id
+            after = page.last_id
 
     async def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> EventPage:
         """One page of `GET /fine_tuning/jobs/{id}/events`."""
@@ -182,6 +214,14 @@ class OpenAIClient:
             delay = retry_after if retry_after is not None else backoff_delay(attempt + 1, 0.5, inf, random.random())
             await asyncio.sleep(min(delay, self.settings.timeout_s))
         raise AssertionError("unreachable")
+
+
+def _id_of(item: bytes) -> str | None:
+    """The `id` of a job the schema refused, when it has a readable one (for the log and the next page)."""
+    try:
+        return _job_id_decoder.decode(item).id
+    except msgspec.DecodeError:
+        return None
 
 
 def _segment(job_id: str) -> str:

@@ -347,8 +347,9 @@ async def test_client_refuses_a_job_a_stream_record_cannot_hold(
     async with OpenAIClient(OpenAISettings(**openai_table(url))) as client:
         with pytest.raises(OpenAIError, match="unexpected document"):
             await client.retrieve_job(JOB_ID)
-        with pytest.raises(OpenAIError, match="unexpected document"):
-            await client.list_jobs()
+        page = await client.list_jobs()
+    [(job_id, why)] = page.skipped
+    assert page.data == [] and job_id == JOB_ID and "unexpected document" in why
 
 
 async def test_a_hydrated_job_with_a_too_large_integer_does_not_stop_the_batch(
@@ -442,17 +443,24 @@ async def test_first_start_does_not_flood_unless_backfilling(
         assert await make_poller(loud, rclient, client).poll_once() == 4  # every job
 
 
-async def test_a_listed_job_with_a_too_large_integer_fails_the_poll_as_an_api_error(
+async def test_a_listed_job_that_cannot_be_read_is_skipped_and_the_others_are_polled(
     api: tuple[FakeOpenAI, str], make_settings: Callable[..., Settings], rclient: Any
 ) -> None:
-    """It raised `OverflowError` while the event was encoded: `ftjobs poll` ended with a traceback, and the
-    poll loop in `serve` (which waits out `OpenAIError`s) would have died."""
+    """A job with an integer beyond 64 bits raised `OverflowError` while its event was encoded (`ftjobs poll`
+    ended with a traceback); then one such job failed every poll as an API error, hiding every other job.
+    Now it is skipped (logged), on every page, and the pages after it are still followed."""
     fake, url = api
-    fake.jobs["ftjob-big"] = job_doc(id="ftjob-big", created_at=int(time.time()) + 5, usage_metrics={"n": -(2**64)})
+    now = int(time.time())
+    for n in range(5):  # pages of 2, newest first: bad (ftjob-4), 3 | 2, bad (ftjob-1) | 0
+        bad = {"usage_metrics": {"n": -(2**64)}} if n in (1, 4) else {}
+        fake.jobs[f"ftjob-{n}"] = job_doc(id=f"ftjob-{n}", created_at=now + n, **bad)
     settings = make_settings(openai=openai_table(url, poll_backfill=True))
     async with OpenAIClient(settings.openai) as client:
-        with pytest.raises(OpenAIError, match="out of range"):
-            await make_poller(settings, rclient, client).poll_once()
+        page = await client.list_jobs(limit=2)
+        assert [j.id for j in page.data] == ["ftjob-3"] and page.last_id == "ftjob-3"
+        assert [job_id for job_id, _ in page.skipped] == ["ftjob-4"] and "out of range" in page.skipped[0][1]
+        assert [j.id async for j in client.iter_jobs(page_size=2)] == ["ftjob-3", "ftjob-2", "ftjob-0"]
+        assert await make_poller(settings, rclient, client).poll_once() == 3
 
 
 async def test_the_pollers_memory_is_as_large_as_one_listing(
