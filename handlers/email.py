@@ -13,6 +13,8 @@ gets exactly the checked addresses, never a re-parse of the headers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import ssl
 from email.message import EmailMessage
@@ -21,10 +23,13 @@ from typing import Final, Literal
 
 import aiosmtplib
 import msgspec
+import structlog
 
 from handlers.templates import Template
 from processor.handler import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from processor.models import Event
+
+log = structlog.get_logger()
 
 DEFAULT_SUBJECT: Final = (
     "[ftjobs] {{ emoji }} {{ job.id }} {{ status }}{% if job.fine_tuned_model %}: {{ job.fine_tuned_model }}{% endif %}"
@@ -137,6 +142,7 @@ class EmailHandler:
         if options.security != "none":
             self._tls = ssl.create_default_context(cafile=options.ca_file or None)
         self.timeout_s = HandlerContext.timeout_s
+        self._quitting: set[asyncio.Task[None]] = set()
 
     async def setup(self, context: HandlerContext) -> None:
         self.timeout_s = context.timeout_s  # each SMTP step's limit
@@ -177,29 +183,59 @@ class EmailHandler:
         return out
 
     async def __call__(self, delivery: Delivery) -> None:
+        """Send the mail. Once the relay accepted it (250 after DATA) the call is done: QUIT goes on in the
+        background, because a relay slow to answer it would otherwise push the call past the worker's limit,
+        and the mail would be sent again."""
         options = self.options
         message, recipients = self.message(delivery)
-        port = options.port or {"none": 25, "starttls": 587, "tls": 465}[options.security]
+        client = aiosmtplib.SMTP(
+            hostname=options.host,
+            port=options.port or {"none": 25, "starttls": 587, "tls": 465}[options.security],
+            username=options.username or None,
+            password=options.password or None,
+            use_tls=options.security == "tls",
+            start_tls=options.security == "starttls",
+            tls_context=self._tls,
+            timeout=self.timeout_s,
+        )
         try:
-            await aiosmtplib.send(
-                message,
-                recipients=recipients,
-                hostname=options.host,
-                port=port,
-                username=options.username or None,
-                password=options.password or None,
-                use_tls=options.security == "tls",
-                start_tls=options.security == "starttls",
-                tls_context=self._tls,
-                timeout=self.timeout_s,
-            )
+            await client.connect()
+            refused, _ = await client.send_message(message, recipients=recipients)
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise PermanentFailure(f"email:{self.name}: authentication refused ({exc.code})") from None
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = ", ".join(r.recipient for r in exc.recipients)
-            raise PermanentFailure(f"email:{self.name}: recipients refused: {refused}") from None
+            # Nothing was sent: a temporary refusal of them all (greylisting's 450) is worth another try.
+            what = ", ".join(f"{r.recipient} ({r.code})" for r in exc.recipients)
+            temporary = all(r.code < 500 for r in exc.recipients)
+            failure = RetryLater if temporary else PermanentFailure
+            raise failure(f"email:{self.name}: recipients refused: {what}") from None
         except aiosmtplib.SMTPResponseException as exc:
             what = f"email:{self.name}: server answered {exc.code} {exc.message}"
             raise (PermanentFailure(what) if exc.code >= 500 else RetryLater(what)) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise RetryLater(f"email:{self.name}: {type(exc).__name__}") from None
+        finally:
+            self._hang_up(client)
+        if refused:  # sent to the others; sending again would repeat it to them
+            codes = {address: answer.code for address, answer in refused.items()}
+            log.warning("email_recipients_refused", handler=self.name, refused=codes, event_id=delivery.event.id)
+
+    def _hang_up(self, client: aiosmtplib.SMTP) -> None:
+        """QUIT (in the background) and close, whatever became of the mail."""
+        if not client.is_connected:
+            client.close()
+            return
+        task = asyncio.create_task(_quit(client))
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    async def close(self) -> None:
+        """Let the QUITs still under way finish (each bounded by `timeout_s`)."""
+        await asyncio.gather(*self._quitting)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    """Say QUIT after a mail was accepted, and close; whatever the relay answers, the mail is sent."""
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        await client.quit()
+    client.close()

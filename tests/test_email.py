@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email
 import email.policy
 import ssl
@@ -17,7 +19,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.conftest import build_fails, compact, eventually, free_port, sample
+from tests.conftest import build_fails, captured_logs, compact, eventually, free_port, sample
 
 PASSWORD = "smtp-pass-9f3a"
 
@@ -271,3 +273,98 @@ async def test_unreachable_server_is_retried(rig: Any) -> None:
 )
 def test_bad_options_are_config_errors(options: dict[str, Any], message: str) -> None:
     build_fails(handler(25, **options), message)
+
+
+class Relay(Inbox):
+    """An inbox with a relay's habits: greylisting (450 for an address the first time it is given), a
+    recipient refused for good (550), and slow steps, with a QUIT that hangs until `hung_up` is set."""
+
+    def __init__(self, *, greylist: bool = False, refuse: str = "", step_s: float = 0.0, hang: bool = False) -> None:
+        super().__init__()
+        self.greylist, self.refuse, self.step_s, self.hang = greylist, refuse, step_s, hang
+        self.hung_up = asyncio.Event()
+        self._seen: set[str] = set()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        await asyncio.sleep(self.step_s)
+        if address == self.refuse:
+            return "550 5.1.1 no such user"
+        if self.greylist and address not in self._seen:
+            self._seen.add(address)
+            self.rcpts.append(address)
+            return "450 4.7.1 greylisted, try again later"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(self.step_s)
+        return await super().handle_DATA(server, session, envelope)
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.hang:
+            await self.hung_up.wait()
+        return "221 Bye"
+
+
+@contextlib.contextmanager
+def relay(inbox: Relay, port: int = 0) -> Iterator[int]:
+    port = port or free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port
+    finally:
+        controller.loop.call_soon_threadsafe(inbox.hung_up.set)
+        controller.stop()
+
+
+async def test_greylisting_is_retried_not_dead_lettered(rig: Any) -> None:
+    """Every recipient refused with a temporary 450 (greylisting, a full mailbox): nothing was sent, so the
+    mail is tried again and arrives once. It used to be dead-lettered, and the failure never announced."""
+    inbox = Relay(greylist=True)
+    with relay(inbox) as port:
+        async with rig([handler(port, backoff_s=0.05)]) as r:
+            await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+            async def received() -> bool:
+                return len(inbox.messages) == 1 and await r.settled()
+
+            await eventually(received)
+            assert await r.dead("mail") == []
+    assert inbox.rcpts == ["ml-team@example.com", "ml-team@example.com"]
+
+
+async def test_a_mail_sent_to_some_recipients_is_not_sent_again(rig: Any) -> None:
+    """One recipient refused for good, the other accepted: the mail went out, so sending it again would
+    repeat it to the one who got it. The call is done, and the refusal is logged."""
+    inbox = Relay(refuse="gone@example.com")
+    mail = handler(relay_port := free_port(), to=["ml-team@example.com", "gone@example.com"], backoff_s=0.05)
+    with relay(inbox, relay_port), captured_logs() as logs:
+        async with rig([mail]) as r:
+            await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+            async def settled() -> bool:
+                return len(inbox.messages) == 1 and await r.settled()
+
+            await eventually(settled)
+            assert await r.dead("mail") == []
+    [(recipients, _)] = inbox.messages
+    assert recipients == ["ml-team@example.com"]
+    [refused] = [line for line in logs if line["event"] == "email_recipients_refused"]
+    assert refused["refused"] == {"gone@example.com": 550}
+
+
+async def test_a_relay_slow_to_answer_quit_gets_the_mail_once(rig: Any) -> None:
+    """The relay accepted the mail (250 after DATA) but takes its time over QUIT: the mail is sent, so the
+    call is done. Waiting for QUIT pushed a slow session past the worker's limit for the call (twice
+    `timeout_s`), and the mail was sent again."""
+    inbox = Relay(step_s=2.0, hang=True)  # RCPT and DATA 2 s each, within `timeout_s` (3 s); QUIT never
+    with relay(inbox) as port:
+        async with rig([handler(port, timeout_s=3.0, max_attempts=2, backoff_s=0.05)]) as r:
+            await r.post(compact(sample("fine_tuning_job.failed.json")))
+
+            async def settled() -> bool:
+                return len(inbox.messages) >= 1 and await r.settled()
+
+            await eventually(settled, within=30)
+            assert await r.dead("mail") == []
+    assert len(inbox.messages) == 1
