@@ -111,10 +111,12 @@ async def read_answer(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTE
 
 
 def _text(body: bytes, charset: str | None) -> str:
-    """An answer as text, in its declared charset (UTF-8 when it names none, or one Python does not know)."""
+    """An answer as text, in its declared charset; UTF-8 when it names none, one Python does not know, or one
+    whose codec raises even with `errors="replace"` (`undefined`, `idna`, `punycode`): a 2xx must stay a
+    success whatever its answer says it is written in."""
     try:
         return body.decode(charset or "utf-8", errors="replace")
-    except LookupError:
+    except (LookupError, UnicodeError):
         return body.decode("utf-8", errors="replace")
 
 

@@ -89,3 +89,20 @@ async def test_an_api_answer_over_the_limit_is_an_error_not_a_job(aiohttp_server
         with pytest.raises(OpenAIError, match="larger than 4 MiB"):
             await client.retrieve_job("ftjob-big")
     assert target.written < target.total
+
+
+@pytest.mark.parametrize("charset", ["undefined", "idna", "punycode"])
+async def test_a_charset_that_cannot_decode_leniently_is_read_as_utf8(
+    aiohttp_server: Callable[..., Any], charset: str
+) -> None:
+    """Python knows these names, but their codecs refuse `errors="replace"` or any input: the answer is read
+    as UTF-8. Raised instead, a 2xx (the call happened) looked failed, and the call was made again."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body="déjà".encode(), headers={"Content-Type": f"text/plain; charset={charset}"})
+
+    app = web.Application()
+    app.router.add_post("/hook", answer)
+    url = str((await aiohttp_server(app)).make_url("/hook"))
+    async with aiohttp.ClientSession() as session:
+        assert await outbound.request(session, "http:t", "POST", url, timeout_s=10) == (200, "déjà")
