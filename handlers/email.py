@@ -31,6 +31,10 @@ from processor.models import Event
 
 log = structlog.get_logger()
 
+#: How many connections may wait in the background for the relay's answer to QUIT. Each holds a socket for
+#: up to `timeout_s`; a relay slow over QUIT would otherwise keep one open per mail sent in that time.
+MAX_QUITTING: Final = 32
+
 DEFAULT_SUBJECT: Final = (
     "[ftjobs] {{ emoji }} {{ job.id }} {{ status }}{% if job.fine_tuned_model %}: {{ job.fine_tuned_model }}{% endif %}"
 )
@@ -221,8 +225,9 @@ class EmailHandler:
             log.warning("email_recipients_refused", handler=self.name, refused=codes, event_id=delivery.event.id)
 
     def _hang_up(self, client: aiosmtplib.SMTP) -> None:
-        """QUIT (in the background) and close, whatever became of the mail."""
-        if not client.is_connected:
+        """QUIT (in the background) and close, whatever became of the mail; with `MAX_QUITTING` connections
+        already waiting for a QUIT's answer (a relay slow to give it), close without one."""
+        if not client.is_connected or len(self._quitting) >= MAX_QUITTING:
             client.close()
             return
         task = asyncio.create_task(_quit(client))

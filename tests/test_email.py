@@ -283,6 +283,7 @@ class Relay(Inbox):
         super().__init__()
         self.greylist, self.refuse, self.step_s, self.hang = greylist, refuse, step_s, hang
         self.hung_up = asyncio.Event()
+        self.quits = 0
         self._seen: set[str] = set()
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
@@ -300,6 +301,7 @@ class Relay(Inbox):
         return await super().handle_DATA(server, session, envelope)
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.quits += 1
         if self.hang:
             await self.hung_up.wait()
         return "221 Bye"
@@ -368,3 +370,26 @@ async def test_a_relay_slow_to_answer_quit_gets_the_mail_once(rig: Any) -> None:
             await eventually(settled, within=30)
             assert await r.dead("mail") == []
     assert len(inbox.messages) == 1
+
+
+async def test_connections_waiting_for_quit_are_bounded() -> None:
+    """A relay that never answers QUIT: each mail is sent, and its connection waits in the background for
+    the answer. Those waits are capped: beyond `MAX_QUITTING`, a connection is closed without QUIT (the mail
+    is already accepted). Uncapped, a burst of mails held one open connection each for `timeout_s` (300 mails
+    with 4 lanes: 300 sockets), up to the relay's connection limit or the worker's open-file limit."""
+    from handlers.email import MAX_QUITTING, EmailHandler, EmailOptions
+    from processor.testing import delivery_from_sample, fake_context
+
+    inbox = Relay(hang=True)
+    with relay(inbox) as port:
+        mail = EmailHandler(
+            "mail",
+            EmailOptions(host="127.0.0.1", port=port, security="none", from_addr="a@example.com", to=["b@example.com"]),
+        )
+        await mail.setup(fake_context(timeout_s=1.0))
+        for _ in range(MAX_QUITTING + 8):
+            await mail(delivery_from_sample("failed"))
+        await mail.close()  # every QUIT said has been sent (and given up on)
+        quits = inbox.quits
+    assert len(inbox.messages) == MAX_QUITTING + 8
+    assert quits == MAX_QUITTING
