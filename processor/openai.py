@@ -156,14 +156,22 @@ class OpenAIClient:
         return page
 
     async def iter_jobs(
-        self, *, page_size: int = 100, max_pages: int = 10, metadata: Mapping[str, str] | None = None
+        self,
+        *,
+        page_size: int = 100,
+        max_pages: int = 10,
+        metadata: Mapping[str, str] | None = None,
+        skipped: set[str] | None = None,
     ) -> AsyncIterator[FineTuningJob]:
-        """Recent jobs, newest first, following `has_more` for at most `max_pages` pages."""
+        """Recent jobs, newest first, following `has_more` for at most `max_pages` pages. The ids of the jobs
+        listed but unreadable (logged, not yielded) are added to `skipped` when given."""
         after = None
         for _ in range(max_pages):
             page = await self.list_jobs(limit=page_size, after=after, metadata=metadata)
             for job_id, why in page.skipped:
                 log.warning("api_job_unreadable", job_id=job_id, error=why)
+                if skipped is not None:
+                    skipped.add(job_id)
             for job in page.data:
                 yield job
             if not page.has_more or page.last_id is None:

@@ -51,7 +51,9 @@ class Poller:
         started = float(await client.hget(self.meta_key, STARTED) or now)
         await self.streams.ensure_groups(h.name for h in self.settings.handlers)
         openai = self.settings.openai
-        jobs = [j async for j in self.api.iter_jobs(metadata=openai.poll_metadata, max_pages=openai.poll_max_pages)]
+        unreadable: set[str] = set()
+        listing = self.api.iter_jobs(metadata=openai.poll_metadata, max_pages=openai.poll_max_pages, skipped=unreadable)
+        jobs = [j async for j in listing]
         if not jobs:
             await client.hset(self.meta_key, LAST_SUCCESS, f"{time.time():.3f}")
             return 0
@@ -69,8 +71,9 @@ class Poller:
                 log.info("status_change_polled", job_id=job.id, status=job.status, previous=last_status, new=new)
             await client.hset(self.seen_key, job.id, job.status)
         # Forget jobs that left the listing (it is newest first, so they never come back): this hash stays
-        # as large as one listing, however many jobs there have been.
-        listed = {job.id.encode() for job in jobs}
+        # as large as one listing, however many jobs there have been. A job listed but unreadable this time
+        # is still in it: what was seen of it is kept, so its next status is a change, not a first sight.
+        listed = {job.id.encode() for job in jobs} | {job_id.encode() for job_id in unreadable}
         gone = [key for key in await client.hkeys(self.seen_key) if key not in listed]
         if gone:
             await client.hdel(self.seen_key, *gone)

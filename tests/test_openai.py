@@ -463,6 +463,26 @@ async def test_a_listed_job_that_cannot_be_read_is_skipped_and_the_others_are_po
         assert await make_poller(settings, rclient, client).poll_once() == 3
 
 
+async def test_a_job_unreadable_for_a_poll_keeps_what_the_poller_saw(
+    api: tuple[FakeOpenAI, str], make_settings: Callable[..., Settings], rclient: Any
+) -> None:
+    """A job listed but unreadable is still in the listing: the poller keeps the status it saw. Forgotten as
+    if it had left the listing, its next status had no previous one, and for a job older than the poller's
+    first start that means quiet: its `succeeded` was never announced."""
+    fake, url = api
+    for job_id, created_at in (("ftjob-a", 1000), ("ftjob-b", 999)):  # both older than the first start
+        fake.jobs[job_id] = job_doc(id=job_id, status="running", created_at=created_at, finished_at=None)
+    settings = make_settings(openai=openai_table(url))
+    async with OpenAIClient(settings.openai) as client:
+        poller = make_poller(settings, rclient, client)
+        assert await poller.poll_once() == 0  # seen, not announced (no backfill)
+        fake.jobs["ftjob-a"]["usage_metrics"] = {"n": 2**64}  # unreadable for one poll
+        assert await poller.poll_once() == 0
+        assert await rclient.hget(poller.seen_key, "ftjob-a") == b"running"
+        fake.jobs["ftjob-a"] = job_doc(id="ftjob-a", created_at=1000)  # succeeded
+        assert await poller.poll_once() == 1
+
+
 async def test_the_pollers_memory_is_as_large_as_one_listing(
     api: tuple[FakeOpenAI, str], make_settings: Callable[..., Settings], rclient: Any, prefix: str
 ) -> None:
