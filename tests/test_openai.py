@@ -279,8 +279,12 @@ async def test_a_webhook_the_api_never_catches_up_with_is_dead_lettered_after_an
 
     handlers = [sink("a", redis_url, prefix)]
     async with rig(handlers, openai=openai_table(url)) as r, open_runtime(r.settings, redis_url) as rt:
-        fresh, old = await (await rt.preparer()).prepare_many([event(now), event(now - API_LAG_S - 1)])
+        events = [event(now), event(now - 300), event(now - API_LAG_S + 60), event(now - API_LAG_S - 1)]
+        fresh, later, last, old = await (await rt.preparer()).prepare_many(events)
     assert isinstance(fresh, RetryLater) and "not 'succeeded' yet" in str(fresh)
+    # It asks again soon at first, then less and less often (a tenth of the event's age, at most a minute).
+    assert isinstance(later, RetryLater) and isinstance(last, RetryLater)
+    assert fresh.after == 0.2 and later.after == pytest.approx(30, abs=1) and last.after == 60
     assert isinstance(old, PermanentFailure) and "60 minutes after the event came" in str(old)
 
 
