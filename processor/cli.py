@@ -266,14 +266,14 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
     from processor import registry, signatures
 
     registry.build(settings.handlers)
+    for secret in settings.receiver.secrets:  # checked before anything is said to be OK
+        signatures.parse_secret(secret)
     print(f"config: {settings.source or '(defaults)'} — OK")
     print(
         f"receiver: {settings.receiver.host}:{settings.receiver.port}{settings.receiver.path}, "
         f"{len(settings.receiver.secrets)} secret(s), signatures "
         f"{'required' if settings.receiver.verify_signatures else 'NOT VERIFIED (development only)'}"
     )
-    for secret in settings.receiver.secrets:
-        signatures.parse_secret(secret)
     from processor import logs
 
     redis_at = (

@@ -85,6 +85,15 @@ def test_check_config_explains_a_typo_and_exits_2(tmp_path: Path) -> None:
     assert "handlers[0].when.status: Expected `str | array`, got `int`" in result.stderr
 
 
+def test_check_config_never_says_ok_before_an_error(tmp_path: Path) -> None:
+    """A malformed `whsec_` secret: exit 2 with the reason, and no "OK" printed first; the secret not echoed."""
+    config = tmp_path / "ftjobs.toml"
+    config.write_text('[receiver]\nsecrets = ["whsec_!!not-base64-c2VjcmV0"]\n')
+    result = ftjobs("check-config", "--config", str(config))
+    assert result.returncode == 2 and "not valid base64" in result.stderr
+    assert "OK" not in result.stdout and "c2VjcmV0" not in result.stdout + result.stderr
+
+
 def test_check_config_prints_what_would_run(tmp_path: Path) -> None:
     config = tmp_path / "ftjobs.toml"
     config.write_text(
