@@ -38,9 +38,12 @@ TIMELINE_MAX: Final = 200
 # A terminal status after a non-terminal one is therefore never stale, and times are compared only when they
 # come from the same clock (the API's, or ours). Every event, skipped or not, gets a timeline line. Judging
 # here, in arrival order, means every handler group sees the same verdict without asking Redis again.
+# A stream that does not exist (the server came back empty: FLUSHALL, a restart without persistence, a replica
+# promoted) gets the handlers' consumer groups before its first entry, in the same step: a group made later
+# would start after the entries appended meanwhile, and they would never be delivered.
 # KEYS: dedupe key, stream, job hash, timeline, jobs index.
 # ARGV: dedupe ttl, status ('' for no job state), at, clock, rank, source, job id, state ttl, event id, now,
-#       then the entry's field/value pairs.
+#       the number of groups, the groups, then the entry's field/value pairs.
 _ENQUEUE_LUA: Final = (
     """
 local seen = redis.call('GET', KEYS[1])
@@ -50,7 +53,8 @@ if seen then
   end
   return {0, seen}
 end
-local fields = {unpack(ARGV, 11)}
+local ngroups = tonumber(ARGV[11])
+local fields = {unpack(ARGV, 12 + ngroups)}
 local status, verdict = ARGV[2], ''
 if status ~= '' then
   local at, clock, rank, source, event = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[9]
@@ -80,6 +84,9 @@ if status ~= '' then
   verdict = kind .. '|' .. (prev or '') .. '|' .. repeat_of
   fields[#fields + 1] = 'v'
   fields[#fields + 1] = verdict
+end
+if ngroups > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  for i = 12, 11 + ngroups do redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[i], '$', 'MKSTREAM') end
 end
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 local ms, seq = string.match(id, '^(%d+)%-(%d%d?%d?)$')
@@ -150,8 +157,10 @@ class Enqueuer:
         max_batch: int = 256,
         max_in_flight: int = 2,
         wait: Sequence[Any] = (),
+        groups: Sequence[str] = (),
     ) -> None:
-        """`wait`: the command that confirms each batch's writes before anyone is answered (`wait_command`)."""
+        """`wait`: the command that confirms each batch's writes before anyone is answered (`wait_command`).
+        `groups`: the handlers' consumer groups, made with an events stream that does not exist yet."""
         self._client = client
         self._keys = keys
         self._ttl = ttl_s
@@ -159,6 +168,7 @@ class Enqueuer:
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._wait = tuple(wait)
+        self._groups = list(groups)
         self._script = Lua(_ENQUEUE_LUA)
         self._pending: list[tuple[list[Any], asyncio.Future[Enqueued]]] = []
         self._in_flight = 0
@@ -200,6 +210,8 @@ class Enqueuer:
             webhook_id,
             f"{time.time():.3f}",
         ]
+        groups = self._groups if event is not None else []  # the quarantine has no consumer groups
+        args += (len(groups), *groups)
         for name, value in fields.items():
             args += (name, value)
         future: asyncio.Future[Enqueued] = asyncio.get_running_loop().create_future()

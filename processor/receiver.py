@@ -268,6 +268,11 @@ async def readyz(request: web.Request) -> web.Response:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await streams.client.ping()
             missing = await streams.missing_groups(groups)
+            if missing:  # Redis came back empty: make them again, as at start (a 503 here would keep senders away)
+                for group in missing:
+                    streams.forget_groups(group)
+                await streams.ensure_groups(groups)
+                missing = await streams.missing_groups(groups)
     except TimeoutError:  # before OSError, its base class
         return reply(503, status="unavailable", message=f"redis did not answer within {READY_TIMEOUT_S} s")
     except (RedisError, OSError) as exc:

@@ -26,7 +26,7 @@ from typing import Final
 
 import msgspec
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from processor import logs, metrics, policy, tracing
 from processor.acks import Ack, Acknowledger
@@ -153,6 +153,8 @@ class Runner:
                     self._caught_up = False  # ... and are taken again before anything new is read
                     failures += 1
                     delay = retry_delay(failures)
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):  # Redis came back empty
+                        self.streams.forget_groups(self.group)  # the next turn makes the group again
                     if isinstance(exc, RedisError):
                         self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
                     else:

@@ -57,6 +57,7 @@ class Runtime:
             state_ttl_s=store.retention_s,
             max_batch=settings.receiver.max_batch,
             wait=wait_command(store.wait_replicas, store.wait_aof, store.wait_timeout_ms),
+            groups=[h.name for h in settings.handlers],
         )
         self.jobs = JobState(self.client, self.keys, settings.redis.retention_s)
         self.dead_letters = DeadLetters(self.streams, enqueuer=self.enqueuer)

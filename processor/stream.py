@@ -165,6 +165,11 @@ class Streams:
                         raise
                 self._ensured.add((group, part.events))
 
+    def forget_groups(self, group: str) -> None:
+        """Forget that `group` exists on these partitions (Redis answered NOGROUP: the server came back empty, or
+        the group was removed), so the next `ensure_groups` makes it again."""
+        self._ensured = {(g, events) for g, events in self._ensured if g != group}
+
     async def missing_groups(self, groups: Iterable[str]) -> list[str]:
         """The groups among `groups` missing on some partition (readiness)."""
         wanted, missing = list(groups), set[str]()
