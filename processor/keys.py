@@ -12,6 +12,7 @@ Redis Cluster they share one slot and the atomic dedupe + verdict + XADD stays o
     {p}:{pN}:attempts:{handler}  hash: entry id → failed attempts so far, `{id}:error` → the last error,
                                  `{id}:orphaned` → takeovers from consumers that died holding it
     {p}:{pN}:done:{handler}:{id} marks an event done for an effectively-once handler (expires with retention)
+    {p}:{pN}:ready               `/readyz`'s write probe (expires after a second)
     {p}:{q}:quarantine, {p}:{q}:seen:{webhook-id}   signed bodies that did not match the schema, for replay
     {p}:{dlq}:{handler}          dead letters: the record, the error and the attempt count (one slot for all)
     {p}:lease:{handler}:{N}      which worker consumes partition N for the handler (`partitions.Leases`)
@@ -62,6 +63,11 @@ class PartitionKeys:
 
     def done(self, handler: str, event_id: str) -> str:
         return f"{self.stem}:done:{handler}:{event_id}"
+
+    @property
+    def ready(self) -> str:
+        """Written by `/readyz` to see that the partition's node takes writes (it expires at once)."""
+        return f"{self.stem}:ready"
 
 
 class Keys:

@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 import structlog
 from aiohttp import hdrs, web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from processor import gauges, httpserver, metrics, signatures, tracing
 from processor.batch import NotReplicated
@@ -261,7 +261,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Redis answers and every handler's consumer group exists."""
+    """Redis answers, every handler's consumer group exists, and every partition takes writes."""
     streams = request.app[STREAMS]
     groups = [h.name for h in request.app[SETTINGS].handlers]
     try:
@@ -273,8 +273,11 @@ async def readyz(request: web.Request) -> web.Response:
                     streams.forget_groups(group)
                 await streams.ensure_groups(groups)
                 missing = await streams.missing_groups(groups)
+            await streams.probe_writes()
     except TimeoutError:  # before OSError, its base class
         return reply(503, status="unavailable", message=f"redis did not answer within {READY_TIMEOUT_S} s")
+    except ResponseError as exc:  # it answers, but refuses writes: every webhook would get a 503
+        return reply(503, status="unavailable", message=f"redis refuses writes: {type(exc).__name__}: {str(exc)[:200]}")
     except (RedisError, OSError) as exc:
         return reply(503, status="unavailable", message=f"redis is unreachable: {type(exc).__name__}")
     if missing:

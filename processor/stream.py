@@ -12,6 +12,7 @@ consumer without a heartbeat counts as crashed: a live worker's entries are neve
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
@@ -169,6 +170,11 @@ class Streams:
         """Forget that `group` exists on these partitions (Redis answered NOGROUP: the server came back empty, or
         the group was removed), so the next `ensure_groups` makes it again."""
         self._ensured = {(g, events) for g, events in self._ensured if g != group}
+
+    async def probe_writes(self) -> None:
+        """Write a key that expires at once on every partition: raises the server's refusal (out of memory,
+        READONLY, too few replicas, a disk error) when the receiver's enqueues would be refused too."""
+        await asyncio.gather(*(self.client.set(part.ready, b"1", px=1000) for part in self.parts))
 
     async def missing_groups(self, groups: Iterable[str]) -> list[str]:
         """The groups among `groups` missing on some partition (readiness)."""

@@ -313,6 +313,34 @@ def _pings(port: int) -> bool:
         return False
 
 
+async def test_redis_refusing_writes_means_503_and_not_ready(
+    tcp_valkey: Any, aiohttp_client: Callable[..., Any], make_settings: Callable[..., Any]
+) -> None:
+    """A server that answers but refuses writes (out of memory under `noeviction`; READONLY and too few
+    replicas are alike): every webhook gets a 503, and `/readyz` says so instead of 200, so a load balancer
+    sends senders to a receiver whose Redis takes them. Once it takes writes again, both are back."""
+    port, _, _ = tcp_valkey
+    url = f"redis://127.0.0.1:{port}/0"
+    client = await aiohttp_client(create_app(make_settings(redis={"url": url}), url))
+    admin = redis.Redis(port=port)
+    body = msgspec.json.encode(SUCCEEDED)
+
+    async def post() -> Any:
+        return await client.post("/webhooks/openai", data=body, headers=signed(body, f"wh_{uuid.uuid4().hex}"))
+
+    assert (await client.get("/readyz")).status == 200
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", "1")
+    try:
+        assert (await post()).status == 503
+        ready = await client.get("/readyz")
+        assert ready.status == 503 and "redis refuses writes: OutOfMemoryError" in (await ready.json())["message"]
+    finally:
+        await admin.config_set("maxmemory", "0")
+    assert (await post()).status == 200 and (await client.get("/readyz")).status == 200
+    await admin.aclose()
+
+
 async def test_redis_away_means_503_and_recovery_without_restart(
     tcp_valkey: Any, aiohttp_client: Callable[..., Any], make_settings: Callable[..., Any]
 ) -> None:
