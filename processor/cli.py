@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import time
 import uuid
@@ -150,6 +151,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ftjobs` console script and `python -m processor`."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here (`--help` too), where a closed pipe is answered, not at the interpreter's exit
+    except BrokenPipeError:
+        # The reader of our output left (`ftjobs dlq show ... | head`): end quietly, like any shell tool, rather
+        # than with a traceback; stdout goes to /dev/null so the interpreter's last flush raises nothing either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # `--help` and `--version` exit here, before the imports below
     if args.command == "completion":  # needs no settings: works even where the configuration is broken

@@ -624,3 +624,23 @@ async def test_sender_text_reaches_the_terminal_escaped(
         assert result.returncode == 0, result.stderr
         assert "\\x1b[31mRED\\x1b]0;title\\x07\\x0ax" in result.stdout, result.stdout
         assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+
+
+@pytest.mark.parametrize("args", [["completion", "fish"], ["check-config"]])
+def test_output_into_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path) -> None:
+    """`ftjobs ... | head`: the reader left before the command wrote; no traceback, no 'Exception ignored'."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into this pipe fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "processor", *args],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
