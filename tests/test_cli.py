@@ -644,3 +644,22 @@ def test_output_into_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path)
     finally:
         os.close(write_end)
     assert result.returncode == 1 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "--port", "0"], "argument --port: 0 is not in 1-65535"),
+        (["receive", "--port", "70000"], "argument --port: 70000 is not in 1-65535"),
+        (["receive", "--workers", "0"], "argument --workers: 0 is below 1"),
+        (["work", "--health-port", "0"], "argument --health-port: 0 is not in 1-65535"),
+        (["work", "--metrics-port", "x"], "argument --metrics-port: 'x' is not a whole number"),
+        (["jobs", "--limit", "0"], "argument --limit: 0 is below 1"),
+        (["dashboard", "--port", "-1"], "argument --port: -1 is not in 1-65535"),
+    ],
+)
+def test_ports_and_counts_out_of_range_are_usage_errors(args: list[str], says: str, tmp_path: Path) -> None:
+    """Before: `--port 0` fell back to the configured port, `--workers 0` ran one, `jobs --limit 0` said that no
+    job was seen and `--limit -1` left the oldest out. Now each is refused before anything starts."""
+    fails_cleanly(ftjobs(*args, cwd=tmp_path), 2, says)
+    assert not (tmp_path / ".ftjobs").exists()
