@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import time
 import uuid
@@ -37,6 +38,26 @@ def _ops(name: str) -> Command:
         return command(args, settings)
 
     return run
+
+
+def _port(text: str) -> int:
+    """A port given on the command line: 1-65535, as in the settings (0 would fall back to the configured one)."""
+    return _ranged(text, 1, 65535)
+
+
+def _count(text: str) -> int:
+    """A count given on the command line (`--workers`, `--limit`): at least 1."""
+    return _ranged(text, 1, None)
+
+
+def _ranged(text: str, low: int, high: int | None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{value} is not in {low}-{high}" if high else f"{value} is below {low}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,20 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = add(name, help_, func)
         p.add_argument("--host", help="address to listen on (default: receiver.host, 0.0.0.0)")
-        p.add_argument("--port", type=int, help="port to listen on (default: receiver.port, 8080)")
+        p.add_argument("--port", type=_port, help="port to listen on (default: receiver.port, 8080)")
     p.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="N receiver processes sharing the port (SO_REUSEPORT)"
+        "--workers", type=_count, default=1, metavar="N", help="N receiver processes sharing the port (SO_REUSEPORT)"
     )
     p = add("work", "only the workers: deliver queued events to the configured handlers", cmd_work)
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         metavar="PORT",
         help="serve Prometheus metrics on this port, on receiver.metrics_host (default 127.0.0.1)",
     )
     p.add_argument(
         "--health-port",
-        type=int,
+        type=_port,
         metavar="PORT",
         help="serve GET /healthz on this port: 503 when a handler loop is stuck (worker.stuck_after_s)",
     )
@@ -89,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("poll", "poll the OpenAI API for job status changes (queued, running, ...) and enqueue them", cmd_poll)
     p.add_argument("--once", action="store_true", help="poll once and exit (default: every openai.poll_interval_s)")
     p = add("jobs", "recently changed jobs with their latest status", _ops("cmd_jobs"))
-    p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--limit", type=_count, default=20, help="how many (default 20)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("job", "one job's timeline of status changes and where each came from", _ops("cmd_job"))
     p.add_argument("job_id", help="the fine-tuning job id (ftjob-...)")
@@ -144,12 +165,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("shell", choices=["bash", "zsh", "fish"])
     p = add("dashboard", "serve the web dashboard alone (at /ui/; needs [dashboard] token off loopback)", cmd_dashboard)
     p.add_argument("--host", help="address to listen on (default: dashboard.host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default: dashboard.port, 8081)")
+    p.add_argument("--port", type=_port, help="port to listen on (default: dashboard.port, 8081)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ftjobs` console script and `python -m processor`."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here (`--help` too), where a closed pipe is answered, not at the interpreter's exit
+    except BrokenPipeError:
+        # The reader of our output left (`ftjobs dlq show ... | head`): end quietly, like any shell tool, rather
+        # than with a traceback; stdout goes to /dev/null so the interpreter's last flush raises nothing either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # `--help` and `--version` exit here, before the imports below
     if args.command == "completion":  # needs no settings: works even where the configuration is broken

@@ -84,7 +84,7 @@ class _NoRedis:
 
     def __getattr__(self, name: str) -> NoReturn:
         raise RuntimeError(
-            f"this test context has no Redis (the handler used .{name}): pass fake_context(redis=client)"
+            f"this test context has no Redis (the handler used .{name}): pass fake_context(redis_client=client)"
         )
 
 

@@ -624,3 +624,42 @@ async def test_sender_text_reaches_the_terminal_escaped(
         assert result.returncode == 0, result.stderr
         assert "\\x1b[31mRED\\x1b]0;title\\x07\\x0ax" in result.stdout, result.stdout
         assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+
+
+@pytest.mark.parametrize("args", [["completion", "fish"], ["check-config"]])
+def test_output_into_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path) -> None:
+    """`ftjobs ... | head`: the reader left before the command wrote; no traceback, no 'Exception ignored'."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into this pipe fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "processor", *args],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "--port", "0"], "argument --port: 0 is not in 1-65535"),
+        (["receive", "--port", "70000"], "argument --port: 70000 is not in 1-65535"),
+        (["receive", "--workers", "0"], "argument --workers: 0 is below 1"),
+        (["work", "--health-port", "0"], "argument --health-port: 0 is not in 1-65535"),
+        (["work", "--metrics-port", "x"], "argument --metrics-port: 'x' is not a whole number"),
+        (["jobs", "--limit", "0"], "argument --limit: 0 is below 1"),
+        (["dashboard", "--port", "-1"], "argument --port: -1 is not in 1-65535"),
+    ],
+)
+def test_ports_and_counts_out_of_range_are_usage_errors(args: list[str], says: str, tmp_path: Path) -> None:
+    """Before: `--port 0` fell back to the configured port, `--workers 0` ran one, `jobs --limit 0` said that no
+    job was seen and `--limit -1` left the oldest out. Now each is refused before anything starts."""
+    fails_cleanly(ftjobs(*args, cwd=tmp_path), 2, says)
+    assert not (tmp_path / ".ftjobs").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -100,7 +101,12 @@ async def test_handler_errors_reach_the_test_and_close_still_runs(rclient: redis
     assert handler.closed
 
 
-async def test_a_context_without_redis_says_so_when_used() -> None:
+async def test_a_context_without_redis_says_so_when_used(rclient: redis.Redis) -> None:
     handler = Counter("count", NoOptions())
-    with pytest.raises(RuntimeError, match=r"no Redis \(the handler used \.hincrby\)"):
+    with pytest.raises(RuntimeError, match=r"no Redis \(the handler used \.hincrby\)") as refused:
         await run_through_routing(handler, None, delivery_from_sample("succeeded"))
+    # The call it suggests is one that works.
+    suggested = re.search(r"pass fake_context\((\w+)=client\)", str(refused.value))
+    assert suggested is not None, refused.value
+    context = fake_context(**{suggested.group(1): rclient})
+    assert isinstance(context, HandlerContext) and context.redis is rclient
