@@ -322,6 +322,7 @@ class Runner:
                 "handler": self.group,
                 "webhook_id": about.id,
                 "job_id": about.job_id,
+                "status": about.status,
                 "event_type": about.type,
                 "attempt": failed_before + 1,
             }
@@ -361,7 +362,7 @@ class Runner:
                 return Ack(entry.id, forget)
             case policy.Skip(outcome=outcome, reason=reason):
                 metrics.DELIVERIES.labels(self.group, outcome).inc()
-                log.info("event_skipped", outcome=outcome, reason=reason, status=about.status)
+                log.info("event_skipped", outcome=outcome, reason=reason)
                 return Ack(entry.id, forget)
             case policy.Retry(at=at, after=delay, reason=reason, attempts=attempts, outcome=outcome):
                 await self.streams.schedule_retry(self.group, entry.id, attempts, at, reason)

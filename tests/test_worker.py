@@ -334,7 +334,12 @@ async def test_a_repeat_is_skipped_with_its_reason_and_costs_no_api_call(
     assert fake.calls[f"/v1/fine_tuning/jobs/{job['id']}"] == 1  # the repeat was not hydrated
     [skip] = [line for line in logs if line["event"] == "event_skipped"]
     assert skip["reason"] == "repeat of wh_first" and skip["log_level"] == "info"
-    assert (skip["handler"], skip["webhook_id"], skip["job_id"]) == ("a", "wh_again", job["id"])
+    assert (skip["handler"], skip["webhook_id"], skip["job_id"], skip["status"]) == (
+        "a",
+        "wh_again",
+        job["id"],
+        "succeeded",
+    )
     assert skipped_count("a", "repeat") == before + 1
 
 
