@@ -38,6 +38,8 @@ class DeadLetter(Struct, kw_only=True):
     event: Event | None
     #: The job-state verdict the original entry carried (kept, so a replay is judged the same).
     verdict: str = ""
+    #: The partition of the events stream the entry was in.
+    partition: int = 0
 
 
 class Quarantined(Struct, kw_only=True):
@@ -168,6 +170,9 @@ class DeadLetters:
             # dead letters: a crash between the two steps makes a second replay find the first, not add another.
             fields = {RECORD_FIELD: encode_event(event), VERDICT_FIELD: letter.verdict.encode()}
             added = await self.enqueuer.add(f"dlq:{handler}:{letter.id}", fields, event, judge=False)
+            # The original entry's dead-letter marker names its replay, so the dashboard follows it there.
+            marker = self.keys.dlq_marker(handler, letter.partition, letter.entry_id)
+            await self.client.set(marker, added.entry_id, xx=True, keepttl=True)
             await self.client.xdel(self.keys.dlq(handler), letter.id)
             new_ids.append(added.entry_id)
         return new_ids
@@ -256,6 +261,7 @@ def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
         failed_at=record.failed_at,
         event=event,
         verdict=record.verdict.decode(errors="replace"),
+        partition=record.partition,
     )
 
 

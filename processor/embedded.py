@@ -27,7 +27,7 @@ from typing import IO, Final
 
 import structlog
 
-from processor.errors import ConfigError
+from processor.errors import CommandFailed, ConfigError
 
 log = structlog.get_logger()
 
@@ -89,7 +89,7 @@ def claim(data_dir: str | os.PathLike[str], *, wait_s: float = 30.0) -> IO[bytes
 
     The server of a `serve` that just died still holds it while it shuts down (SIGTERM with its parent, its
     AOF written out, maybe slowly): the lock is waited for, up to `wait_s`, and never attached to. Raises
-    `ConfigError` when it is still held then (another `serve` runs on the data directory), or when a server
+    `CommandFailed` (exit 1) when it is still held then (another `serve` runs on the data directory), or when a server
     answers on the socket without holding it (one started by hand, or by an older version)."""
     path = Path(data_dir).resolve()
     lock_path = path / "serve.lock"
@@ -107,7 +107,7 @@ def claim(data_dir: str | os.PathLike[str], *, wait_s: float = 30.0) -> IO[bytes
         except BlockingIOError:
             if time.monotonic() > deadline:
                 lock.close()
-                raise ConfigError(
+                raise CommandFailed(
                     f"another `ftjobs serve` (or its server) holds {path}: stop it first, or add `ftjobs receive` "
                     "and `ftjobs work` processes, which attach to its server"
                 ) from None
@@ -117,7 +117,7 @@ def claim(data_dir: str | os.PathLike[str], *, wait_s: float = 30.0) -> IO[bytes
             time.sleep(0.05)
     if _ping(socket_path(path)):
         lock.close()
-        raise ConfigError(
+        raise CommandFailed(
             f"a server answers on {socket_path(path)} though no `ftjobs serve` runs it (started by hand, or by "
             "an older version): stop it, e.g. `valkey-cli -s <socket> shutdown`, then start again"
         )

@@ -100,7 +100,8 @@ class Keys:
         return f"{self.prefix}:{{dlq}}:{handler}"
 
     def dlq_marker(self, handler: str, partition: int, entry_id: str) -> str:
-        """Set when an entry of `partition` was dead-lettered for `handler` (so it is written once)."""
+        """Set when an entry of `partition` was dead-lettered for `handler` (so it is written once); once the
+        letter is replayed, it holds the replay's entry id."""
         return f"{self.prefix}:{{dlq}}:{handler}:of:{partition}:{entry_id}"
 
     def lease(self, handler: str, partition: int) -> str:

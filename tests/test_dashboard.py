@@ -25,7 +25,7 @@ from processor import registry
 from processor.dashboard.auth import Auth, safe_next
 from processor.dashboard.delivery import Facts, decide
 from processor.errors import ConfigError
-from processor.runtime import running_worker
+from processor.runtime import open_runtime, running_worker
 from processor.service import serve_app
 from processor.settings import Settings
 from tests.clients import async_client
@@ -201,6 +201,29 @@ async def test_job_page_shows_each_handlers_delivery_state(dash: Any, redis_url:
         assert "Nothing found" in await d.page("/ui/search?q=wh_nothing", 404)
         overview = await d.page("/ui/")
         assert "events in the last minute" in overview and "ftjob-states" in overview
+
+
+async def test_a_replayed_dead_letter_shows_where_its_replay_stands(dash: Any, redis_url: str, prefix: str) -> None:
+    """A dead letter replayed leaves the dead-letter stream, so its entry looked read and acknowledged: the
+    job page said "delivered" even when the replay failed again. The entry now stands where its replay does."""
+    handlers = [sink("ok", redis_url, prefix), sink("broken", redis_url, prefix, fail_times=-1, permanent=True)]
+    async with dash(handlers) as d, open_runtime(d.settings, redis_url) as runtime:
+        answer = await d.post(job_body("ftjob-replayed"), "wh_replayed")
+        letters: list[Any] = []
+
+        async def dead_letter_other_than(old: str) -> bool:
+            letters[:] = await runtime.dead_letters.letters("broken")
+            return len(letters) == 1 and letters[0].id != old
+
+        await eventually(lambda: dead_letter_other_than(""))
+        first = letters[0].id
+        await runtime.dead_letters.replay("broken", [first])
+        await eventually(lambda: dead_letter_other_than(first))  # the replay failed again
+        page = await d.page("/ui/jobs/ftjob-replayed")
+    row = page[page.index(f'id="event-{answer["entry_id"]}"') :]
+    rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", row)}
+    assert rows == {"ok": "done", "broken": "dead"}
+    assert "dead-lettered, replayed as " in row and f"/ui/dead/broken/{letters[0].id}" in row
 
 
 async def test_job_metadata_is_escaped_on_every_page(dash: Any, redis_url: str, prefix: str) -> None:

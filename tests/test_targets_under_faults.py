@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as redis
 
 from processor import embedded
-from processor.errors import ConfigError
+from processor.errors import CommandFailed
 from tests.conftest import SECRET, free_port, signed
 from tests.processes import Proc, base_env, http_ready, post, wait_for, write_config
 from tests.test_reliability import CountingTarget, bodies, enqueue, logged, send_all, settled, until
@@ -199,8 +199,9 @@ def test_a_second_serve_on_one_data_directory_is_refused(tmp_path: Path) -> None
     be left answering 503 when the first one's server goes)."""
     first = embedded.claim(tmp_path / "data")
     try:
-        with pytest.raises(ConfigError, match=r"another `ftjobs serve` \(or its server\) holds"):
+        with pytest.raises(CommandFailed, match=r"another `ftjobs serve` \(or its server\) holds") as refused:
             embedded.claim(tmp_path / "data", wait_s=0.2)
+        assert refused.value.code == 1  # a runtime condition (exit 1), not bad configuration (exit 2)
     finally:
         first.close()
     embedded.claim(tmp_path / "data").close()  # free again once the first one is gone
@@ -217,7 +218,7 @@ def test_the_claim_lasts_as_long_as_the_server_even_a_frozen_one(tmp_path: Path)
     assert server.pid is not None
     os.kill(server.pid, signal.SIGSTOP)
     try:
-        with pytest.raises(ConfigError, match="holds"):
+        with pytest.raises(CommandFailed, match="holds"):
             embedded.claim(tmp_path / "data", wait_s=0.7)
     finally:
         os.kill(server.pid, signal.SIGCONT)
@@ -231,7 +232,7 @@ def test_a_server_nobody_owns_is_not_attached_to(tmp_path: Path) -> None:
     server = embedded.EmbeddedValkey(tmp_path / "data")
     server.start()
     try:
-        with pytest.raises(ConfigError, match="though no `ftjobs serve` runs it"):
+        with pytest.raises(CommandFailed, match="though no `ftjobs serve` runs it"):
             embedded.claim(tmp_path / "data", wait_s=0.2)
     finally:
         server.stop()

@@ -35,6 +35,8 @@ RATE_CAP: Final = 10_000
 DEAD_LETTER_SCAN: Final = 1_000
 #: How many of a job's latest events the job page shows.
 JOB_EVENTS: Final = 50
+#: How many replays of replays an event's state follows.
+MAX_REPLAYS: Final = 10
 
 _COUNT_SINCE: Final = Script("return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])")
 _job_decoder: Final = msgspec.msgpack.Decoder(FineTuningJob)
@@ -133,13 +135,24 @@ class Data:
         return _decoded(raw[0][1]) if raw else None
 
     async def _state(
-        self, part: PartitionKeys, spec: HandlerSpec, entry_id: str, event: Event | None, groups: dict[str, Any]
+        self,
+        part: PartitionKeys,
+        spec: HandlerSpec,
+        entry_id: str,
+        event: Event | None,
+        groups: dict[str, Any],
+        replays: int = 0,
     ) -> State:
-        """Gather the facts about one entry in one handler's group, and decide."""
+        """Gather the facts about one entry in one handler's group, and decide. An entry whose dead letter was
+        replayed stands where its replay stands (followed up to `MAX_REPLAYS` times)."""
         if not entry_id:
             return unknown("no entry: its dedupe marker expired")
         name, client = spec.name, self.client
         dead = await self._dead_letter(name, self.keys.parts.index(part), entry_id)
+        if dead is None:
+            marker: Any = await client.get(self.keys.dlq_marker(name, self.keys.parts.index(part), entry_id))
+            if marker is not None:
+                return await self._replayed(part, spec, text(marker), groups, replays)
         if event is None and dead is None:
             return unknown("the entry was trimmed from the stream")
         group = groups.get(name)
@@ -165,6 +178,16 @@ class Data:
             done_marker=event is not None and bool(await client.exists(part.done(name, event.id))),
         )
         return decide(facts)
+
+    async def _replayed(
+        self, part: PartitionKeys, spec: HandlerSpec, replay_id: str, groups: dict[str, Any], replays: int
+    ) -> State:
+        """The state of a dead-lettered entry whose letter is gone: replayed (the marker names the replay's
+        entry, whose state it takes), or dropped (an older version's replay marked nothing either)."""
+        if not ENTRY_ID.fullmatch(replay_id) or replays >= MAX_REPLAYS:
+            return State(kind="dead", detail="dead-lettered; the letter was dropped (or replayed by an older version)")
+        state = await self._state(part, spec, replay_id, await self._entry_event(part, replay_id), groups, replays + 1)
+        return msgspec.structs.replace(state, detail=f"dead-lettered, replayed as {replay_id}: {state.detail}")
 
     async def _dead_letter(self, handler: str, partition: int, entry_id: str) -> tuple[str, float, int, str] | None:
         """The dead letter of `entry_id` (of `partition`), searched among those written after it was added."""
