@@ -200,7 +200,18 @@ class Runner:
                 raise LeaseExpired
             if block is not None:
                 block = int(min(block, left_s * 1000))
-            new = await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+            # BLOCK bounds only the wait inside Redis. The read may be held up before it reaches Redis (redis-py's
+            # cluster client asks a fixed node for an XREADGROUP's keys first, and that node may be the one that
+            # stalls; a reconnect), and then be served after the lease lapsed: the whole call must end in time.
+            # Cut off, what it may have read stays pending here and is taken again before anything newer.
+            deadline = asyncio.timeout(None if math.isinf(left_s) else left_s)
+            try:
+                async with deadline:
+                    new = await self.streams.read_new(self.group, self.consumer, size - len(entries), block)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise LeaseExpired from None
             self._busy = bool(new)
             entries += new
         return entries, seen_before

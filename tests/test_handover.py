@@ -216,3 +216,62 @@ async def test_a_batch_cut_short_by_its_lease_goes_on_before_anything_newer_is_r
 
 async def _at_least(calls: Callable[[], Awaitable[list[str]]], n: int) -> bool:
     return len(await calls()) >= n
+
+
+async def test_a_read_held_up_before_it_reaches_redis_is_cut_off_when_the_lease_lapses(
+    make_settings: Callable[..., Settings], redis_url: str, rclient: redis.Redis, prefix: str
+) -> None:
+    """A blocking read is bounded by the lease (BLOCK), but on a cluster redis-py first asks a fixed node for an
+    XREADGROUP's keys (COMMAND GETKEYS). When that node stalled (SIGSTOP, failed over, then back), the read
+    waited for it and went out after the lease had lapsed and a successor had taken the partition: it took
+    entries the successor had not seen pending, and the successor delivered their jobs' newer events first (a
+    `succeeded` before the `running` the late read held). The read is held up here the same way, from 1 s
+    before the lease lapses to half a second after: it must be cut off when the lease lapses, reading nothing."""
+    settings = make_settings([sink("a", redis_url, prefix)], worker={"lease_s": 30.0, "block_ms": 100})
+    events = f"{prefix}:{{p0}}:events"
+    lease: dict[str, float] = {}
+    outcome: dict[str, str] = {}
+    async with open_runtime(settings, redis_url) as runtime:
+        handlers = registry.build(settings.handlers)
+        await runtime.set_up(handlers)
+        await runtime.streams.ensure_groups(["a"])
+        streams = runtime.streams.at(0)
+        read_new = streams.read_new
+
+        async def held_up(group: str, consumer: str, count: int, block_ms: int | None) -> list[Any]:
+            if outcome:  # only the first read is held up
+                return await read_new(group, consumer, count, block_ms)
+            lease["until"] = time.monotonic() + 1.0  # the runner saw 1 s left a moment ago
+            outcome["read"] = "held up"
+            try:
+                await asyncio.sleep(1.5)  # the stalled node answers half a second after the lapse
+            except asyncio.CancelledError:
+                outcome["read"] = "cut off"
+                raise
+            outcome["read"] = "sent late"
+            return await read_new(group, consumer, count, block_ms)
+
+        streams.read_new = held_up  # type: ignore[method-assign]
+        runner = Runner(
+            handlers[0],
+            settings.handlers[0],
+            streams,
+            settings.worker,
+            "stalled-worker",
+            3600,
+            await runtime.preparer(),
+            Progress(["a"], 60.0),
+            lease_left=lambda: lease["until"] - time.monotonic() if lease else 1.0,
+        )
+        running = asyncio.create_task(runner.run())
+        try:
+            assert await until(lambda: outcome.get("read") == "held up", 30)
+            await rclient.xadd(events, {RECORD_FIELD: job_event("ftjob-held", "running")})  # arrives meanwhile
+            assert await until(lambda: outcome.get("read") in {"cut off", "sent late"}, 30)
+            assert outcome["read"] == "cut off"
+            pending: Any = await rclient.xpending(events, "a")
+            assert pending["pending"] == 0, pending  # it read nothing the partition's next owner would not see
+        finally:
+            runner.stop()
+            await running
+    assert await rclient.llen(f"{prefix}:{{sink:a}}") == 0
