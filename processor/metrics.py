@@ -16,6 +16,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
+import structlog
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics, values
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -120,6 +121,7 @@ def listener(
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port, reuse_port=True).start()
+            structlog.get_logger().info("metrics_listening", address=f"http://{host}:{port}/metrics")
             yield
         finally:
             await runner.cleanup()

@@ -273,6 +273,10 @@ def test_kubernetes_commands_serve_what_their_probes_ask(
     status, _ = post(ports[probe_port(receiver, "readinessProbe")], body, signed(body))
     assert status == 200
     wait_for(lambda: any(line.get("event") == "event_received" for line in working.lines()), what="event delivered")
+    scrape = f"http://127.0.0.1:{tables['receiver']['metrics_port']}/metrics"
+    assert {"event": "metrics_listening", "address": scrape}.items() <= next(
+        line for line in receiving.lines() if line.get("event") == "metrics_listening"
+    ).items()
     assert receiving.stop() == 0 and working.stop() == 0
 
 
