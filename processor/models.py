@@ -149,7 +149,11 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
 #: A job id: OpenAI's are `ftjob-` + alphanumerics. Other senders may use `_ . : -` too, but never `/`, `%`,
 #: `?`, `#` or a leading dot, so an id is one URL path segment and never `.` or `..` (no path traversal).
 #: msgspec searches with the pattern, and `$` also matches before a final line break: `\Z` ends it exactly.
-JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z", max_length=128)]
+JOB_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z"
+JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, max_length=128)]
+#: The id grammar in words, for error messages (msgspec's names the regex).
+JOB_ID_RULE: Final = "a job id (1 to 128 of A-Z a-z 0-9 _ . : -, starting with a letter or digit)"
+_JOB_ID_REGEX: Final = f"`str` matching regex {JOB_ID_PATTERN!r}"
 #: A job status (`running`, or a new one such as `paused`): short, and kept as sent.
 Status = Annotated[str, Meta(min_length=1, max_length=64)]
 #: An event id in a webhook envelope.
@@ -422,3 +426,7 @@ def decoding(decode: Callable[[R], T], raw: R) -> T:
         raise _not_utf8(exc) from None
     except RecursionError:  # a body is refused at `MAX_DEPTH` (quarantined); a record that deep is damaged
         raise msgspec.ValidationError(TOO_DEEP) from None
+    except msgspec.ValidationError as exc:  # the id grammar in words, not as the regex's repr (`\\Z`)
+        if _JOB_ID_REGEX in (message := str(exc)):
+            raise msgspec.ValidationError(message.replace(_JOB_ID_REGEX, JOB_ID_RULE)) from None
+        raise

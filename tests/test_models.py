@@ -310,7 +310,7 @@ def test_a_record_of_another_version_is_refused_clearly(version: int, message: s
 def test_version_2_records_are_validated_like_the_model() -> None:
     fields = _fields(encode_event(_event()))
     fields[1 + [f.name for f in msgspec.structs.fields(Event)].index("job")][0] = "../etc"  # type: ignore[index]
-    with pytest.raises(msgspec.ValidationError, match=r"regex .* at `\$\.job\.id`"):
+    with pytest.raises(msgspec.ValidationError, match=r"a job id .* at `\$\.job\.id`"):
         decode_event(msgspec.msgpack.encode(fields))
     fields = _fields(encode_event(_event()))
     fields[5] = "yesterday"  # created_at
@@ -385,7 +385,7 @@ def test_a_job_id_with_a_line_break_is_refused(job_id: str, thin: bool) -> None:
     fetched as `/fine_tuning/jobs/ftjob-abc%0A` and kept as a second job next to "ftjob-abc"."""
     doc = msgspec.json.decode(sample("webhook_event.fine_tuning.job.succeeded.json" if thin else SUCCEEDED_JOB))
     (doc["data"] if thin else doc)["id"] = job_id
-    with pytest.raises(msgspec.ValidationError, match="Expected `str` matching regex"):
+    with pytest.raises(msgspec.ValidationError, match=r"Expected a job id \(1 to 128 of"):
         decode_body(msgspec.json.encode(doc))
 
 

@@ -296,7 +296,7 @@ async def test_a_job_id_that_leaves_its_path_is_quarantined_and_never_fetched(
     async with rig([sink("a", redis_url, prefix)], openai=openai_table(url)) as r:
         for job_id in ("../../files", "..", "ftjob-1/../../../models", "ftjob-1?x=1", "ftjob-%2e%2e", "x" * 129):
             answer = await r.post(thin(job_id))
-            assert answer["status"] == "quarantined" and "id: Expected `str`" in answer["message"], job_id
+            assert answer["status"] == "quarantined" and "id: Expected " in answer["message"], job_id
         await r.post(thin())
 
         async def delivered() -> bool:
