@@ -26,7 +26,7 @@ from processor.eventrecord import decode_event, encode_event
 from processor.models import Event, decode_body
 from processor.records import DeadLetterRecord, QuarantineRecord
 from processor.settings import explain
-from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams
+from processor.stream import RECORD_FIELD, VERDICT_FIELD, Streams, dead_letter_mark_s
 
 
 class DeadLetter(Struct, kw_only=True):
@@ -127,10 +127,12 @@ def _job_id(record: DeadLetter | Quarantined) -> str | None:
 class DeadLetters:
     """Operator actions on one deployment's dead-letter and quarantine streams."""
 
-    def __init__(self, streams: Streams, *, enqueuer: Enqueuer) -> None:
+    def __init__(self, streams: Streams, *, enqueuer: Enqueuer, retention_s: int = 0) -> None:
         """`enqueuer`: the process's (`runtime.Runtime.enqueuer`), so a replayed quarantine entry is deduped
-        and judged with the same windows as a fresh delivery. Built by `runtime.Runtime` only."""
+        and judged with the same windows as a fresh delivery; `retention_s`: `redis.retention_s`. Built by
+        `runtime.Runtime` only."""
         self.streams = streams
+        self.retention_s = retention_s
         self.client = streams.client
         self.keys = streams.keys
         self.enqueuer = enqueuer
@@ -170,9 +172,10 @@ class DeadLetters:
             # dead letters: a crash between the two steps makes a second replay find the first, not add another.
             fields = {RECORD_FIELD: encode_event(event), VERDICT_FIELD: letter.verdict.encode()}
             added = await self.enqueuer.add(f"dlq:{handler}:{letter.id}", fields, event, judge=False)
-            # The original entry's dead-letter marker names its replay, so the dashboard follows it there.
+            # The original entry's dead-letter marker names its replay, so the dashboard follows it there; written
+            # anew when it expired (an older version's lived 7 days, whatever the entry's retention).
             marker = self.keys.dlq_marker(handler, letter.partition, letter.entry_id)
-            await self.client.set(marker, added.entry_id, xx=True, keepttl=True)
+            await self.client.set(marker, added.entry_id, ex=dead_letter_mark_s(self.retention_s))
             await self.client.xdel(self.keys.dlq(handler), letter.id)
             new_ids.append(added.entry_id)
         return new_ids

@@ -321,7 +321,9 @@ class Runner:
         when it is finished, None when a retry or the DLQ took it."""
         entry_id = entry.id
         if event is None:
-            await self.streams.dead_letter(self.group, entry, "undecodable record in the events stream", 0)
+            await self.streams.dead_letter(
+                self.group, entry, "undecodable record in the events stream", 0, retention_s=self.retention_s
+            )
             self._log.error("event_dead_lettered", entry_id=entry_id, error="undecodable record")
             return None
         if event is _SKIP:
@@ -387,7 +389,7 @@ class Runner:
                     log.warning("delivery_failed", error=reason, retry_in_s=round(delay, 3))
                 return None
             case policy.DeadLetter(reason=reason, attempts=attempts):
-                await self.streams.dead_letter(self.group, entry, reason, attempts)
+                await self.streams.dead_letter(self.group, entry, reason, attempts, retention_s=self.retention_s)
                 metrics.DELIVERIES.labels(self.group, "dead_letter").inc()
                 log.error("event_dead_lettered", error=reason, attempts=attempts)
                 return None

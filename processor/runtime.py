@@ -60,7 +60,7 @@ class Runtime:
             groups=[h.name for h in settings.handlers],
         )
         self.jobs = JobState(self.client, self.keys, settings.redis.retention_s)
-        self.dead_letters = DeadLetters(self.streams, enqueuer=self.enqueuer)
+        self.dead_letters = DeadLetters(self.streams, enqueuer=self.enqueuer, retention_s=store.retention_s)
         self._api: OpenAIClient | None = None
 
     async def openai(self) -> OpenAIClient:

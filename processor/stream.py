@@ -362,9 +362,10 @@ class Streams:
         lost: Any = await _RENEW(self.client, [self.part.events], [group, consumer, *ids])
         return [text(i) for i in lost]
 
-    async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int) -> None:
+    async def dead_letter(self, group: str, entry: Entry, error: str, attempts: int, *, retention_s: int = 0) -> None:
         """Move an entry to the group's dead-letter stream, then acknowledge it. The two keys live in different
-        slots; the dead letter is written once (a marker), so a crash between the steps cannot write it twice."""
+        slots; the dead letter is written once (a marker), so a crash between the steps cannot write it twice.
+        `retention_s`: how long the entry may be kept (`redis.retention_s`); the marker lives at least as long."""
         entry_id, partition = entry.id, self.partition or 0
         record = DeadLetterRecord(
             entry_id=entry_id,
@@ -377,7 +378,7 @@ class Streams:
         )
         fields = [x for item in record.to_fields().items() for x in item]
         marker = self.keys.dlq_marker(group, partition, entry_id)
-        await _DEAD_LETTER(self.client, [self.keys.dlq(group), marker], [_DEAD_LETTER_MARK_S, *fields])
+        await _DEAD_LETTER(self.client, [self.keys.dlq(group), marker], [dead_letter_mark_s(retention_s), *fields])
         part = self.part
         await _FORGET_ENTRY(self.client, [part.events, part.retry(group), part.attempts(group)], [group, entry_id])
 
@@ -438,8 +439,14 @@ class Streams:
         }
 
 
-#: A dead letter's marker outlives any takeover of its entry (it only guards against writing it twice).
+#: A dead letter's marker outlives any takeover of its entry (it guards against writing it twice).
 _DEAD_LETTER_MARK_S: Final = 7 * 24 * 3600
+
+
+def dead_letter_mark_s(retention_s: int) -> int:
+    """How long a dead letter's marker lives: past any takeover of its entry, and as long as the entry may be
+    kept, since the dashboard learns from it that the entry was dead-lettered, and where its replay went."""
+    return max(_DEAD_LETTER_MARK_S, retention_s)
 
 
 def _entry(raw: Any) -> Entry:

@@ -67,8 +67,9 @@ class Dash:
 @pytest.fixture
 def dash(aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings], redis_url: str) -> Any:
     @contextlib.asynccontextmanager
-    async def make(handlers: list[dict[str, Any]], token: str = TOKEN) -> AsyncIterator[Dash]:
-        settings = make_settings(handlers, dashboard={"token": token} if token else {})
+    async def make(handlers: list[dict[str, Any]], token: str = TOKEN, retention_s: int = 0) -> AsyncIterator[Dash]:
+        redis = {"retention_s": retention_s} if retention_s else {}
+        settings = make_settings(handlers, dashboard={"token": token} if token else {}, redis=redis)
         client = await aiohttp_client(serve_app(settings, redis_url))
         async with running_worker(settings, redis_url, registry.build(settings.handlers)):
             yield Dash(client, settings)
@@ -224,6 +225,36 @@ async def test_a_replayed_dead_letter_shows_where_its_replay_stands(dash: Any, r
     rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", row)}
     assert rows == {"ok": "done", "broken": "dead"}
     assert "dead-lettered, replayed as " in row and f"/ui/dead/broken/{letters[0].id}" in row
+
+
+async def test_a_dead_letter_replayed_after_its_marker_would_have_expired_is_followed(
+    dash: Any, redis_url: str, prefix: str, rclient: Any
+) -> None:
+    """The entry's dead-letter marker lived 7 days, whatever `redis.retention_s`: with a longer retention the
+    entry outlived it, and a letter replayed (or dropped) after a week left no trace, so the job page said
+    "delivered" again although the replay failed. The marker lives as long as the entry; a replay that finds
+    it gone (written by an older version) writes it anew."""
+    handlers = [sink("ok", redis_url, prefix), sink("broken", redis_url, prefix, fail_times=-1, permanent=True)]
+    async with dash(handlers, retention_s=30 * 24 * 3600) as d, open_runtime(d.settings, redis_url) as runtime:
+        answer = await d.post(job_body("ftjob-long-kept"), "wh_long_kept")
+        letters: list[Any] = []
+
+        async def dead_letter_other_than(old: str) -> bool:
+            letters[:] = await runtime.dead_letters.letters("broken")
+            return len(letters) == 1 and letters[0].id != old
+
+        await eventually(lambda: dead_letter_other_than(""))
+        marker = f"{prefix}:{{dlq}}:broken:of:{letters[0].partition}:{answer['entry_id']}"
+        assert await rclient.ttl(marker) > 29 * 24 * 3600  # as long as the entry may be shown
+        await rclient.delete(marker)  # as an older version's 7-day marker is, a week on
+        first = letters[0].id
+        await runtime.dead_letters.replay("broken", [first])
+        await eventually(lambda: dead_letter_other_than(first))  # the replay failed again
+        page = await d.page("/ui/jobs/ftjob-long-kept")
+    row = page[page.index(f'id="event-{answer["entry_id"]}"') :]
+    rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", row)}
+    assert rows == {"ok": "done", "broken": "dead"}
+    assert "dead-lettered, replayed as " in row
 
 
 async def test_job_metadata_is_escaped_on_every_page(dash: Any, redis_url: str, prefix: str) -> None:
