@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from processor import __version__
 from processor.errors import CommandFailed, ConfigError
@@ -45,18 +45,23 @@ def _port(text: str) -> int:
     return _ranged(text, 1, 65535)
 
 
+#: The most a count on the command line may be: Redis refuses a range end beyond 64 bits (`jobs --limit
+#: 99999999999999999999` ended in a traceback), and no count means anything near this.
+MAX_COUNT: Final = 1_000_000
+
+
 def _count(text: str) -> int:
-    """A count given on the command line (`--workers`, `--limit`): at least 1."""
-    return _ranged(text, 1, None)
+    """A count given on the command line (`--workers`, `--limit`): 1 to `MAX_COUNT`."""
+    return _ranged(text, 1, MAX_COUNT)
 
 
-def _ranged(text: str, low: int, high: int | None) -> int:
+def _ranged(text: str, low: int, high: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low or (high is not None and value > high):
-        raise argparse.ArgumentTypeError(f"{value} is not in {low}-{high}" if high else f"{value} is below {low}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is not in {low}-{high}")
     return value
 
 

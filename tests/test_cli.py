@@ -651,10 +651,11 @@ def test_output_into_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path)
     [
         (["serve", "--port", "0"], "argument --port: 0 is not in 1-65535"),
         (["receive", "--port", "70000"], "argument --port: 70000 is not in 1-65535"),
-        (["receive", "--workers", "0"], "argument --workers: 0 is below 1"),
+        (["receive", "--workers", "0"], "argument --workers: 0 is not in 1-1000000"),
         (["work", "--health-port", "0"], "argument --health-port: 0 is not in 1-65535"),
         (["work", "--metrics-port", "x"], "argument --metrics-port: 'x' is not a whole number"),
-        (["jobs", "--limit", "0"], "argument --limit: 0 is below 1"),
+        (["jobs", "--limit", "0"], "argument --limit: 0 is not in 1-1000000"),
+        (["jobs", "--limit", "99999999999999999999"], "argument --limit: 99999999999999999999 is not in 1-1000000"),
         (["dashboard", "--port", "-1"], "argument --port: -1 is not in 1-65535"),
     ],
 )
