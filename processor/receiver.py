@@ -62,11 +62,31 @@ class _Groups:
 GROUPS: Final = web.AppKey("groups", _Groups)
 
 
+class _Readiness:
+    """`/readyz`'s last "ready" (reused for `READY_REUSE_S`, so load balancers' probes, or a stranger's
+    flood of them, cost Redis at most one round of probe writes a second) and the probe under way, which
+    concurrent requests share. A refused enqueue forgets "ready" at once. Mutable, like `_Groups`."""
+
+    def __init__(self) -> None:
+        self.ready_until = 0.0
+        self.generation = 0
+        self.probe: asyncio.Future[tuple[int, str]] | None = None
+
+    def forget(self) -> None:
+        self.ready_until = 0.0
+        self.generation += 1
+
+
+READINESS: Final = web.AppKey("readiness", _Readiness)
+
+
 DEADLINE: Final = web.AppKey("enqueue_deadline", SharedDeadline)
 
 _json: Final = msgspec.json.Encoder()
 #: `/readyz` answers within this long, even when Redis stalls.
 READY_TIMEOUT_S: Final = 1.0
+#: How long `/readyz` reuses a "ready" it found.
+READY_REUSE_S: Final = 1.0
 
 
 def reply(http_status: int, /, **body: Any) -> web.Response:
@@ -234,12 +254,14 @@ async def _enqueue(
     except TimeoutError:  # before OSError, its base class: the write may have been applied after all
         raise _no_answer(webhook_id, deadline_s) from None
     except NotReplicated as exc:  # before RedisError, its base class
+        app[READINESS].forget()
         log.error("enqueue_unconfirmed", webhook_id=webhook_id, error=str(exc))
         raise UnavailableError(
             "the event is stored but its copies (replicas or append-only file, `[redis] wait_*`) were not "
             "confirmed in time; retry (a retried webhook-id is never enqueued twice)"
         ) from None
     except (RedisError, OSError) as exc:
+        app[READINESS].forget()
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)
         raise UnavailableError("the queue is unavailable; nothing was stored, retry later") from None
     finally:
@@ -261,9 +283,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Redis answers, every handler's consumer group exists, and every partition takes writes."""
-    streams = request.app[STREAMS]
-    groups = [h.name for h in request.app[SETTINGS].handlers]
+    """Redis answers, every handler's consumer group exists, and every partition takes writes (`_probe`)."""
+    readiness = request.app[READINESS]
+    if time.monotonic() < readiness.ready_until:
+        return reply(200, status="ready")
+    if readiness.probe is None or readiness.probe.done():
+        readiness.probe = asyncio.ensure_future(_probe(request.app))
+    generation = readiness.generation
+    status, message = await asyncio.shield(readiness.probe)
+    if status != 200:
+        return reply(status, status="unavailable", message=message)
+    if generation == readiness.generation:  # no enqueue was refused meanwhile
+        readiness.ready_until = time.monotonic() + READY_REUSE_S
+    return reply(200, status="ready")
+
+
+async def _probe(app: web.Application) -> tuple[int, str]:
+    """(HTTP status, message) of one readiness check. The message names a refusal by its kind only (an
+    ACL's text names its user): the endpoint answers anyone."""
+    streams = app[STREAMS]
+    groups = [h.name for h in app[SETTINGS].handlers]
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await streams.client.ping()
@@ -275,14 +314,23 @@ async def readyz(request: web.Request) -> web.Response:
                 missing = await streams.missing_groups(groups)
             await streams.probe_writes()
     except TimeoutError:  # before OSError, its base class
-        return reply(503, status="unavailable", message=f"redis did not answer within {READY_TIMEOUT_S} s")
+        return 503, f"redis did not answer within {READY_TIMEOUT_S} s"
     except ResponseError as exc:  # it answers, but refuses writes: every webhook would get a 503
-        return reply(503, status="unavailable", message=f"redis refuses writes: {type(exc).__name__}: {str(exc)[:200]}")
+        return 503, f"redis refuses writes: {_refusal(exc)}"
     except (RedisError, OSError) as exc:
-        return reply(503, status="unavailable", message=f"redis is unreachable: {type(exc).__name__}")
+        return 503, f"redis is unreachable: {type(exc).__name__}"
+    except Exception as exc:  # the client's own trouble (a cluster slot not covered yet): not ready, not a 500
+        return 503, f"redis could not be checked: {type(exc).__name__}"
     if missing:
-        return reply(503, status="unavailable", message=f"consumer groups missing: {', '.join(missing)}")
-    return reply(200, status="ready")
+        return 503, f"consumer groups missing: {', '.join(missing)}"
+    return 200, ""
+
+
+def _refusal(exc: ResponseError) -> str:
+    """The kind of a refusal: its class (`OutOfMemoryError`, `ReadOnlyError`, ...), and the server's error
+    code when redis-py has no class of its own for it (`MISCONF`, `NOREPLICAS`)."""
+    code = str(exc).split(" ", 1)[0]
+    return f"{type(exc).__name__} {code}" if code.isalpha() and code.isupper() else type(exc).__name__
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
@@ -294,6 +342,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[SERVER_OPTIONS] = server_options(receiver)
     app[SIGNING_KEYS] = [signatures.parse_secret(s) for s in receiver.secrets]
     app[GROUPS] = _Groups()
+    app[READINESS] = _Readiness()
     app[DEADLINE] = SharedDeadline(receiver.enqueue_timeout_s)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -33,7 +33,7 @@ from processor.embedded import EmbeddedValkey
 from processor.eventrecord import encode_event
 from processor.keys import Keys
 from processor.models import Event, FineTuningJob
-from processor.receiver import create_app
+from processor.receiver import READY_REUSE_S, create_app
 from processor.runtime import running_worker
 from processor.stream import RECORD_FIELD, Streams
 from tests.conftest import SECRET, free_port, sample, signed, sink
@@ -338,6 +338,31 @@ async def test_redis_refusing_writes_means_503_and_not_ready(
     finally:
         await admin.config_set("maxmemory", "0")
     assert (await post()).status == 200 and (await client.get("/readyz")).status == 200
+    await admin.aclose()
+
+
+async def test_a_flood_of_readiness_probes_costs_redis_one_round_of_writes_a_second(
+    tcp_valkey: Any, aiohttp_client: Callable[..., Any], make_settings: Callable[..., Any]
+) -> None:
+    """`/readyz` answers anyone, and each check writes to every partition: concurrent requests share one
+    check, and a "ready" is reused for a second, so a flood cannot turn into a stream of writes."""
+    port, _, _ = tcp_valkey
+    url = f"redis://127.0.0.1:{port}/0"
+    client = await aiohttp_client(create_app(make_settings(redis={"url": url, "partitions": 4}), url))
+    admin = redis.Redis(port=port)
+
+    async def probe_writes() -> int:
+        stats = await admin.info("commandstats")
+        return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+    before, started = await probe_writes(), time.monotonic()
+    answers = []
+    for _ in range(5):  # waves of 40 at once: each wave shares a check, and the next ones reuse its "ready"
+        answers += await asyncio.gather(*(client.get("/readyz") for _ in range(40)))
+    elapsed = time.monotonic() - started
+    assert {a.status for a in answers} == {200}
+    # One check per second at most (this burst may straddle a second boundary or two on a slow machine).
+    assert await probe_writes() - before <= 4 * (int(elapsed / READY_REUSE_S) + 2)
     await admin.aclose()
 
 
