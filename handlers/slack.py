@@ -17,10 +17,10 @@ import msgspec
 import redis.asyncio as redis
 import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from handlers.templates import Template, context, slack_escape, slack_link
 from processor import outbound
+from processor.client import REDIS_ERRORS
 from processor.handler import ConfigError, Delivery, HandlerContext, PermanentFailure, RetryLater
 from processor.models import Event
 
@@ -141,7 +141,7 @@ class SlackHandler:
             # job's next message then starts a thread of its own.
             try:
                 await self._redis.set(thread_key, answer["ts"], ex=THREAD_TTL_S, nx=True)
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("slack_thread_not_kept", handler=self.name, job_id=event.job_id, error=str(exc))
 
     def message(self, event: Event) -> dict[str, Any]:

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from redis.exceptions import RedisError
-
+from processor.client import REDIS_ERRORS
 from processor.liveness import Progress, TaskDied, retry_delay
 from processor.stream import Streams
 
@@ -134,7 +133,7 @@ class Acknowledger:
                     done_ttl_s=self.done_ttl_s,
                 )
                 break
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 failures += 1
                 self.progress.turn(self.group)
                 left = deadline - time.monotonic()

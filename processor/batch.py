@@ -32,7 +32,7 @@ from redis.exceptions import (
 )
 
 from processor import resp
-from processor.client import Client
+from processor.client import REDIS_ERRORS, Client
 
 log = structlog.get_logger()
 
@@ -216,7 +216,7 @@ async def _refresh(client: RedisCluster) -> None:
     """Ask the cluster for its layout again (after a failover, or a slot that moved)."""
     try:
         await client.nodes_manager.initialize()
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         log.warning("redis_cluster_layout_unknown", error=str(exc))
 
 

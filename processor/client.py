@@ -17,8 +17,12 @@ import redis.asyncio as redis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
+
+#: What the client raises when Redis cannot be used right now. The cluster client raises its own
+#: `RedisClusterException`, which is not a `RedisError`, when no node answers at all (every node down).
+REDIS_ERRORS: Final = (RedisError, RedisClusterException)
 
 log = structlog.get_logger()
 
@@ -81,7 +85,7 @@ async def open_client(
         try:
             info: Any = await single.info("cluster")
             cluster = bool(int(info.get("cluster_enabled", 0)))
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             if not quiet:
                 log.warning(
                     "redis_cluster_unknown",
@@ -96,7 +100,7 @@ async def open_client(
     client = RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=2.0, **_SEND_ONCE)
     try:
         await client.initialize()  # learn the slots now: the enqueuer routes by them before any command ran
-    except (RedisError, OSError) as exc:  # away again: the first command tries once more
+    except (*REDIS_ERRORS, OSError) as exc:  # away again: the first command tries once more
         log.warning("redis_cluster_layout_unknown", error=str(exc))
     return client
 

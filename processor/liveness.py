@@ -21,9 +21,9 @@ from typing import Final
 
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from processor import httpserver
+from processor.client import REDIS_ERRORS
 from processor.stream import Streams
 
 log = structlog.get_logger()
@@ -68,7 +68,7 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
             if failures >= _MAX_QUICK_FAILURES:
                 raise TaskDied(f"task {name} failed {failures} times in a row: {exc!r}") from exc
             delay = retry_delay(failures, cap_s=5.0)
-            if isinstance(exc, RedisError):
+            if isinstance(exc, REDIS_ERRORS):
                 log.warning("task_waiting_for_redis", task=name, error=str(exc), retry_in_s=delay)
             else:
                 log.exception("task_failed", task=name, retry_in_s=delay)
@@ -126,14 +126,14 @@ class Heartbeat:
         while not cancel_requested():
             try:
                 await self.beat_once()
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(self.lease_s / 3)
 
     async def stop(self) -> None:
         try:
             await self.streams.stop_beating(self.consumer)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("heartbeat_not_removed", error=str(exc))
 
 

@@ -21,10 +21,11 @@ from typing import Any, Final
 import msgspec
 import structlog
 from aiohttp import hdrs, web
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from processor import gauges, httpserver, metrics, signatures, tracing
 from processor.batch import NotReplicated
+from processor.client import REDIS_ERRORS
 from processor.deadline import SharedDeadline
 from processor.enqueue import Enqueued, Enqueuer
 from processor.errors import (
@@ -260,7 +261,7 @@ async def _enqueue(
             "the event is stored but its copies (replicas or append-only file, `[redis] wait_*`) were not "
             "confirmed in time; retry (a retried webhook-id is never enqueued twice)"
         ) from None
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         app[READINESS].forget()
         log.error("enqueue_failed", webhook_id=webhook_id, error=type(exc).__name__)
         raise UnavailableError("the queue is unavailable; nothing was stored, retry later") from None
@@ -317,9 +318,9 @@ async def _probe(app: web.Application) -> tuple[int, str]:
         return 503, f"redis did not answer within {READY_TIMEOUT_S} s"
     except ResponseError as exc:  # it answers, but refuses writes: every webhook would get a 503
         return 503, f"redis refuses writes: {_refusal(exc)}"
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         return 503, f"redis is unreachable: {type(exc).__name__}"
-    except Exception as exc:  # the client's own trouble (a cluster slot not covered yet): not ready, not a 500
+    except Exception as exc:  # anything else the client raises: not ready, and never a 500
         return 503, f"redis could not be checked: {type(exc).__name__}"
     if missing:
         return 503, f"consumer groups missing: {', '.join(missing)}"
@@ -351,7 +352,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
             app[ENQUEUER] = runtime.enqueuer
             try:
                 await app[STREAMS].ensure_groups(h.name for h in settings.handlers)
-            except (RedisError, OSError) as exc:  # start anyway: answer 503 until Redis is back
+            except (*REDIS_ERRORS, OSError) as exc:  # start anyway: answer 503 until Redis is back
                 log.warning("redis_unavailable_at_start", error=type(exc).__name__)
             yield
 

@@ -26,10 +26,11 @@ from typing import Final
 
 import msgspec
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from processor import logs, metrics, policy, tracing
 from processor.acks import Ack, Acknowledger
+from processor.client import REDIS_ERRORS
 from processor.deadline import SharedDeadline
 from processor.errors import HandlerError
 from processor.eventrecord import decode_event
@@ -155,7 +156,7 @@ class Runner:
                     delay = retry_delay(failures)
                     if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):  # Redis came back empty
                         self.streams.forget_groups(self.group)  # the next turn makes the group again
-                    if isinstance(exc, RedisError):
+                    if isinstance(exc, REDIS_ERRORS):
                         self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
                     else:
                         self._log.exception("runner_error", retry_in_s=delay)
@@ -447,7 +448,7 @@ class Runner:
         is logged and the breaker misses this one outcome."""
         try:
             return await self.guard.record(ok=ok)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("breaker_not_updated", ok=ok, error=str(exc))
             return False
 
@@ -461,7 +462,7 @@ class Runner:
                 continue
             try:
                 lost = set(await self.streams.renew(self.group, self.consumer, held)) & self._held
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._log.warning("lease_renewal_failed", error=str(exc))
                 continue
             if lost:

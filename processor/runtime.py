@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from processor import embedded
 from processor.batch import wait_command
-from processor.client import Client, connect, open_client, text
+from processor.client import REDIS_ERRORS, Client, connect, open_client, text
 from processor.deadletters import DeadLetters
 from processor.enqueue import Enqueuer
 from processor.errors import ConfigError
@@ -204,7 +204,7 @@ async def check_persistence(url: str, *, wait_aof: bool = False) -> None:
     except ResponseError:  # managed services often refuse CONFIG
         log.warning("redis_persistence_unknown", url=redact(url), hint="make sure AOF is on (appendfsync always)")
         return
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         log.warning("redis_unavailable_at_start", url=redact(url), error=type(exc).__name__)
         return
     finally:

@@ -18,6 +18,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from processor import retention
+from processor.client import REDIS_ERRORS
 from processor.handler import Handler
 from processor.hydration import Preparer
 from processor.liveness import Heartbeat, Progress, cancel_requested, retry_delay, supervise
@@ -157,7 +158,7 @@ class Worker:
             while not cancel_requested() and not self._stopped.is_set():
                 try:
                     await self._assign(handler, spec)
-                except RedisError as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("redis_unavailable", handler=spec.name, error=str(exc))
                 if not self.partitions(spec.name):
                     self.progress.turn(spec.name)  # idle by plan, not stuck
@@ -246,7 +247,7 @@ class Worker:
                         released = await self._hand_over(group, partition)
                         log.info("partition_handed_over", handler=group, partition=partition, entries=released)
                         return
-                    except RedisError as exc:
+                    except REDIS_ERRORS as exc:
                         failures += 1
                         log.warning("partition_hand_over_retrying", handler=group, partition=partition, error=str(exc))
                         await asyncio.sleep(retry_delay(failures))
@@ -278,5 +279,5 @@ class Worker:
                 swept = await retention.sweep(self.streams.client, self.streams.keys, groups, self.storage)
                 if swept:
                     log.info("retention_swept", **msgspec.structs.asdict(swept))
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("trim_failed", error=str(exc))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 
+from processor.receiver import create_app
+from processor.settings import Settings
 from tests.cluster import LocalCluster, pid_alive
+from tests.conftest import PATH, sample, signed
+
+SUCCEEDED = "fine_tuning_job.succeeded.json"
 
 pytestmark = pytest.mark.cluster
 
@@ -99,3 +108,21 @@ def test_command_line_starts_detached_and_stops(tmp_path: Path) -> None:
         subprocess.run([*command, "stop", "--dir", str(tmp_path)], cwd=ROOT, check=True)
     assert not (tmp_path / "url").exists()
     assert not any(pid_alive(pid) for pid in pids)
+
+
+async def test_a_cluster_gone_entirely_gets_503s_never_a_500(
+    cluster: LocalCluster, aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings]
+) -> None:
+    """Every node down at once (a power cut, a network partition): the cluster client cannot even learn the
+    layout again and raises its own `RedisClusterException`, which is not a `RedisError`. Webhooks and
+    `/readyz` must still get a 503 with `Retry-After`, never a 500."""
+    settings = make_settings(redis={"url": cluster.url, "cluster": "yes", "partitions": 4})
+    client = await aiohttp_client(create_app(settings, cluster.url))
+    bodies = [msgspec.json.encode(msgspec.json.decode(sample(SUCCEEDED)) | {"id": f"ftjob-c{n}"}) for n in range(8)]
+    assert (await client.post(PATH, data=bodies[0], headers=signed(bodies[0]))).status == 200
+    for node in cluster.nodes:
+        os.kill(node.pid, signal.SIGKILL)
+    answers = [await client.post(PATH, data=body, headers=signed(body)) for body in bodies[1:]]
+    assert [a.status for a in answers] == [503] * 7, [await a.text() for a in answers]
+    assert all(a.headers["Retry-After"].isdigit() for a in answers)
+    assert (await client.get("/readyz")).status == 503

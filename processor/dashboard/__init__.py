@@ -18,9 +18,9 @@ from typing import Final
 import msgspec
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from processor import httpserver
+from processor.client import REDIS_ERRORS
 from processor.errors import ConfigError
 from processor.httpserver import SERVER_OPTIONS, server_options
 from processor.runtime import open_runtime
@@ -49,7 +49,7 @@ async def guard(
             response = web.Response(status=exc.status, headers=exc.headers)
         else:
             response = views.render(request, "error.html", status=exc.status, message=exc.reason)
-    except (RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         log.warning("dashboard_redis_unavailable", error=type(exc).__name__)
         response = views.render(request, "error.html", status=503, message="Redis is unavailable; try again soon.")
     except Exception as exc:  # a bug: one log line, no traceback to the client
