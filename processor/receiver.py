@@ -71,9 +71,23 @@ class _Readiness:
     def __init__(self) -> None:
         self.ready_until = 0.0
         self.generation = 0
-        self.probe: asyncio.Future[tuple[int, str]] | None = None
+        self.probe: asyncio.Future[str | None] | None = None
+
+    async def check(self, probe: Callable[[], Awaitable[str | None]]) -> str | None:
+        """Why the receiver is not ready, or None: the "ready" still reused, else the probe under way, else a
+        new one (`probe`)."""
+        if time.monotonic() < self.ready_until:
+            return None
+        if self.probe is None or self.probe.done():
+            self.probe = asyncio.ensure_future(probe())
+        generation = self.generation
+        problem = await asyncio.shield(self.probe)
+        if problem is None and generation == self.generation:  # no enqueue was refused meanwhile
+            self.ready_until = time.monotonic() + READY_REUSE_S
+        return problem
 
     def forget(self) -> None:
+        """Forget "ready": the next check probes again."""
         self.ready_until = 0.0
         self.generation += 1
 
@@ -285,22 +299,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Redis answers, every handler's consumer group exists, and every partition takes writes (`_probe`)."""
-    readiness = request.app[READINESS]
-    if time.monotonic() < readiness.ready_until:
-        return reply(200, status="ready")
-    if readiness.probe is None or readiness.probe.done():
-        readiness.probe = asyncio.ensure_future(_probe(request.app))
-    generation = readiness.generation
-    status, message = await asyncio.shield(readiness.probe)
-    if status != 200:
-        return reply(status, status="unavailable", message=message)
-    if generation == readiness.generation:  # no enqueue was refused meanwhile
-        readiness.ready_until = time.monotonic() + READY_REUSE_S
+    app = request.app
+    problem = await app[READINESS].check(lambda: _probe(app))
+    if problem is not None:
+        return reply(503, status="unavailable", message=problem)
     return reply(200, status="ready")
 
 
-async def _probe(app: web.Application) -> tuple[int, str]:
-    """(HTTP status, message) of one readiness check. The message names a refusal by its kind only (an
+async def _probe(app: web.Application) -> str | None:
+    """Why the receiver is not ready (one readiness check), or None. A refusal is named by its kind only (an
     ACL's text names its user): the endpoint answers anyone."""
     streams = app[STREAMS]
     groups = [h.name for h in app[SETTINGS].handlers]
@@ -315,16 +322,16 @@ async def _probe(app: web.Application) -> tuple[int, str]:
                 missing = await streams.missing_groups(groups)
             await streams.probe_writes()
     except TimeoutError:  # before OSError, its base class
-        return 503, f"redis did not answer within {READY_TIMEOUT_S} s"
+        return f"redis did not answer within {READY_TIMEOUT_S} s"
     except ResponseError as exc:  # it answers, but refuses writes: every webhook would get a 503
-        return 503, f"redis refuses writes: {_refusal(exc)}"
+        return f"redis refuses writes: {_refusal(exc)}"
     except (*REDIS_ERRORS, OSError) as exc:
-        return 503, f"redis is unreachable: {type(exc).__name__}"
+        return f"redis is unreachable: {type(exc).__name__}"
     except Exception as exc:  # anything else the client raises: not ready, and never a 500
-        return 503, f"redis could not be checked: {type(exc).__name__}"
+        return f"redis could not be checked: {type(exc).__name__}"
     if missing:
-        return 503, f"consumer groups missing: {', '.join(missing)}"
-    return 200, ""
+        return f"consumer groups missing: {', '.join(missing)}"
+    return None
 
 
 def _refusal(exc: ResponseError) -> str:
