@@ -316,8 +316,7 @@ async def _probe(app: web.Application) -> str | None:
             await streams.client.ping()
             missing = await streams.missing_groups(groups)
             if missing:  # Redis came back empty: make them again, as at start (a 503 here would keep senders away)
-                for group in missing:
-                    streams.forget_groups(group)
+                streams.forget_groups(missing)
                 await streams.ensure_groups(groups)
                 missing = await streams.missing_groups(groups)
             await streams.probe_writes()

@@ -155,7 +155,7 @@ class Runner:
                     failures += 1
                     delay = retry_delay(failures)
                     if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):  # Redis came back empty
-                        self.streams.forget_groups(self.group)  # the next turn makes the group again
+                        self.streams.forget_groups([self.group])  # the next turn makes the group again
                     if isinstance(exc, REDIS_ERRORS):
                         self._log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
                     else:

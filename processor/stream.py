@@ -166,10 +166,12 @@ class Streams:
                         raise
                 self._ensured.add((group, part.events))
 
-    def forget_groups(self, group: str) -> None:
-        """Forget that `group` exists on these partitions (Redis answered NOGROUP: the server came back empty, or
-        the group was removed), so the next `ensure_groups` makes it again."""
-        self._ensured = {(g, events) for g, events in self._ensured if g != group}
+    def forget_groups(self, groups: Iterable[str]) -> None:
+        """Forget that `groups` exist on these partitions (Redis answered NOGROUP, or readiness found them
+        missing: the server came back empty, or they were removed), so the next `ensure_groups` makes them
+        again."""
+        gone = set(groups)
+        self._ensured = {(g, events) for g, events in self._ensured if g not in gone}
 
     async def probe_writes(self) -> None:
         """Write a key that expires at once on every partition: raises the server's refusal (out of memory,
