@@ -107,14 +107,8 @@ class Preparer:
                 raise PermanentFailure(reason) from None
             except OpenAIError as exc:
                 raise RetryLater(f"hydration: {exc}", after=exc.retry_after or self.retry_s) from None
-            if (wanted := event.status) and status_rank(job.status) < status_rank(wanted):
-                # The webhook is ahead of what the API shows (`running` for a `succeeded` event): routed on the
-                # job's status, it would be filtered out, and the poller's later `succeeded` is a repeat of it.
-                # Not cached: it waits like an API outage, and asks again, for up to `API_LAG_S`.
-                why = f"hydration: the API shows job {event.job_id} {job.status!r}, not {wanted!r}"
-                if (age := time.time() - event.received_at) < API_LAG_S:
-                    raise RetryLater(f"{why} yet", after=min(max(self.retry_s, age / 10), _LAG_PAUSE_MAX_S))
-                raise PermanentFailure(f"{why}, {API_LAG_S / 60:.0f} minutes after the event came")
+            if (lagging := _api_lag(event, job, self.retry_s, time.time())) is not None:
+                raise lagging  # not cached: the next attempt asks the API again
             await client.set(cache, _job_encoder.encode(job), ex=self.state.retention_s)
             return msgspec.structs.replace(event, job=job)
         finally:
@@ -123,6 +117,20 @@ class Preparer:
 
 def _thin(event: Event) -> bool:
     return event.job is None and event.type.startswith("fine_tuning.job.")
+
+
+def _api_lag(event: Event, job: FineTuningJob, retry_s: float, now: float) -> HandlerError | None:
+    """The failure to raise when the webhook is ahead of what the API shows (`running` for a `succeeded`
+    event), else None. Routed on the job's status, it would be filtered out, and the poller's later
+    `succeeded` is a repeat of it: it waits like an API outage (a `RetryLater` whose pause grows with its age)
+    for up to `API_LAG_S`, then is a `PermanentFailure`."""
+    wanted = event.status
+    if not wanted or status_rank(job.status) >= status_rank(wanted):
+        return None
+    why = f"hydration: the API shows job {event.job_id} {job.status!r}, not {wanted!r}"
+    if (age := now - event.received_at) < API_LAG_S:
+        return RetryLater(f"{why} yet", after=min(max(retry_s, age / 10), _LAG_PAUSE_MAX_S))
+    return PermanentFailure(f"{why}, {API_LAG_S / 60:.0f} minutes after the event came")
 
 
 def _from_cache(event: Event, raw: bytes) -> Event:
