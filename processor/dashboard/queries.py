@@ -147,10 +147,10 @@ class Data:
         replayed stands where its replay stands (followed up to `MAX_REPLAYS` times)."""
         if not entry_id:
             return unknown("no entry: its dedupe marker expired")
-        name, client = spec.name, self.client
-        dead = await self._dead_letter(name, self.keys.parts.index(part), entry_id)
+        name, client, partition = spec.name, self.client, self.keys.parts.index(part)
+        dead = await self._dead_letter(name, partition, entry_id)
         if dead is None:
-            marker: Any = await client.get(self.keys.dlq_marker(name, self.keys.parts.index(part), entry_id))
+            marker: Any = await client.get(self.keys.dlq_marker(name, partition, entry_id))
             if marker is not None:
                 return await self._replayed(part, spec, text(marker), groups, replays)
         if event is None and dead is None:
