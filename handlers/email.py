@@ -240,7 +240,8 @@ class EmailHandler:
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:
-    """Say QUIT after a mail was accepted, and close; whatever the relay answers, the mail is sent."""
+    """Say QUIT, and close whatever the relay answers (or if it does not): the call's outcome, sent or not, is
+    decided already."""
     with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
         await client.quit()
     client.close()
