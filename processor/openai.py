@@ -141,19 +141,7 @@ class OpenAIClient:
             params["after"] = after
         for key, value in (metadata or {}).items():
             params[f"metadata[{key}]"] = value
-        raw = _decode(_raw_job_page_decoder, await self._get("/fine_tuning/jobs", params))
-        page = JobPage(data=[], has_more=raw.has_more)
-        for item in map(bytes, raw.data):
-            try:
-                job = _decode(_job_decoder, item, storable=0)
-            except OpenAIError as exc:
-                job_id = _id_of(item)
-                page.skipped.append((job_id or "?", str(exc)))
-                page.last_id = job_id or page.last_id
-            else:
-                page.data.append(job)
-                page.last_id = job.id
-        return page
+        return _job_page(await self._get("/fine_tuning/jobs", params))
 
     async def iter_jobs(
         self,
@@ -199,9 +187,9 @@ class OpenAIClient:
                 problem = OpenAIError(f"{what}: {type(exc).__name__ or 'timeout'}")
             else:
                 outcome = classify(status, ok=(200,))
-                if outcome == "ok" and len(body) > _MAX_ANSWER_BYTES:
-                    raise OpenAIError(f"{what}: the answer is larger than {_MAX_ANSWER_BYTES >> 20} MiB")
                 if outcome == "ok":
+                    if len(body) > _MAX_ANSWER_BYTES:
+                        raise OpenAIError(f"{what}: the answer is larger than {_MAX_ANSWER_BYTES >> 20} MiB")
                     return body
                 if outcome == "redirect":
                     where = redirect_target(location, url)
@@ -222,6 +210,23 @@ class OpenAIClient:
             delay = retry_after if retry_after is not None else backoff_delay(attempt + 1, 0.5, inf, random.random())
             await asyncio.sleep(min(delay, self.settings.timeout_s))
         raise AssertionError("unreachable")
+
+
+def _job_page(body: bytes) -> JobPage:
+    """A page of jobs, each read on its own: one the schema refuses is skipped (`JobPage.skipped`)."""
+    raw = _decode(_raw_job_page_decoder, body)
+    page = JobPage(data=[], has_more=raw.has_more)
+    for item in map(bytes, raw.data):
+        try:
+            job = _decode(_job_decoder, item, storable=0)
+        except OpenAIError as exc:
+            job_id = _id_of(item)
+            page.skipped.append((job_id or "?", str(exc)))
+            page.last_id = job_id or page.last_id
+        else:
+            page.data.append(job)
+            page.last_id = job.id
+    return page
 
 
 def _id_of(item: bytes) -> str | None:
