@@ -1,4 +1,5 @@
-"""How the packages depend on each other: the engine (`processor`) never imports its plug-ins (`handlers`)."""
+"""How the code is put together: the engine (`processor`) never imports its plug-ins (`handlers`), and Redis
+trouble is caught in one way everywhere."""
 
 from __future__ import annotations
 
@@ -36,3 +37,27 @@ def test_handler_contract_lives_in_processor() -> None:
     for path in sorted((ROOT / "handlers").glob("*.py")):
         if path.name != "base.py":  # the re-export kept for old imports
             assert "handlers.base" not in imported_modules(path), path.name
+
+
+def caught_names(path: Path) -> set[str]:
+    """Every name an `except` clause or a `contextlib.suppress(...)` in the file catches."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ExceptHandler) and node.type is not None:
+            found |= {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("suppress", "contextlib.suppress"):
+            found |= {n.id for arg in node.args for n in ast.walk(arg) if isinstance(n, ast.Name)}
+    return found
+
+
+def test_redis_trouble_is_caught_as_client_redis_errors() -> None:
+    """A cluster with no node answering raises `RedisClusterException`, which is not a `RedisError`: code that
+    catches `RedisError` alone lets it through (a poller failing until its worker
+    gives up, a scrape failing instead of saying redis_up 0)."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in ("processor", "handlers")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if "RedisError" in caught_names(path)
+    ]
+    assert offenders == []
