@@ -184,8 +184,10 @@ class Data:
     ) -> State:
         """The state of a dead-lettered entry whose letter is gone: replayed (the marker names the replay's
         entry, whose state it takes), or dropped (an older version's replay marked nothing either)."""
-        if not ENTRY_ID.fullmatch(replay_id) or replays >= MAX_REPLAYS:
+        if not ENTRY_ID.fullmatch(replay_id):
             return State(kind="dead", detail="dead-lettered; the letter was dropped (or replayed by an older version)")
+        if replays >= MAX_REPLAYS:
+            return unknown(f"dead-lettered and replayed {MAX_REPLAYS} times over; the replays are not followed further")
         state = await self._state(part, spec, replay_id, await self._entry_event(part, replay_id), groups, replays + 1)
         return msgspec.structs.replace(state, detail=f"dead-lettered, replayed as {replay_id}: {state.detail}")
 
