@@ -67,7 +67,7 @@ class JobPage(Struct):
 
     data: list[FineTuningJob]
     has_more: bool = False
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str | None, str]] = []
     last_id: str | None = None
 
 
@@ -158,7 +158,7 @@ class OpenAIClient:
             page = await self.list_jobs(limit=page_size, after=after, metadata=metadata)
             for job_id, why in page.skipped:
                 log.warning("api_job_unreadable", job_id=job_id, error=why)
-                if skipped is not None:
+                if skipped is not None and job_id is not None:
                     skipped.add(job_id)
             for job in page.data:
                 yield job
@@ -221,7 +221,7 @@ def _job_page(body: bytes) -> JobPage:
             job = _decode(_job_decoder, item, storable=0)
         except OpenAIError as exc:
             job_id = _id_of(item)
-            page.skipped.append((job_id or "?", str(exc)))
+            page.skipped.append((job_id, str(exc)))
             page.last_id = job_id or page.last_id
         else:
             page.data.append(job)
