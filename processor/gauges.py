@@ -22,9 +22,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
 
 from processor import __version__, httpserver, metrics, poller, retention
+from processor.client import REDIS_ERRORS
 from processor.limits import Guard
 from processor.settings import HandlerSpec
 from processor.stream import Streams
@@ -118,7 +118,7 @@ async def exposition(streams: Streams, specs: Iterable[HandlerSpec]) -> bytes:
         async with asyncio.timeout(READ_TIMEOUT_S):
             families += await read(streams, specs)
         up = 1.0
-    except (TimeoutError, RedisError, OSError) as exc:
+    except (TimeoutError, *REDIS_ERRORS, OSError) as exc:
         log.warning("metrics_redis_unavailable", error=type(exc).__name__)
         up = 0.0
     families.append(GaugeMetricFamily("ftjobs_redis_up", "1 when the last scrape could read Redis.", up))

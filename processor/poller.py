@@ -15,8 +15,8 @@ import time
 from typing import Any, Final
 
 import structlog
-from redis.exceptions import RedisError
 
+from processor.client import REDIS_ERRORS
 from processor.enqueue import Enqueuer
 from processor.eventrecord import encode_event
 from processor.liveness import cancel_requested
@@ -87,7 +87,7 @@ class Poller:
         while not cancel_requested():
             try:
                 await self.poll_once()
-            except (OpenAIError, RedisError, OSError) as exc:
+            except (OpenAIError, *REDIS_ERRORS, OSError) as exc:
                 log.warning("poll_failed", error=str(exc))
             await asyncio.sleep(interval)
 

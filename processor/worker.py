@@ -15,7 +15,6 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from redis.exceptions import RedisError
 
 from processor import retention
 from processor.client import REDIS_ERRORS
@@ -142,7 +141,7 @@ class Worker:
         for task in self._handovers:
             task.cancel()
         for group, partition in list(self.runners):  # what was cut off goes to the partitions' next owners now
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._hand_over(group, partition)
         await self.heartbeat.stop()
         log.info("worker_stopped", cut_off=len(late))
@@ -150,7 +149,7 @@ class Worker:
             raise WorkerFailed(self.failure)
 
     async def _beat_once(self) -> None:
-        with contextlib.suppress(RedisError):  # Redis away at start: the heartbeat task keeps trying
+        with contextlib.suppress(*REDIS_ERRORS):  # Redis away at start: the heartbeat task keeps trying
             await self.heartbeat.beat_once()
 
     def _assign_forever(self, handler: Handler, spec: HandlerSpec) -> Callable[[], Awaitable[None]]:
