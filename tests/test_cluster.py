@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,10 +17,13 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 
+from processor import gauges, registry
+from processor.openai import OpenAIClient
 from processor.receiver import create_app
+from processor.runtime import open_runtime, running_worker
 from processor.settings import Settings
 from tests.cluster import LocalCluster, pid_alive
-from tests.conftest import PATH, sample, signed
+from tests.conftest import PATH, captured_logs, eventually, sample, signed
 
 SUCCEEDED = "fine_tuning_job.succeeded.json"
 
@@ -126,3 +130,42 @@ async def test_a_cluster_gone_entirely_gets_503s_never_a_500(
     assert [a.status for a in answers] == [503] * 7, [await a.text() for a in answers]
     assert all(a.headers["Retry-After"].isdigit() for a in answers)
     assert (await client.get("/readyz")).status == 503
+
+
+async def test_a_cluster_gone_entirely_is_waited_out_by_workers_metrics_and_the_poller(
+    cluster: LocalCluster, make_settings: Callable[..., Settings]
+) -> None:
+    """Every node down at once: a worker started then (as its supervisor restarts it) waits for the cluster
+    instead of exiting at its first heartbeat, a worker stopped then hands its partitions over in vain and
+    stops cleanly, `/metrics` reports `ftjobs_redis_up 0`, and the poller keeps polling."""
+    settings = make_settings(
+        redis={"url": cluster.url, "cluster": "yes", "partitions": 4},
+        openai={"api_key": "sk-test", "base_url": "http://127.0.0.1:9/v1", "poll_interval_s": 0.01},
+    )
+    with captured_logs() as logs:
+        async with running_worker(settings, cluster.url, registry.build(settings.handlers)) as before:
+            await eventually(lambda: _logged(logs, "partition_taken", 1))
+            for node in cluster.nodes:
+                os.kill(node.pid, signal.SIGKILL)
+            async with open_runtime(settings, cluster.url) as runtime:
+                exposition = await gauges.exposition(runtime.streams, settings.handlers)
+                assert b"ftjobs_redis_up 0.0" in exposition
+                async with OpenAIClient(settings.openai) as api:
+                    polling = asyncio.create_task(runtime.poller(api).run())
+                    try:
+                        await eventually(lambda: _logged(logs, "poll_failed", 2))
+                        assert not polling.done(), polling
+                    finally:
+                        polling.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await polling
+            async with running_worker(settings, cluster.url, registry.build(settings.handlers)) as after:
+                await eventually(lambda: _logged(logs, "heartbeat_failed", 1))
+                assert not after.finished.is_set() and not after.failure
+            assert not after.failure
+        assert not before.failure
+    assert sum(e["event"] == "worker_stopped" for e in logs) == 2
+
+
+async def _logged(logs: list[dict[str, Any]], event: str, times: int) -> bool:
+    return sum(e["event"] == event for e in logs) >= times
