@@ -343,26 +343,26 @@ TOO_DEEP: Final = f"objects and arrays are nested more than {MAX_DEPTH} levels d
 _JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
-def check_storable(raw: bytes, decoded: object, *, wrapping: int = 0) -> None:
+def check_storable(raw: bytes, decoded: object) -> None:
     """Raise `msgspec.ValidationError` unless what `raw` decoded to can go into a stream record: no integer
-    beyond 64 bits, nesting at most `MAX_DEPTH` (plus `wrapping` levels around the jobs, as in a page of them).
+    beyond 64 bits, nesting at most `MAX_DEPTH`.
 
     Every decoded document from outside passes here: a webhook body (`decode_body`) and the API's answers
     (`openai`), whose jobs become events too (hydrated, polled)."""
-    _check_depth(raw, MAX_DEPTH + wrapping)
+    _check_depth(raw)
     _check_storable(decoded)
 
 
-def _check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
-    """Refuse a body nested deeper than `limit`. Counting its brackets (about 1 µs) settles it for any
+def _check_depth(raw: bytes) -> None:
+    """Refuse a body nested deeper than `MAX_DEPTH`. Counting its brackets (about 1 µs) settles it for any
     body with fewer than that many; only others are walked, their strings left out."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return
     depth = 0
     for byte in _JSON_STRING.sub(b"", raw):
         if byte in b"[{":
             depth += 1
-            if depth > limit:
+            if depth > MAX_DEPTH:
                 raise msgspec.ValidationError(TOO_DEEP)
         elif byte in b"]}":
             depth -= 1

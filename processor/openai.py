@@ -130,7 +130,7 @@ class OpenAIClient:
 
     async def retrieve_job(self, job_id: str) -> FineTuningJob:
         """`GET /fine_tuning/jobs/{id}`."""
-        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{_segment(job_id)}", {}), storable=0)
+        return _decode(_job_decoder, await self._get(f"/fine_tuning/jobs/{_segment(job_id)}", {}), storable=True)
 
     async def list_jobs(
         self, *, limit: int = 20, after: str | None = None, metadata: Mapping[str, str] | None = None
@@ -218,7 +218,7 @@ def _job_page(body: bytes) -> JobPage:
     page = JobPage(data=[], has_more=raw.has_more)
     for item in map(bytes, raw.data):
         try:
-            job = _decode(_job_decoder, item, storable=0)
+            job = _decode(_job_decoder, item, storable=True)
         except OpenAIError as exc:
             job_id = _id_of(item)
             page.skipped.append((job_id, str(exc)))
@@ -248,16 +248,16 @@ def _segment(job_id: str) -> str:
     return quote(job_id, safe="")
 
 
-def _decode(decoder: msgspec.json.Decoder[T], body: bytes, storable: int | None = None) -> T:
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes, *, storable: bool = False) -> T:
     """A 200 answer that does not match the schema is the API's problem: an `OpenAIError`, with the path.
 
-    Jobs become stream records (hydrated or polled events), so an answer carrying them (`storable`: how many
-    levels wrap them) must hold what a record can, as a webhook body must: an integer beyond 64 bits in
-    `usage_metrics` made every hydration of the batch, or the whole poll, fail with an `OverflowError`."""
+    A job becomes a stream record (a hydrated or polled event), so one (`storable`) must hold what a record
+    can, as a webhook body must: an integer beyond 64 bits in `usage_metrics` made every hydration of the
+    batch, or the whole poll, fail with an `OverflowError`."""
     try:
         decoded = decoder.decode(body)
-        if storable is not None:
-            check_storable(body, decoded, wrapping=storable)
+        if storable:
+            check_storable(body, decoded)
         return decoded
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise OpenAIError(f"the API answered with an unexpected document: {exc}") from None
