@@ -43,6 +43,23 @@ def job_body(job_id: str = "ftjob-dash1", status: str = "failed", metadata: dict
     return msgspec.json.encode(job)
 
 
+def badges(row: str) -> dict[str, str]:
+    """Each handler's state badge in a job page's event row (and the rows after it): handler → kind."""
+    return dict(re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", row))
+
+
+async def next_letter(runtime: Any, handler: str, after: str = "") -> Any:
+    """The handler's one dead letter, once it is another than `after` (a replay that failed again)."""
+    letters: list[Any] = []
+
+    async def arrived() -> bool:
+        letters[:] = await runtime.dead_letters.letters(handler)
+        return len(letters) == 1 and letters[0].id != after
+
+    await eventually(arrived)
+    return letters[0]
+
+
 class Dash:
     """A receiver with the dashboard mounted (as `serve`/`receive` build it), and a worker."""
 
@@ -186,8 +203,7 @@ async def test_job_page_shows_each_handlers_delivery_state(dash: Any, redis_url:
         await eventually(settled)
         page = await d.page("/ui/jobs/ftjob-states")
         first = page[page.index(f'id="event-{answer["entry_id"]}"') :]
-        rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", first)}
-        assert rows == {"ok": "done", "only-success": "skipped", "flaky": "retrying", "broken": "dead"}
+        assert badges(first) == {"ok": "done", "only-success": "skipped", "flaky": "retrying", "broken": "dead"}
         assert "status &#39;failed&#39; is not one of [&#39;succeeded&#39;]" in first
         assert "RetryLater: sink flaky fails attempt 1" in first and 'next <span class="when"><time' in first
         assert "/ui/dead/broken/" in first
@@ -210,21 +226,13 @@ async def test_a_replayed_dead_letter_shows_where_its_replay_stands(dash: Any, r
     handlers = [sink("ok", redis_url, prefix), sink("broken", redis_url, prefix, fail_times=-1, permanent=True)]
     async with dash(handlers) as d, open_runtime(d.settings, redis_url) as runtime:
         answer = await d.post(job_body("ftjob-replayed"), "wh_replayed")
-        letters: list[Any] = []
-
-        async def dead_letter_other_than(old: str) -> bool:
-            letters[:] = await runtime.dead_letters.letters("broken")
-            return len(letters) == 1 and letters[0].id != old
-
-        await eventually(lambda: dead_letter_other_than(""))
-        first = letters[0].id
-        await runtime.dead_letters.replay("broken", [first])
-        await eventually(lambda: dead_letter_other_than(first))  # the replay failed again
+        first = await next_letter(runtime, "broken")
+        await runtime.dead_letters.replay("broken", [first.id])
+        again = await next_letter(runtime, "broken", after=first.id)  # the replay failed again
         page = await d.page("/ui/jobs/ftjob-replayed")
     row = page[page.index(f'id="event-{answer["entry_id"]}"') :]
-    rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", row)}
-    assert rows == {"ok": "done", "broken": "dead"}
-    assert "dead-lettered, replayed as " in row and f"/ui/dead/broken/{letters[0].id}" in row
+    assert badges(row) == {"ok": "done", "broken": "dead"}
+    assert "dead-lettered, replayed as " in row and f"/ui/dead/broken/{again.id}" in row
 
 
 async def test_a_dead_letter_replayed_after_its_marker_would_have_expired_is_followed(
@@ -237,23 +245,15 @@ async def test_a_dead_letter_replayed_after_its_marker_would_have_expired_is_fol
     handlers = [sink("ok", redis_url, prefix), sink("broken", redis_url, prefix, fail_times=-1, permanent=True)]
     async with dash(handlers, retention_s=30 * 24 * 3600) as d, open_runtime(d.settings, redis_url) as runtime:
         answer = await d.post(job_body("ftjob-long-kept"), "wh_long_kept")
-        letters: list[Any] = []
-
-        async def dead_letter_other_than(old: str) -> bool:
-            letters[:] = await runtime.dead_letters.letters("broken")
-            return len(letters) == 1 and letters[0].id != old
-
-        await eventually(lambda: dead_letter_other_than(""))
-        marker = f"{prefix}:{{dlq}}:broken:of:{letters[0].partition}:{answer['entry_id']}"
+        first = await next_letter(runtime, "broken")
+        marker = f"{prefix}:{{dlq}}:broken:of:{first.partition}:{answer['entry_id']}"
         assert await rclient.ttl(marker) > 29 * 24 * 3600  # as long as the entry may be shown
         await rclient.delete(marker)  # as an older version's 7-day marker is, a week on
-        first = letters[0].id
-        await runtime.dead_letters.replay("broken", [first])
-        await eventually(lambda: dead_letter_other_than(first))  # the replay failed again
+        await runtime.dead_letters.replay("broken", [first.id])
+        await next_letter(runtime, "broken", after=first.id)  # the replay failed again
         page = await d.page("/ui/jobs/ftjob-long-kept")
     row = page[page.index(f'id="event-{answer["entry_id"]}"') :]
-    rows = {m[0]: m[1] for m in re.findall(r"<td>([a-z-]+)</td>\s*<td><span class=\"badge (\w+)\"", row)}
-    assert rows == {"ok": "done", "broken": "dead"}
+    assert badges(row) == {"ok": "done", "broken": "dead"}
     assert "dead-lettered, replayed as " in row
 
 
